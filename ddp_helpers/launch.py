@@ -1,0 +1,274 @@
+"""Run training: in this process (world size 1), in spawned workers, or under torchrun.
+
+``launch(config)`` is the one entry point for notebooks and scripts. For world size
+> 1 it spawns one process per rank (the worker is a module-level function, so it can
+be pickled by reference from a notebook), streams rank 0's per-epoch rows back to the
+parent, and returns a :class:`RunResult`. The parent is the only process that prints.
+A worker that fails, a run that overruns ``launch_timeout_s`` or a Ctrl-C stops every
+worker before ``launch`` raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+from .data import Split, ensure_mnist, resolve_data_root
+from .dist import (check_port_free, find_free_port, oversubscription_warning, process_group,
+                   single_process)
+from .model import MLP
+from .results import command_line, environment, now_iso, save_json
+from .trainer import FitOutput, fit
+
+EpochCallback = Callable[[dict], None]
+STOP_GRACE_S = 5.0
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; every other worker has been stopped."""
+
+    def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
+        self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
+        super().__init__(f"rank {rank} failed: {reason}. All {len(pids)} workers were stopped."
+                         + (f"\n{details}" if details else ""))
+
+
+@dataclass
+class RunResult:
+    """A finished run: its self-describing record and rank 0's final weights."""
+
+    record: dict[str, Any]
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record["epochs"]
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.record["config"])
+
+    def model(self) -> torch.nn.Module:
+        """The trained MLP (on the CPU, in eval mode)."""
+        cfg = self.config
+        model = MLP(cfg.hidden_sizes, cfg.dropout)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        return save_json(self.record, path or self.config.record_path)
+
+
+def make_record(cfg: TrainConfig, out: FitOutput | dict, wall_s: float, notes: list[str]) -> dict[str, Any]:
+    history = out.history if isinstance(out, FitOutput) else out["history"]
+    runtime = out.runtime if isinstance(out, FitOutput) else out["runtime"]
+    times = sorted(row["epoch_time_s"] for row in history)
+    return {
+        "kind": "train",
+        "created": now_iso(),
+        "command": command_line(),
+        "config": cfg.to_dict(),
+        "environment": environment(),
+        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes},
+        "epochs": history,
+        "summary": {
+            "final_val_accuracy": history[-1]["val_accuracy"],
+            "best_val_accuracy": max(row["val_accuracy"] for row in history),
+            "median_epoch_time_s": times[len(times) // 2] if len(times) % 2 else
+            (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2,
+            "total_train_time_s": sum(times),
+            "median_step_ms": sorted(row["step_ms"]["total"] for row in history)[len(history) // 2],
+        },
+    }
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _prepare(cfg: TrainConfig) -> TrainConfig:
+    """Validate, and fetch/check the data once in the parent (never in racing workers)."""
+    cfg.validate()
+    if cfg.dataset == "mnist":
+        root = ensure_mnist(cfg.data_dir, cfg.download)
+        cfg = cfg.replace(data_dir=str(root))
+    return cfg
+
+
+def run_single_process(cfg: TrainConfig, data: tuple[Split, Split] | None = None,
+                       on_epoch_end: EpochCallback | None = None, progress: bool = False) -> RunResult:
+    """The baseline: the same ``fit`` in this process, no process group, no DDP."""
+    if cfg.world_size != 1:
+        raise ValueError(f"run_single_process needs world_size=1, got {cfg.world_size}; use launch()")
+    cfg = _prepare(cfg) if data is None else cfg.validate()
+    start = time.perf_counter()
+    with single_process(cfg) as ctx:
+        out = fit(cfg, ctx, data=data, on_epoch_end=on_epoch_end, progress=progress)
+    return RunResult(make_record(cfg, out, time.perf_counter() - start, []), _cpu_state(out.model))
+
+
+# --- spawned workers ---------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker if the parent dies (e.g. a killed notebook kernel)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawned_worker(rank: int, cfg_dict: dict, init_method: str, workdir: str, events: Any,
+                    quiet: bool, progress: bool) -> None:
+    """Body of one spawned rank. Module level so that spawn can import it by name."""
+    _die_with_parent()
+    if quiet:  # keep worker output (and C++ library logs) out of notebook cells
+        log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    try:
+        cfg = TrainConfig.from_dict(cfg_dict)
+        with process_group(cfg, rank, cfg.world_size, rank, init_method) as ctx:
+            out = fit(cfg, ctx, on_epoch_end=lambda row: events.put(("epoch", row)), progress=progress)
+            if ctx.is_main:
+                torch.save(_cpu_state(out.model), os.path.join(workdir, "model.pt"))
+                events.put(("done", {"history": out.history, "runtime": out.runtime}))
+    except BaseException:
+        with open(os.path.join(workdir, f"error{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+
+
+def _stop(procs: list[mp.Process]) -> None:
+    """SIGTERM every live worker, then SIGKILL what is left after a grace period; reap all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _failure(rank: int, exitcode: int, workdir: Path, pids: list[int]) -> WorkerError:
+    error_file = workdir / f"error{rank}.txt"
+    if error_file.exists():
+        trace = error_file.read_text().rstrip()
+        return WorkerError(rank, trace.splitlines()[-1], pids, trace)
+    log = workdir / f"rank{rank}.log"
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+    how = f"killed by signal {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
+    return WorkerError(rank, f"the process {how} without a Python exception", pids, tail)
+
+
+def _drain(events: Any, on_epoch_end: EpochCallback | None, done: dict) -> None:
+    while True:
+        try:
+            kind, payload = events.get_nowait()
+        except queue.Empty:
+            return
+        if kind == "epoch" and on_epoch_end is not None:
+            on_epoch_end(payload)
+        elif kind == "done":
+            done.update(payload)
+
+
+def launch(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, progress: bool = False,
+           quiet_workers: bool = True) -> RunResult:
+    """Train with ``cfg.world_size`` processes and return rank 0's result.
+
+    ``on_epoch_end(row)`` is called in this process as rank 0 finishes each epoch.
+    ``quiet_workers`` sends worker stdout/stderr to log files instead of this output.
+    """
+    if cfg.world_size == 1:
+        return run_single_process(cfg, on_epoch_end=on_epoch_end, progress=progress)
+    cfg = _prepare(cfg)
+    notes = [n for n in [oversubscription_warning(cfg.world_size)] if n]
+    if cfg.master_port:
+        check_port_free(cfg.master_addr, cfg.master_port)
+    port = cfg.master_port or find_free_port(cfg.master_addr)
+    init_method = f"tcp://{cfg.master_addr}:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    start = time.perf_counter()
+    procs = [ctx.Process(target=_spawned_worker, daemon=True, name=f"ddp-rank{rank}",
+                         args=(rank, cfg.to_dict(), init_method, str(workdir), events, quiet_workers,
+                               progress and rank == 0))
+             for rank in range(cfg.world_size)]
+    done: dict[str, Any] = {}
+    try:
+        for p in procs:
+            p.start()
+        pids = [p.pid for p in procs]
+        waiting = {p.sentinel: rank for rank, p in enumerate(procs)}
+        deadline = time.monotonic() + cfg.launch_timeout_s
+        while waiting:
+            _drain(events, on_epoch_end, done)
+            for sentinel in mp.connection.wait(list(waiting), timeout=0.2):
+                rank = waiting.pop(sentinel)
+                procs[rank].join()
+                if procs[rank].exitcode != 0:
+                    _stop(procs)
+                    raise _failure(rank, procs[rank].exitcode, workdir, pids)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run took longer than launch_timeout_s={cfg.launch_timeout_s:g} s; "
+                                   f"all {len(procs)} workers were stopped")
+        _drain(events, on_epoch_end, done)
+        if "history" not in done:
+            raise RuntimeError(f"all workers exited cleanly but rank 0 sent no result (logs in {workdir})")
+        state = torch.load(workdir / "model.pt", weights_only=True)
+    finally:
+        _stop(procs)
+        events.close()
+        events.join_thread()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return RunResult(make_record(cfg, done, time.perf_counter() - start, notes), state)
+
+
+# --- torchrun -----------------------------------------------------------------------------
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "LOCAL_RANK" in os.environ)
+
+
+def run_torchrun(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
+                 progress: bool = False) -> RunResult | None:
+    """Run this process as one rank of a torchrun job (env:// rendezvous).
+
+    Returns the result on global rank 0 and None elsewhere.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cfg = cfg.replace(world_size=world)
+    if cfg.dataset == "mnist":
+        cfg = cfg.replace(data_dir=str(resolve_data_root(cfg.data_dir)))
+        if local_rank == 0:  # one download per machine; the others wait at the first collective
+            ensure_mnist(cfg.data_dir, cfg.download)
+    start = time.perf_counter()
+    with process_group(cfg, rank, world, local_rank, "env://") as ctx:
+        if cfg.dataset == "mnist":
+            torch.distributed.barrier()
+        out = fit(cfg, ctx, on_epoch_end=on_epoch_end, progress=progress)
+    if rank != 0:
+        return None
+    notes = [n for n in [oversubscription_warning(int(os.environ.get("LOCAL_WORLD_SIZE", world)))] if n]
+    return RunResult(make_record(cfg, out, time.perf_counter() - start, notes), _cpu_state(out.model))
+
+
+__all__ = ["RunResult", "WorkerError", "launch", "run_single_process", "run_torchrun", "under_torchrun"]

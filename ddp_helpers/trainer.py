@@ -1,0 +1,148 @@
+"""The epoch loop: one function that every run goes through, on one rank or many.
+
+``fit`` builds the model, optimizer, scheduler and sync strategy, then alternates
+``train_one_epoch`` and ``evaluate`` and returns the history. Per-epoch callbacks
+(progress reporting now, checkpointing later) hang off ``on_epoch_end``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+from .data import Split, eval_indices, load_datasets, train_indices
+from .dist import RankContext
+from .engine import PHASES, evaluate, make_optimizer, train_one_epoch
+from .model import MLP, count_parameters
+from .sync import make_sync
+
+
+@dataclass
+class FitOutput:
+    """What a rank hands back after training."""
+
+    history: list[dict[str, Any]]
+    runtime: dict[str, Any]
+    model: torch.nn.Module
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in the baseline
+    return MLP(cfg.hidden_sizes, cfg.dropout).to(device)
+
+
+def fault_injector(cfg: TrainConfig, rank: int) -> Callable[[int], None] | None:
+    """A before-step hook that makes one rank fail on purpose (tests and demos)."""
+    if cfg.fail_rank != rank:
+        return None
+
+    def maybe_fail(step: int) -> None:
+        if step == cfg.fail_step:
+            if cfg.fail_kind == "exit":
+                os._exit(17)
+            raise RuntimeError(f"injected fault: rank {rank} failed at step {step}")
+
+    return maybe_fail
+
+
+def _progress_bar(cfg: TrainConfig, epoch: int, samples: int):
+    from tqdm.auto import tqdm
+
+    steps = -(-samples // cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=0.5)
+
+
+def _chain(fault: Callable[[int], None] | None, bar) -> Callable[[int], None] | None:
+    """One before-step hook from the optional fault injector and progress bar."""
+    if bar is None:
+        return fault
+
+    def hook(step: int) -> None:
+        if fault is not None:
+            fault(step)
+        bar.update(1)
+
+    return hook
+
+
+def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float, world_size: int) -> dict:
+    """One row of the history: metrics, times and the per-step time split in ms."""
+    steps = max(train["steps"], 1)
+    step_ms = {p: 1000 * train["phase_s"][p] / steps for p in PHASES}
+    step_ms["total"] = 1000 * train["epoch_time_s"] / steps
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": train["train_loss"],
+        "train_accuracy": train["train_accuracy"],
+        "val_loss": val["val_loss"],
+        "val_accuracy": val["val_accuracy"],
+        "epoch_time_s": train["epoch_time_s"],
+        "eval_time_s": eval_s,
+        "steps_per_worker": train["steps"],
+        "train_samples": train["train_samples"],
+        "val_samples": val["val_samples"],
+        "samples_per_s": train["train_samples"] / train["epoch_time_s"],
+        "step_ms": step_ms,
+        "sync_fraction": train["phase_s"]["sync"] / train["epoch_time_s"],
+    }
+
+
+def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None, progress: bool = False,
+        return_predictions: bool = False) -> FitOutput:
+    """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
+    train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset,
+                                                    cfg.test_subset, cfg.seed)
+    train_split, test_split = train_split.to(ctx.device), test_split.to(ctx.device)
+    model = build_model(cfg, ctx.device)
+    torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
+    optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device)
+    fault = fault_injector(cfg, ctx.rank)
+    history: list[dict[str, Any]] = []
+    global_step = 0
+    for epoch in range(cfg.epochs):
+        indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)
+        bar = _progress_bar(cfg, epoch, len(indices)) if progress and ctx.is_main else None
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(sync, optimizer, train_split, indices, cfg.batch_size, reduce=ctx.reduce,
+                                max_steps=cfg.max_steps_per_epoch, before_step=_chain(fault, bar),
+                                step_offset=global_step)
+        if bar is not None:
+            bar.close()
+        global_step += train["steps"]
+        start = time.perf_counter()
+        val = evaluate(model, test_split, eval_indices(len(test_split), ctx.rank, ctx.world_size),
+                       reduce=ctx.reduce)
+        row = epoch_row(epoch + 1, lr, train, val, time.perf_counter() - start, ctx.world_size)
+        scheduler.step()
+        history.append(row)
+        if on_epoch_end is not None and ctx.is_main:
+            on_epoch_end(row)
+    runtime = {
+        "rank_count": ctx.world_size,
+        "backend": ctx.backend,
+        "device": str(ctx.device),
+        "threads_per_rank": ctx.threads,
+        "sync": sync.name,
+        "optimizer": f"Adam ({optimizer_impl})",
+        "parameters": count_parameters(model),
+        "train_samples": len(train_split),
+        "test_samples": len(test_split),
+        "global_batch": cfg.batch_size * ctx.world_size,
+    }
+    extra: dict[str, Any] = {}
+    if return_predictions and ctx.world_size == 1:
+        extra["predictions"] = evaluate(model, test_split, eval_indices(len(test_split), 0, 1),
+                                        return_predictions=True)["predictions"]
+    return FitOutput(history, runtime, model, extra)
