@@ -68,7 +68,7 @@ def train_command(args: argparse.Namespace) -> int:
     if is_main:
         mode = "torchrun" if torchrun else ("single process" if cfg.world_size == 1 else "spawned workers")
         print(f"training: world_size={cfg.world_size} ({mode}), batch {cfg.batch_size}/worker, "
-              f"{cfg.epochs} epochs, sync={cfg.sync}", flush=True)
+              f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
         print(HEADER, flush=True)
     progress = not args.no_progress and sys.stderr.isatty()
     if torchrun:

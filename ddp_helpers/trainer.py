@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,7 +29,6 @@ class FitOutput:
     history: list[dict[str, Any]]
     runtime: dict[str, Any]
     model: torch.nn.Module
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -73,7 +72,7 @@ def _chain(fault: Callable[[int], None] | None, bar) -> Callable[[int], None] | 
     return hook
 
 
-def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float, world_size: int) -> dict:
+def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float) -> dict:
     """One row of the history: metrics, times and the per-step time split in ms."""
     steps = max(train["steps"], 1)
     step_ms = {p: 1000 * train["phase_s"][p] / steps for p in PHASES}
@@ -97,8 +96,7 @@ def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float, worl
 
 
 def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None, progress: bool = False,
-        return_predictions: bool = False) -> FitOutput:
+        on_epoch_end: Callable[[dict], None] | None = None, progress: bool = False) -> FitOutput:
     """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
     train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset,
                                                     cfg.test_subset, cfg.seed)
@@ -124,7 +122,7 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         start = time.perf_counter()
         val = evaluate(model, test_split, eval_indices(len(test_split), ctx.rank, ctx.world_size),
                        reduce=ctx.reduce)
-        row = epoch_row(epoch + 1, lr, train, val, time.perf_counter() - start, ctx.world_size)
+        row = epoch_row(epoch + 1, lr, train, val, time.perf_counter() - start)
         scheduler.step()
         history.append(row)
         if on_epoch_end is not None and ctx.is_main:
@@ -141,8 +139,4 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         "test_samples": len(test_split),
         "global_batch": cfg.batch_size * ctx.world_size,
     }
-    extra: dict[str, Any] = {}
-    if return_predictions and ctx.world_size == 1:
-        extra["predictions"] = evaluate(model, test_split, eval_indices(len(test_split), 0, 1),
-                                        return_predictions=True)["predictions"]
-    return FitOutput(history, runtime, model, extra)
+    return FitOutput(history, runtime, model)
