@@ -11,6 +11,7 @@ worker before ``launch`` raises.
 from __future__ import annotations
 
 import ctypes
+import io
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -131,21 +132,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawned_worker(rank: int, cfg_dict: dict, init_method: str, workdir: str, events: Any,
-                    quiet: bool, progress: bool) -> None:
-    """Body of one spawned rank. Module level so that spawn can import it by name."""
+def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
+                  events: Any, quiet: bool) -> None:
+    """Body of every spawned process: set up, run ``job``, record any error for the parent."""
     _die_with_parent()
     if quiet:  # keep worker output (and C++ library logs) out of notebook cells
         log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
     try:
-        cfg = TrainConfig.from_dict(cfg_dict)
-        with process_group(cfg, rank, cfg.world_size, rank, init_method) as ctx:
-            out = fit(cfg, ctx, on_epoch_end=lambda row: events.put(("epoch", row)), progress=progress)
-            if ctx.is_main:
-                torch.save(_cpu_state(out.model), os.path.join(workdir, "model.pt"))
-                events.put(("done", {"history": out.history, "runtime": out.runtime}))
+        job(rank, world_size, init_method, lambda kind, payload: events.put((rank, kind, payload)), *args)
     except BaseException:
         with open(os.path.join(workdir, f"error{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
@@ -176,16 +172,78 @@ def _failure(rank: int, exitcode: int, workdir: Path, pids: list[int]) -> Worker
     return WorkerError(rank, f"the process {how} without a Python exception", pids, tail)
 
 
-def _drain(events: Any, on_epoch_end: EpochCallback | None, done: dict) -> None:
-    while True:
-        try:
-            kind, payload = events.get_nowait()
-        except queue.Empty:
-            return
-        if kind == "epoch" and on_epoch_end is not None:
-            on_epoch_end(payload)
-        elif kind == "done":
-            done.update(payload)
+def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
+                master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
+                on_event: Callable[[int, str, Any], None] | None = None) -> dict[int, Any]:
+    """Spawn ``world_size`` processes running ``job(rank, world_size, init_method, emit, *args)``.
+
+    ``job`` must be a module-level function (spawn imports it by name). ``emit(kind,
+    payload)`` sends a message to this process: ``on_event(rank, kind, payload)`` sees
+    each one as it arrives, and the payloads of kind ``"result"`` are returned by rank.
+    Any failure, a timeout or a Ctrl-C stops every worker before this raises.
+    """
+    if master_port:
+        check_port_free(master_addr, master_port)
+    init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
+    workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ddp-rank{rank}",
+                         args=(rank, world_size, job, args, init_method, str(workdir), events, quiet))
+             for rank in range(world_size)]
+    results: dict[int, Any] = {}
+
+    def drain() -> None:
+        while True:
+            try:
+                rank, kind, payload = events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "result":
+                results[rank] = payload
+            if on_event is not None:
+                on_event(rank, kind, payload)
+
+    try:
+        for p in procs:
+            p.start()
+        pids = [p.pid for p in procs]
+        waiting = {p.sentinel: rank for rank, p in enumerate(procs)}
+        deadline = time.monotonic() + launch_timeout_s
+        while waiting:
+            drain()
+            for sentinel in mp.connection.wait(list(waiting), timeout=0.2):
+                rank = waiting.pop(sentinel)
+                procs[rank].join()
+                if procs[rank].exitcode != 0:
+                    _stop(procs)
+                    raise _failure(rank, procs[rank].exitcode, workdir, pids)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run took longer than launch_timeout_s={launch_timeout_s:g} s; "
+                                   f"all {world_size} workers were stopped")
+        drain()  # a worker's queue is flushed into the pipe before it exits
+    finally:
+        _stop(procs)
+        events.close()
+        events.join_thread()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _state_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_cpu_state(model), buffer)
+    return buffer.getvalue()
+
+
+def _train_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict,
+               progress: bool) -> None:
+    """One rank of a training run; rank 0 streams epoch rows and sends the result."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    with process_group(cfg, rank, world_size, rank, init_method) as ctx:
+        out = fit(cfg, ctx, on_epoch_end=lambda row: emit("epoch", row), progress=progress and rank == 0)
+        if ctx.is_main:
+            emit("result", {"history": out.history, "runtime": out.runtime, "state": _state_bytes(out.model)})
 
 
 def launch(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, progress: bool = False,
@@ -199,45 +257,19 @@ def launch(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, progress
         return run_single_process(cfg, on_epoch_end=on_epoch_end, progress=progress)
     cfg = _prepare(cfg)
     notes = [n for n in [oversubscription_warning(cfg.world_size)] if n]
-    if cfg.master_port:
-        check_port_free(cfg.master_addr, cfg.master_port)
-    port = cfg.master_port or find_free_port(cfg.master_addr)
-    init_method = f"tcp://{cfg.master_addr}:{port}"
-    workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
+
+    def on_event(rank: int, kind: str, payload: Any) -> None:
+        if kind == "epoch" and on_epoch_end is not None:
+            on_epoch_end(payload)
+
     start = time.perf_counter()
-    procs = [ctx.Process(target=_spawned_worker, daemon=True, name=f"ddp-rank{rank}",
-                         args=(rank, cfg.to_dict(), init_method, str(workdir), events, quiet_workers,
-                               progress and rank == 0))
-             for rank in range(cfg.world_size)]
-    done: dict[str, Any] = {}
-    try:
-        for p in procs:
-            p.start()
-        pids = [p.pid for p in procs]
-        waiting = {p.sentinel: rank for rank, p in enumerate(procs)}
-        deadline = time.monotonic() + cfg.launch_timeout_s
-        while waiting:
-            _drain(events, on_epoch_end, done)
-            for sentinel in mp.connection.wait(list(waiting), timeout=0.2):
-                rank = waiting.pop(sentinel)
-                procs[rank].join()
-                if procs[rank].exitcode != 0:
-                    _stop(procs)
-                    raise _failure(rank, procs[rank].exitcode, workdir, pids)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the run took longer than launch_timeout_s={cfg.launch_timeout_s:g} s; "
-                                   f"all {len(procs)} workers were stopped")
-        _drain(events, on_epoch_end, done)
-        if "history" not in done:
-            raise RuntimeError(f"all workers exited cleanly but rank 0 sent no result (logs in {workdir})")
-        state = torch.load(workdir / "model.pt", weights_only=True)
-    finally:
-        _stop(procs)
-        events.close()
-        events.join_thread()
-    shutil.rmtree(workdir, ignore_errors=True)
+    results = run_workers(_train_job, cfg.world_size, (cfg.to_dict(), progress), master_addr=cfg.master_addr,
+                          master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
+                          quiet=quiet_workers, on_event=on_event)
+    if 0 not in results:
+        raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
+    done = results[0]
+    state = torch.load(io.BytesIO(done.pop("state")), weights_only=True)
     return RunResult(make_record(cfg, done, time.perf_counter() - start, notes), state)
 
 
@@ -271,4 +303,5 @@ def run_torchrun(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
     return RunResult(make_record(cfg, out, time.perf_counter() - start, notes), _cpu_state(out.model))
 
 
-__all__ = ["RunResult", "WorkerError", "launch", "run_single_process", "run_torchrun", "under_torchrun"]
+__all__ = ["RunResult", "WorkerError", "launch", "run_single_process", "run_torchrun", "run_workers",
+           "under_torchrun"]
