@@ -26,15 +26,3 @@ def mnist(mnist_root):
     from ddp_helpers.data import load_mnist_split
 
     return load_mnist_split(mnist_root, True), load_mnist_split(mnist_root, False)
-
-
-def no_process_left(pids) -> bool:
-    """True when none of the given process ids is alive (or a zombie) any more."""
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().split(") ", 1)[1][0] != "Z":
-                    return False
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-    return True

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddp_helpers import TrainConfig, WorkerError, launch, run_single_process
-from conftest import no_process_left
+from processes import no_process_left
 
 # A few hundred steps on real MNIST, dropout off so that DDP and one process can match exactly.
 SMALL = dict(dataset="mnist", train_subset=2048, test_subset=1000, epochs=2, dropout=0.0, seed=3,

@@ -1,0 +1,13 @@
+"""Helpers for tests that spawn processes."""
+
+
+def no_process_left(pids) -> bool:
+    """True when none of the given process ids is alive (or a zombie) any more."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(") ", 1)[1][0] != "Z":
+                    return False
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return True
