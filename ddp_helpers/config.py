@@ -16,7 +16,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
 # Gradient-synchronisation strategies the engine knows (see ddp_helpers.sync).
-SYNC_STRATEGIES = ("ddp", "allreduce")
+SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd")
 FAULT_KINDS = ("raise", "exit")
 
 
@@ -44,6 +44,10 @@ class TrainConfig:
     lr_step: int = _field(3, "StepLR: multiply the learning rate by lr_gamma every lr_step epochs")
     lr_gamma: float = _field(0.5, "StepLR decay factor, in (0, 1]")
     seed: int = _field(0, "seed for weights, shuffling and dropout (each rank adds its rank for dropout)")
+    warmup_steps: int = _field(0, "optimizer steps of linear learning-rate warm-up from lr/warmup_steps; 0 = none")
+    accumulation_steps: int = _field(1, "micro-batches per optimizer step; gradients sync only on the last (no_sync)")
+    local_sgd_every: int = _field(8, "local_sgd: optimizer steps between parameter averages across ranks")
+    stop_at_accuracy: float = _field(0.0, "stop after the first epoch whose validation accuracy reaches this; 0 = never")
     # --- parallelism ---------------------------------------------------------------
     world_size: int = _field(2, "number of worker processes; 1 trains in a single process without DDP")
     sync: str = _field("ddp", f"gradient synchronisation strategy, one of {SYNC_STRATEGIES}")
@@ -96,6 +100,12 @@ class TrainConfig:
         need(is_int(self.lr_step) and self.lr_step >= 1, "lr_step", "must be an integer >= 1")
         need(is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1, "lr_gamma", "must be in (0, 1]")
         need(is_int(self.seed) and self.seed >= 0, "seed", "must be an integer >= 0")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "must be an integer >= 0")
+        need(is_int(self.accumulation_steps) and self.accumulation_steps >= 1, "accumulation_steps",
+             "must be an integer >= 1")
+        need(is_int(self.local_sgd_every) and self.local_sgd_every >= 1, "local_sgd_every", "must be an integer >= 1")
+        need(is_num(self.stop_at_accuracy) and 0 <= self.stop_at_accuracy <= 1, "stop_at_accuracy",
+             "must be in [0, 1] (0 = train all epochs)")
         need(is_int(self.world_size) and self.world_size >= 1, "world_size", "must be an integer >= 1")
         need(self.sync in SYNC_STRATEGIES, "sync", f"must be one of {SYNC_STRATEGIES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")

@@ -6,6 +6,7 @@ sync strategy (gradients) and a ``reduce`` function (metric sums across ranks).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Iterable
 
@@ -53,44 +54,65 @@ class PhaseTimer:
 
 def train_one_epoch(sync, optimizer: torch.optim.Optimizer, split: Split, indices: torch.Tensor,
                     batch_size: int, *, reduce: Reduce = no_reduce, max_steps: int = 0,
+                    accumulation_steps: int = 1, lr_scale: Callable[[int], float] | None = None,
                     before_step: Callable[[int], None] | None = None, step_offset: int = 0) -> dict:
     """One pass over this rank's indices. Returns global loss/accuracy and the time split.
 
-    ``sync`` decides how gradients are agreed on; ``reduce`` sums the metric counters
-    over ranks; ``before_step(global_step)`` is a hook for fault injection and the like.
+    ``sync`` decides how gradients (or weights) are agreed on; ``reduce`` sums the
+    metric counters over ranks. Every ``accumulation_steps`` micro-batches make one
+    optimizer step; the others run under ``sync.no_sync()``. ``lr_scale(step)`` scales
+    the learning rate per optimizer step (warm-up); ``before_step(micro_step)`` is a
+    hook for fault injection and progress. ``max_steps`` caps the micro-batches.
     """
     module = sync.module
     module.train()
     device = split.images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = steps = 0
+    n_batches = -(-len(indices) // batch_size)
+    if max_steps:
+        n_batches = min(n_batches, max_steps)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    seen = micro = optimizer_steps = 0
     timer = PhaseTimer(device)
     start = time.perf_counter()
     sync.pop_seconds()
     for x, y in batches(split, indices, batch_size):
-        if max_steps and steps >= max_steps:
+        if micro >= n_batches:
             break
         if before_step is not None:
-            before_step(step_offset + steps)
+            before_step(step_offset + micro)
         timer.lap("data")
-        sync.zero_grad()
-        logits = module(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+        first = micro % accumulation_steps == 0
+        last = (micro + 1) % accumulation_steps == 0 or micro + 1 == n_batches
+        if first:
+            sync.zero_grad()
+        with contextlib.nullcontext() if last else sync.no_sync():
+            logits = module(x)
+            loss = F.cross_entropy(logits, y)
+            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
         with torch.no_grad():
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
         fwd_bwd = timer.lap("compute")
-        in_backward = sync.pop_seconds()  # DDP communicates inside backward
-        timer.seconds["compute"] -= min(in_backward, fwd_bwd)
-        timer.seconds["sync"] += min(in_backward, fwd_bwd)
-        sync.after_backward()
-        timer.lap("sync")
-        optimizer.step()
-        timer.lap("optimizer")
+        in_backward = min(sync.pop_seconds(), fwd_bwd)  # DDP communicates inside backward
+        timer.seconds["compute"] -= in_backward
+        timer.seconds["sync"] += in_backward
+        if last:
+            sync.after_backward()
+            timer.lap("sync")
+            if lr_scale is not None:
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * lr_scale(step_offset // accumulation_steps + optimizer_steps)
+            optimizer.step()
+            timer.lap("optimizer")
+            sync.after_step()  # local SGD averages weights here
+            timer.lap("sync")
+            optimizer_steps += 1
         seen += y.shape[0]
-        steps += 1
+        micro += 1
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base  # the epoch-level scheduler owns the base rate
     seconds = time.perf_counter() - start
     totals = reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
                                                                            dtype=torch.float64)]))
@@ -98,7 +120,8 @@ def train_one_epoch(sync, optimizer: torch.optim.Optimizer, split: Split, indice
         "train_loss": float(totals[0] / totals[2]),
         "train_accuracy": float(totals[1] / totals[2]),
         "train_samples": int(totals[2]),
-        "steps": steps,
+        "steps": micro,
+        "optimizer_steps": optimizer_steps,
         "epoch_time_s": seconds,
         "phase_s": dict(timer.seconds),
     }

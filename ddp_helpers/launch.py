@@ -188,7 +188,7 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
-    procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ddp-rank{rank}",
+    procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
                          args=(rank, world_size, job, args, init_method, str(workdir), events, quiet))
              for rank in range(world_size)]
     results: dict[int, Any] = {}

@@ -1,26 +1,31 @@
 """Gradient-synchronisation strategies: how the ranks agree on one update per step.
 
-The training engine calls the same four methods on every strategy, so a new
-strategy is a new class here and nothing else changes:
+The training engine calls the same methods on every strategy, so a new strategy
+is a new class here and nothing else changes:
 
     module             the nn.Module to run forward/backward through
     zero_grad()        clear gradients before the next step
-    after_backward()   explicit communication after backward (if any)
+    no_sync()          context for micro-batches whose gradients must not be synced yet
+    after_backward()   explicit gradient communication after backward (if any)
+    after_step()       communication after the optimizer step (if any)
     pop_seconds()      communication seconds spent since the last call
 
 ``LocalSync`` is the single process (nothing to agree on). ``DDPSync`` is PyTorch
 DistributedDataParallel with a timing communication hook. ``AllReduceSync`` does by
 hand what DDP does under the hood: one flat gradient buffer, one all-reduce, divide
-by the world size.
+by the world size. ``fp16`` and ``powersgd`` are DDP with a compression hook;
+``LocalSGDSync`` trains each rank on its own and averages the weights every k steps.
 """
 
 
+import contextlib
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -40,7 +45,13 @@ class LocalSync:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def no_sync(self):
+        return contextlib.nullcontext()
+
     def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
         pass
 
     def pop_seconds(self) -> float:
@@ -48,22 +59,38 @@ class LocalSync:
 
 
 class _HookState:
-    """What the DDP timing hook writes into: communication seconds so far."""
+    """What a timed DDP hook writes into: the wrapped hook's own state, and seconds so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner_state=None) -> None:
+        self.inner_state = inner_state
         self.seconds = 0.0
 
 
-def _timed_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default all-reduce (mean over ranks), plus the wall time until it completes."""
-    start = time.perf_counter()
-    fut = default_hooks.allreduce_hook(None, bucket)
+def _timed(hook):
+    """Wrap a DDP communication hook so that its wall time until completion is recorded."""
 
-    def finished(f: torch.futures.Future) -> torch.Tensor:
-        state.seconds += time.perf_counter() - start
-        return f.value()
+    def timed_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        start = time.perf_counter()
+        fut = hook(state.inner_state, bucket)
 
-    return fut.then(finished)
+        def finished(f: torch.futures.Future) -> torch.Tensor:
+            state.seconds += time.perf_counter() - start
+            return f.value()
+
+        return fut.then(finished)
+
+    return timed_hook
+
+
+# name -> (hook, factory of the hook's state)
+DDP_HOOKS = {
+    "ddp": (default_hooks.allreduce_hook, lambda: None),
+    "fp16": (default_hooks.fp16_compress_hook, lambda: None),
+    "powersgd": (powersgd.powerSGD_hook,
+                 lambda: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                                start_powerSGD_iter=2, use_error_feedback=True,
+                                                warm_start=True)),
+}
 
 
 class DDPSync(LocalSync):
@@ -72,20 +99,26 @@ class DDPSync(LocalSync):
     The default bucket is 25 MB and this model's gradient is 2.27 MB, so all of it
     lands in one bucket whose all-reduce starts when backward has produced the last
     gradient: nothing overlaps, and the hook's wall time is the exposed communication.
+    ``hook`` picks what the bucket's communication is: the plain mean all-reduce,
+    fp16 compression, or PowerSGD low-rank compression (with error feedback).
     """
 
-    name = "ddp"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 hook: str = "ddp"):
         super().__init__(model, optimizer)
+        self.name = hook
         device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids)
-        self.state = _HookState()
-        self.ddp.register_comm_hook(self.state, _timed_allreduce_hook)
+        fn, make_state = DDP_HOOKS[hook]
+        self.state = _HookState(make_state())
+        self.ddp.register_comm_hook(self.state, _timed(fn))
 
     @property
     def module(self) -> nn.Module:
         return self.ddp
+
+    def no_sync(self):
+        return self.ddp.no_sync()
 
     def pop_seconds(self) -> float:
         seconds, self.state.seconds = self.state.seconds, 0.0
@@ -129,13 +162,51 @@ class AllReduceSync(LocalSync):
         return seconds
 
 
+class LocalSGDSync(LocalSync):
+    """Local SGD: every rank steps on its own gradients; every ``every`` optimizer steps
+    the ranks average their weights (one all-reduce of the flat parameter vector).
+    Adam's moment estimates stay local to each rank."""
+
+    name = "local_sgd"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
+        super().__init__(model, optimizer)
+        self.world_size, self.every, self.steps = dist.get_world_size(), every, 0
+        self.params = [p for p in model.parameters()]
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p, src=0)
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        start = time.perf_counter()
+        flat = torch.cat([p.reshape(-1) for p in self.params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        offset = 0
+        for p in self.params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.seconds += time.perf_counter() - start
+
+    def pop_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
-              device: torch.device):
+              device: torch.device, local_sgd_every: int = 8):
     """The strategy object for a run; a single process always gets LocalSync."""
     if world_size == 1:
         return LocalSync(model, optimizer)
-    if name == "ddp":
-        return DDPSync(model, optimizer, device)
+    if name in DDP_HOOKS:
+        return DDPSync(model, optimizer, device, hook=name)
     if name == "allreduce":
         return AllReduceSync(model, optimizer)
+    if name == "local_sgd":
+        return LocalSGDSync(model, optimizer, local_sgd_every)
     raise ValueError(f"unknown sync strategy {name!r}")

@@ -87,6 +87,7 @@ def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float) -> d
         "epoch_time_s": train["epoch_time_s"],
         "eval_time_s": eval_s,
         "steps_per_worker": train["steps"],
+        "optimizer_steps": train["optimizer_steps"],
         "train_samples": train["train_samples"],
         "val_samples": val["val_samples"],
         "samples_per_s": train["train_samples"] / train["epoch_time_s"],
@@ -105,7 +106,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
     optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device)
+    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every)
+    warmup = (lambda step: min(1.0, (step + 1) / cfg.warmup_steps)) if cfg.warmup_steps else None
     fault = fault_injector(cfg, ctx.rank)
     history: list[dict[str, Any]] = []
     global_step = 0
@@ -114,8 +116,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         bar = _progress_bar(cfg, epoch, len(indices)) if progress and ctx.is_main else None
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(sync, optimizer, train_split, indices, cfg.batch_size, reduce=ctx.reduce,
-                                max_steps=cfg.max_steps_per_epoch, before_step=_chain(fault, bar),
-                                step_offset=global_step)
+                                max_steps=cfg.max_steps_per_epoch, accumulation_steps=cfg.accumulation_steps,
+                                lr_scale=warmup, before_step=_chain(fault, bar), step_offset=global_step)
         if bar is not None:
             bar.close()
         global_step += train["steps"]
@@ -127,6 +129,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         history.append(row)
         if on_epoch_end is not None and ctx.is_main:
             on_epoch_end(row)
+        if cfg.stop_at_accuracy and row["val_accuracy"] >= cfg.stop_at_accuracy:
+            break  # every rank sees the same all-reduced accuracy, so all stop together
     runtime = {
         "rank_count": ctx.world_size,
         "backend": ctx.backend,
@@ -137,6 +141,6 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         "parameters": count_parameters(model),
         "train_samples": len(train_split),
         "test_samples": len(test_split),
-        "global_batch": cfg.batch_size * ctx.world_size,
+        "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps,
     }
     return FitOutput(history, runtime, model)

@@ -1,0 +1,333 @@
+"""Benchmarks: ``python -m ddp_helpers.bench {throughput,allreduce,tta,all} [--quick]``.
+
+* ``throughput``: per-step time and its split for each configuration, measured in
+  alternating order with warm-up and repeats; epoch times are projected from the
+  median step time. Includes the seed-style reference and the compute floor.
+* ``allreduce``: gloo all-reduce time against message size for 2 and 4 ranks, fitted
+  to t = alpha + beta * bytes; the fit predicts each strategy's step time.
+* ``tta``: time to 98% validation accuracy per strategy over several seeds.
+
+Each part writes ``results/bench_<part>.json`` (self-describing) and a Markdown table.
+Speed targets live here, never in unit tests: this machine is shared and noisy, so
+only ratios measured side by side in one invocation are quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import ensure_mnist, load_datasets, steps_per_epoch
+from .engine import make_optimizer
+from .launch import launch, run_single_process, run_workers
+from .model import MLP
+from .results import RESULTS_DIR, command_line, environment, now_iso, save_json
+from .seed_reference import seed_style_job
+
+GRAD_BYTES = 567_434 * 4
+TRAIN_SAMPLES = 60_000
+
+
+# --- throughput ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One configuration in the throughput benchmark."""
+
+    name: str
+    kind: str                     # "train" (our loop), "floor" (compute only), "seed" (reference)
+    cfg: TrainConfig | None = None
+    threads: int = 1              # for "floor"
+    batch: int = 32               # for "floor"
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.world_size if self.cfg else (2 if self.kind == "seed" else 1)
+
+    @property
+    def global_batch(self) -> int:
+        if self.cfg:
+            return self.cfg.batch_size * self.cfg.world_size * self.cfg.accumulation_steps
+        return 64 if self.kind == "seed" else self.batch
+
+
+def compute_floor(batch: int, threads: int, steps: int, warmup: int) -> dict:
+    """Forward, backward and fused Adam on one fixed batch: no data loading, no sync."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = MLP()
+        optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5)
+        x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+        times = []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return {"step_ms": {"total": 1000 * statistics.median(times), "compute": None}}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_train(case: Case, warmup: int, steps: int) -> dict:
+    """Our loop: epoch 1 warms up, epoch 2 is measured (both capped at a number of steps)."""
+    cfg = case.cfg.replace(epochs=2, max_steps_per_epoch=max(warmup, steps), test_subset=500, lr_step=10)
+    result = launch(cfg) if cfg.world_size > 1 else run_single_process(cfg)
+    row = result.history[-1]
+    return {"step_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
+            "threads_per_rank": result.record["runtime"]["threads_per_rank"]}
+
+
+def measure_seed(data_root: str, warmup: int, steps: int) -> dict:
+    out = run_workers(seed_style_job, 2, (data_root, warmup, steps), launch_timeout_s=900)[0]
+    return {"step_ms": {"total": 1000 * statistics.median(out["step_s"])}, "threads_per_rank": out["threads"]}
+
+
+def throughput_cases(quick: bool) -> list[Case]:
+    base = dict(train_subset=0 if not quick else 8192, seed=0)
+    c = lambda **kw: TrainConfig(**{**base, **kw})  # noqa: E731
+    cases = [
+        Case("seed-style reference, W=2", "seed"),
+        Case("compute floor, 1 thread, b32", "floor", threads=1, batch=32),
+        Case("compute floor, 2 threads, b32", "floor", threads=2, batch=32),
+        Case("1 process, 1 thread, b32", "train", c(world_size=1, threads_per_rank=1)),
+        Case("1 process, 2 threads, b32", "train", c(world_size=1, threads_per_rank=2)),
+        Case("DDP W=2, b32", "train", c(world_size=2, sync="ddp")),
+        Case("manual all-reduce W=2, b32", "train", c(world_size=2, sync="allreduce")),
+        Case("DDP fp16 hook W=2, b32", "train", c(world_size=2, sync="fp16")),
+        Case("DDP PowerSGD r4 W=2, b32", "train", c(world_size=2, sync="powersgd")),
+        Case("DDP no_sync k=4 W=2, b32", "train", c(world_size=2, sync="ddp", accumulation_steps=4)),
+        Case("local SGD k=8 W=2, b32", "train", c(world_size=2, sync="local_sgd", local_sgd_every=8)),
+        Case("1 process, 1 thread, b256", "train", c(world_size=1, threads_per_rank=1, batch_size=256)),
+        Case("1 process, 2 threads, b256", "train", c(world_size=1, threads_per_rank=2, batch_size=256)),
+        Case("DDP W=2, b128 (global 256)", "train", c(world_size=2, sync="ddp", batch_size=128)),
+        Case("compute floor, 1 thread, b128", "floor", threads=1, batch=128),
+    ]
+    return cases
+
+
+def summarise(case: Case) -> dict:
+    totals = [s["step_ms"]["total"] for s in case.samples]
+    median = statistics.median(totals)
+    steps = steps_per_epoch(TRAIN_SAMPLES, case.world_size, case.cfg.batch_size if case.cfg else case.batch)
+    summary = {
+        "name": case.name, "kind": case.kind, "world_size": case.world_size, "global_batch": case.global_batch,
+        "repeats": len(totals), "step_ms_median": median, "step_ms_min": min(totals), "step_ms_max": max(totals),
+        "steps_per_epoch": steps, "epoch_s_projected": median * steps / 1000,
+        "samples_per_s": case.world_size * (case.cfg.batch_size if case.cfg else case.batch) / (median / 1000)
+        if case.kind != "seed" else 64 / (median / 1000),
+        "threads_per_rank": case.samples[0].get("threads_per_rank", case.threads),
+        "config": case.cfg.to_dict() if case.cfg else None,
+    }
+    if case.kind == "train":
+        for phase in ("data", "compute", "sync", "optimizer"):
+            summary[f"{phase}_ms"] = statistics.median(s["step_ms"][phase] for s in case.samples)
+        summary["sync_fraction"] = statistics.median(s["sync_fraction"] for s in case.samples)
+    return summary
+
+
+def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
+    root = str(ensure_mnist())
+    repeats, warmup, steps = (1, 20, 40) if quick else (3, 100, 300)
+    cases = throughput_cases(quick)
+    for r in range(repeats):  # alternate: every case once per round, so drift hits all alike
+        for case in cases:
+            if case.kind == "seed":
+                sample = measure_seed(root, 10 if quick else 30, 20 if quick else 100)
+            elif case.kind == "floor":
+                sample = compute_floor(case.batch, case.threads, steps, warmup)
+            else:
+                sample = measure_train(case, warmup, steps)
+            case.samples.append(sample)
+            log(f"round {r + 1}/{repeats}  {case.name:<34} {sample['step_ms']['total']:8.3f} ms/step")
+    rows = [summarise(c) for c in cases]
+    by_name = {row["name"]: row for row in rows}
+    ref_w1 = by_name["1 process, 2 threads, b32"]["epoch_s_projected"]
+    ref_seed = by_name["seed-style reference, W=2"]["epoch_s_projected"]
+    for row in rows:
+        row["speedup_vs_1process_b32"] = ref_w1 / row["epoch_s_projected"]
+        row["speedup_vs_seed_style"] = ref_seed / row["epoch_s_projected"]
+    floor1 = by_name["compute floor, 2 threads, b32"]["step_ms_median"]
+    targets = {
+        "ours_W2_vs_seed_style": ref_seed / by_name["DDP W=2, b32"]["epoch_s_projected"],
+        "loop_vs_compute_floor_W1": by_name["1 process, 2 threads, b32"]["step_ms_median"] / floor1,
+    }
+    return {"kind": "bench_throughput", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"repeats": repeats, "warmup_steps": warmup, "timed_steps": steps,
+                       "epoch_time": "median step time x steps per epoch (projection)"},
+            "environment": environment(), "cases": rows, "targets": targets}
+
+
+# --- all-reduce cost model ----------------------------------------------------------------
+
+def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
+                   repeats: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        out = {}
+        for size in sizes:
+            tensor = torch.ones(max(1, size // 4))
+            for _ in range(5):
+                dist.all_reduce(tensor)
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(tensor)
+                times.append(time.perf_counter() - start)
+            out[size] = statistics.median(times)
+        if rank == 0:
+            emit("result", out)
+    finally:
+        dist.destroy_process_group()
+
+
+def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares t = alpha + beta * bytes."""
+    beta, alpha = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
+    return float(alpha), float(beta)
+
+
+def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
+    sizes = [2**k for k in range(10, 24, 1 if not quick else 3)] + [GRAD_BYTES]
+    sizes = sorted(set(sizes))
+    repeats = 10 if quick else 40
+    runs = {}
+    for world_size in (2, 4):
+        medians = run_workers(_allreduce_job, world_size, (sizes, repeats), launch_timeout_s=600)[0]
+        alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
+        runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha, "beta_s_per_byte": beta,
+                                 "oversubscribed": world_size > 2}
+        log(f"W={world_size}: alpha {1e6 * alpha:.0f} us, beta {1e9 * beta:.3f} ns/byte "
+            f"({1 / beta / 1e9:.2f} GB/s), 2.27 MB takes {1000 * medians[GRAD_BYTES]:.2f} ms")
+    return {"kind": "bench_allreduce", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"repeats": repeats, "statistic": "median", "backend": "gloo", "threads_per_rank": 1},
+            "environment": environment(), "sizes_bytes": sizes, "world_sizes": runs}
+
+
+# --- time to accuracy ---------------------------------------------------------------------
+
+def tta_configs(quick: bool) -> dict[str, TrainConfig]:
+    common = dict(stop_at_accuracy=0.98, epochs=2 if quick else 8, train_subset=4096 if quick else 0,
+                  test_subset=2000 if quick else 0)
+    c = lambda **kw: TrainConfig(**{**common, **kw})  # noqa: E731
+    return {
+        "1 process, 1 thread, b32 (seed settings)": c(world_size=1, threads_per_rank=1),
+        "1 process, 2 threads, b32 (seed settings)": c(world_size=1, threads_per_rank=2),
+        "1 process, 1 thread, b256, lr 2e-3, warm-up": c(world_size=1, threads_per_rank=1, batch_size=256,
+                                                          lr=2e-3, warmup_steps=100),
+        "1 process, 2 threads, b256, lr 2e-3, warm-up": c(world_size=1, threads_per_rank=2, batch_size=256,
+                                                           lr=2e-3, warmup_steps=100),
+        "DDP W=2, b32 (seed settings)": c(world_size=2),
+        "DDP W=2, b128 (global 256), lr 2e-3, warm-up": c(world_size=2, batch_size=128, lr=2e-3,
+                                                          warmup_steps=100),
+        "local SGD k=8 W=2, b32 (seed settings)": c(world_size=2, sync="local_sgd", local_sgd_every=8),
+        "local SGD k=8 W=2, b128, lr 2e-3, warm-up": c(world_size=2, sync="local_sgd", local_sgd_every=8,
+                                                      batch_size=128, lr=2e-3, warmup_steps=100),
+        "DDP fp16 W=2, b128, lr 2e-3, warm-up": c(world_size=2, sync="fp16", batch_size=128, lr=2e-3,
+                                                  warmup_steps=100),
+    }
+
+
+def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    ensure_mnist()
+    configs = tta_configs(quick)
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for seed in seeds:  # alternate strategies within each seed
+        for name, cfg in configs.items():
+            result = launch(cfg.replace(seed=seed))
+            hist = result.history
+            reached = next((row for row in hist if row["val_accuracy"] >= 0.98), None)
+            train_s = [sum(r["epoch_time_s"] for r in hist[:i + 1]) for i in range(len(hist))]
+            runs[name].append({
+                "seed": seed, "reached": reached is not None,
+                "epochs_to_98": reached["epoch"] if reached else None,
+                "seconds_to_98": train_s[reached["epoch"] - 1] if reached else None,
+                "best_val_accuracy": max(r["val_accuracy"] for r in hist),
+                "val_accuracy": [r["val_accuracy"] for r in hist], "epoch_time_s": [r["epoch_time_s"] for r in hist],
+            })
+            got = runs[name][-1]
+            log(f"seed {seed}  {name:<46} " + (f"98% at epoch {got['epochs_to_98']}, {got['seconds_to_98']:.1f} s"
+                                               if got["reached"] else f"not reached (best {got['best_val_accuracy']:.2%})"))
+    summary = []
+    for name, rs in runs.items():
+        secs = [r["seconds_to_98"] for r in rs if r["reached"]]
+        summary.append({"name": name, "config": configs[name].to_dict(), "seeds": len(rs),
+                        "reached": sum(r["reached"] for r in rs),
+                        "seconds_mean": statistics.mean(secs) if secs else None,
+                        "seconds_stdev": statistics.stdev(secs) if len(secs) > 1 else None,
+                        "epochs": [r["epochs_to_98"] for r in rs]})
+    return {"kind": "bench_tta", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"target": 0.98, "seconds": "training time only (evaluation excluded), cumulative to the "
+                       "first epoch whose validation accuracy reaches the target", "seeds": list(seeds)},
+            "environment": environment(), "runs": runs, "summary": summary}
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+def markdown_throughput(record: dict) -> str:
+    lines = ["| configuration | W | global batch | threads/rank | step ms (median, min-max) | projected epoch s "
+             "| samples/s | sync % | vs 1 process b32 | vs seed-style |", "|" + "---|" * 10]
+    for r in record["cases"]:
+        sync = f"{100 * r['sync_fraction']:.0f}" if "sync_fraction" in r else "-"
+        lines.append(f"| {r['name']} | {r['world_size']} | {r['global_batch']} | {r['threads_per_rank']} | "
+                     f"{r['step_ms_median']:.2f} ({r['step_ms_min']:.2f}-{r['step_ms_max']:.2f}) | "
+                     f"{r['epoch_s_projected']:.2f} | {r['samples_per_s']:.0f} | {sync} | "
+                     f"{r['speedup_vs_1process_b32']:.2f}x | {r['speedup_vs_seed_style']:.1f}x |")
+    t = record["targets"]
+    lines += ["", f"Our DDP W=2 vs the seed-style reference: {t['ours_W2_vs_seed_style']:.1f}x faster per epoch "
+              "(target >= 5x).", f"Our W=1 loop vs its compute floor: {t['loop_vs_compute_floor_W1']:.2f}x (target <= 1.3x)."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_tta(record: dict) -> str:
+    lines = ["| strategy | seeds reaching 98% | epochs | seconds to 98% (mean ± sd) |", "|---|---|---|---|"]
+    for s in record["summary"]:
+        secs = "-" if s["seconds_mean"] is None else (
+            f"{s['seconds_mean']:.1f}" + (f" ± {s['seconds_stdev']:.1f}" if s["seconds_stdev"] is not None else ""))
+        lines.append(f"| {s['name']} | {s['reached']}/{s['seeds']} | {s['epochs']} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddp_helpers.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["throughput", "allreduce", "tta", "all"])
+    parser.add_argument("--quick", action="store_true", help="few steps, one repeat, a data subset (CI)")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for bench_*.json and bench_*.md")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    parts = ["allreduce", "throughput", "tta"] if args.part == "all" else [args.part]
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    suffix = "_quick" if args.quick else ""
+    for part in parts:
+        record = {"throughput": run_throughput, "allreduce": run_allreduce, "tta": run_tta}[part](args.quick, log)
+        path = save_json(record, out / f"bench_{part}{suffix}.json")
+        table = {"throughput": markdown_throughput, "tta": markdown_tta}.get(part)
+        if table:
+            (out / f"bench_{part}{suffix}.md").write_text(table(record))
+            print(table(record))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The original design's training loop, kept only as a benchmark reference.
+
+It is what the seed document describes and what such code usually looks like: a
+torchvision dataset with per-sample PIL -> tensor -> normalise transforms, a
+``DataLoader`` with 2 loader processes per rank over a ``DistributedSampler``, torch's
+default thread count in every rank, Adam's default (for-loop) implementation, and a
+``loss.item()`` every step. The benchmark times its steps next to ours.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .model import MLP
+
+
+def seed_style_job(rank: int, world_size: int, init_method: str, emit: Callable, data_root: str,
+                   warmup_steps: int, timed_steps: int, timeout_s: float = 120) -> None:
+    """Train seed-style for warmup + timed steps; rank 0 reports per-step times."""
+    from torchvision import datasets, transforms
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        dataset = datasets.MNIST(data_root, train=True, download=False, transform=transform)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=2)
+        torch.manual_seed(0)
+        model = DistributedDataParallel(MLP())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+        times = []
+        last = time.perf_counter()
+        for step, (images, labels) in enumerate(loader):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            _ = loss.item()
+            now = time.perf_counter()
+            if step >= warmup_steps:
+                times.append(now - last)
+            last = now
+            if len(times) >= timed_steps:
+                break
+        if rank == 0:
+            emit("result", {"step_s": times, "steps_per_epoch": len(loader), "threads": torch.get_num_threads()})
+    finally:
+        dist.destroy_process_group()
