@@ -3,6 +3,7 @@
 * ``throughput``: per-step time and its split for each configuration, measured in
   alternating order with warm-up and repeats; epoch times are projected from the
   median step time. Includes the seed-style reference and the compute floor.
+* ``cores``: one compute-only process against two at once: how much the second core adds.
 * ``allreduce``: gloo all-reduce time against message size for 2 and 4 ranks, fitted
   to t = alpha + beta * bytes; the fit predicts each strategy's step time.
 * ``tta``: time to 98% validation accuracy per strategy over several seeds.
@@ -21,15 +22,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .data import ensure_mnist, load_datasets, steps_per_epoch
+from .costmodel import AlphaBeta
+from .data import ensure_mnist, steps_per_epoch
 from .engine import make_optimizer
 from .launch import launch, run_single_process, run_workers
 from .model import MLP
@@ -175,6 +176,38 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
             "environment": environment(), "cases": rows, "targets": targets}
 
 
+# --- how well do the two cores compute side by side? ---------------------------------------
+
+def _floor_job(rank: int, world_size: int, init_method: str, emit: Callable, batch: int, steps: int,
+               warmup: int, start_at: float) -> None:
+    """The compute floor in a spawned process, started at an agreed wall-clock time."""
+    while time.time() < start_at:
+        time.sleep(0.001)
+    emit("result", compute_floor(batch, 1, steps, warmup))
+
+
+def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
+    """Compute-floor step time of one 1-thread process alone, and of W such processes at
+    once (no communication at all): the ceiling for any W-worker strategy on this machine."""
+    repeats, steps, warmup = (1, 60, 20) if quick else (3, 400, 50)
+    rows = []
+    for batch in (32, 128, 256):
+        alone, together = [], []
+        for _ in range(repeats):
+            alone.append(run_workers(_floor_job, 1, (batch, steps, warmup, 0.0))[0]["step_ms"]["total"])
+            both = run_workers(_floor_job, 2, (batch, steps, warmup, time.time() + 8.0))
+            together.append(max(both[r]["step_ms"]["total"] for r in both))
+        a, t = statistics.median(alone), statistics.median(together)
+        rows.append({"batch": batch, "alone_ms": a, "two_at_once_ms": t, "slowdown": t / a,
+                     "two_process_throughput_vs_one": 2 * a / t})
+        log(f"b{batch}: one process {a:.2f} ms/step, two at once {t:.2f} ms/step "
+            f"-> two processes give {2 * a / t:.2f}x the throughput of one")
+    return {"kind": "bench_cores", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"repeats": repeats, "timed_steps": steps, "warmup_steps": warmup,
+                       "what": "forward+backward+fused Adam on a fixed batch, 1 thread per process, no sync"},
+            "environment": environment(), "rows": rows}
+
+
 # --- all-reduce cost model ----------------------------------------------------------------
 
 def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
@@ -201,12 +234,6 @@ def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable,
         dist.destroy_process_group()
 
 
-def fit_alpha_beta(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares t = alpha + beta * bytes."""
-    beta, alpha = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
-    return float(alpha), float(beta)
-
-
 def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
     sizes = [2**k for k in range(10, 24, 1 if not quick else 3)] + [GRAD_BYTES]
     sizes = sorted(set(sizes))
@@ -214,13 +241,15 @@ def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
     runs = {}
     for world_size in (2, 4):
         medians = run_workers(_allreduce_job, world_size, (sizes, repeats), launch_timeout_s=600)[0]
-        alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
+        ab = AlphaBeta.fit(sizes, [medians[s] for s in sizes])
+        alpha, beta = ab.alpha_s, ab.beta_s_per_byte
         runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha, "beta_s_per_byte": beta,
                                  "oversubscribed": world_size > 2}
         log(f"W={world_size}: alpha {1e6 * alpha:.0f} us, beta {1e9 * beta:.3f} ns/byte "
             f"({1 / beta / 1e9:.2f} GB/s), 2.27 MB takes {1000 * medians[GRAD_BYTES]:.2f} ms")
     return {"kind": "bench_allreduce", "created": now_iso(), "command": command_line(), "quick": quick,
-            "method": {"repeats": repeats, "statistic": "median", "backend": "gloo", "threads_per_rank": 1},
+            "method": {"repeats": repeats, "statistic": "median", "backend": "gloo", "threads_per_rank": 1,
+                       "fit": "t = alpha + beta * bytes, least squares on relative error"},
             "environment": environment(), "sizes_bytes": sizes, "world_sizes": runs}
 
 
@@ -310,16 +339,17 @@ def markdown_tta(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["throughput", "allreduce", "tta", "all"])
+    parser.add_argument("part", choices=["throughput", "allreduce", "cores", "tta", "all"])
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat, a data subset (CI)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for bench_*.json and bench_*.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    parts = ["allreduce", "throughput", "tta"] if args.part == "all" else [args.part]
+    parts = ["allreduce", "cores", "throughput", "tta"] if args.part == "all" else [args.part]
     log = lambda line: print(line, flush=True)  # noqa: E731
     suffix = "_quick" if args.quick else ""
     for part in parts:
-        record = {"throughput": run_throughput, "allreduce": run_allreduce, "tta": run_tta}[part](args.quick, log)
+        record = {"throughput": run_throughput, "allreduce": run_allreduce, "cores": run_cores,
+                  "tta": run_tta}[part](args.quick, log)
         path = save_json(record, out / f"bench_{part}{suffix}.json")
         table = {"throughput": markdown_throughput, "tta": markdown_tta}.get(part)
         if table:

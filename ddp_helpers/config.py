@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
 # Gradient-synchronisation strategies the engine knows (see ddp_helpers.sync).
 SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd")
-FAULT_KINDS = ("raise", "exit")
+FAULT_KINDS = ("raise", "exit", "hang")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -65,12 +65,17 @@ class TrainConfig:
     train_subset: int = _field(0, "use only the first N training samples; 0 means all 60,000")
     test_subset: int = _field(0, "use only the first N test samples; 0 means all 10,000")
     max_steps_per_epoch: int = _field(0, "stop each epoch after this many steps per worker; 0 means no limit")
+    # --- checkpoints ---------------------------------------------------------------------
+    checkpoint_dir: str = _field("", "folder for a checkpoint after every epoch (rank 0 writes); empty = none")
+    keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep")
+    resume: bool = _field(False, "continue from the newest good checkpoint in checkpoint_dir, if there is one")
     # --- output and fault injection ---------------------------------------------------
     output_dir: str = _field("results", "folder for the JSON record of a CLI run")
     run_name: str = _field("", "file name (without .json) of the record; empty derives it from the config")
     fail_rank: int = _field(-1, "fault injection for tests and demos: the rank that fails; -1 disables it")
     fail_step: int = _field(0, "fault injection: the global step (0-based) at which fail_rank fails")
-    fail_kind: str = _field("raise", f"fault injection: {FAULT_KINDS[0]} an exception or {FAULT_KINDS[1]} hard with os._exit")
+    fail_kind: str = _field("raise", "fault injection: 'raise' an exception, 'exit' hard with os._exit, or 'hang' "
+                                     "(sleep, so the other ranks' collective times out); fires on a first attempt only")
 
     def __post_init__(self) -> None:
         self.hidden_sizes = list(self.hidden_sizes)
@@ -128,6 +133,11 @@ class TrainConfig:
              f"must be -1 (off) or a rank in [0, {self.world_size - 1}]")
         need(is_int(self.fail_step) and self.fail_step >= 0, "fail_step", "must be an integer >= 0")
         need(self.fail_kind in FAULT_KINDS, "fail_kind", f"must be one of {FAULT_KINDS}")
+        need(isinstance(self.checkpoint_dir, str), "checkpoint_dir", "must be a path string ('' = no checkpoints)")
+        need(is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints",
+             "must be an integer >= 1")
+        need(isinstance(self.resume, bool), "resume", "must be true or false")
+        need(not self.resume or bool(self.checkpoint_dir), "resume", "needs checkpoint_dir to be set")
         if self.backend == "nccl" or self.device == "cuda":
             _check_gpus(self)
         if self.backend == "nccl" and self.device == "cpu":

@@ -57,6 +57,8 @@ def find_free_port(addr: str = "127.0.0.1") -> int:
 def check_port_free(addr: str, port: int) -> None:
     """Raise a clear error if an explicitly requested rendezvous port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the TCP store does: connections of a finished run in TIME_WAIT do not block it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((addr, port))
         except OSError as exc:

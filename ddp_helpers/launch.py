@@ -15,7 +15,6 @@ import io
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import queue
 import shutil
 import signal
 import tempfile
@@ -44,6 +43,8 @@ class WorkerError(RuntimeError):
 
     def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
         self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
+        self.detected_at = time.time()
+        self.fault: dict | None = None  # set by launch when the failure was an injected fault
         super().__init__(f"rank {rank} failed: {reason}. All {len(pids)} workers were stopped."
                          + (f"\n{details}" if details else ""))
 
@@ -84,7 +85,7 @@ def make_record(cfg: TrainConfig, out: FitOutput | dict, wall_s: float, notes: l
         "command": command_line(),
         "config": cfg.to_dict(),
         "environment": environment(),
-        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes},
+        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("resume", [])},
         "epochs": history,
         "summary": {
             "final_val_accuracy": history[-1]["val_accuracy"],
@@ -187,18 +188,15 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
     workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
     ctx = mp.get_context("spawn")
-    events = ctx.Queue()
+    events = ctx.SimpleQueue()  # put() writes synchronously: nothing is lost if a worker dies right after
     procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
                          args=(rank, world_size, job, args, init_method, str(workdir), events, quiet))
              for rank in range(world_size)]
     results: dict[int, Any] = {}
 
     def drain() -> None:
-        while True:
-            try:
-                rank, kind, payload = events.get_nowait()
-            except queue.Empty:
-                return
+        while not events.empty():
+            rank, kind, payload = events.get()
             if kind == "result":
                 results[rank] = payload
             if on_event is not None:
@@ -216,6 +214,7 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
                 rank = waiting.pop(sentinel)
                 procs[rank].join()
                 if procs[rank].exitcode != 0:
+                    drain()  # before stopping the others: no message is left half-written
                     _stop(procs)
                     raise _failure(rank, procs[rank].exitcode, workdir, pids)
             if time.monotonic() > deadline:
@@ -225,7 +224,6 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     finally:
         _stop(procs)
         events.close()
-        events.join_thread()
     shutil.rmtree(workdir, ignore_errors=True)
     return results
 
@@ -241,7 +239,8 @@ def _train_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg
     """One rank of a training run; rank 0 streams epoch rows and sends the result."""
     cfg = TrainConfig.from_dict(cfg_dict)
     with process_group(cfg, rank, world_size, rank, init_method) as ctx:
-        out = fit(cfg, ctx, on_epoch_end=lambda row: emit("epoch", row), progress=progress and rank == 0)
+        out = fit(cfg, ctx, on_epoch_end=lambda row: emit("epoch", row), progress=progress and rank == 0,
+                  notify=emit)
         if ctx.is_main:
             emit("result", {"history": out.history, "runtime": out.runtime, "state": _state_bytes(out.model)})
 
@@ -258,14 +257,23 @@ def launch(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, progress
     cfg = _prepare(cfg)
     notes = [n for n in [oversubscription_warning(cfg.world_size)] if n]
 
+    faults: list[dict] = []
+
     def on_event(rank: int, kind: str, payload: Any) -> None:
         if kind == "epoch" and on_epoch_end is not None:
             on_epoch_end(payload)
+        elif kind == "fault":
+            faults.append(payload)
 
     start = time.perf_counter()
-    results = run_workers(_train_job, cfg.world_size, (cfg.to_dict(), progress), master_addr=cfg.master_addr,
-                          master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
-                          quiet=quiet_workers, on_event=on_event)
+    try:
+        results = run_workers(_train_job, cfg.world_size, (cfg.to_dict(), progress), master_addr=cfg.master_addr,
+                              master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
+                              quiet=quiet_workers, on_event=on_event)
+    except WorkerError as exc:
+        if faults:
+            exc.fault = {**faults[0], "detect_s": exc.detected_at - faults[0]["time"]}
+        raise
     if 0 not in results:
         raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
     done = results[0]

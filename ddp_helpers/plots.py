@@ -72,14 +72,20 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
 
 def plot_step_breakdown(runs: Runs) -> plt.Figure:
     """Median per-step milliseconds by phase, one stacked bar per run."""
-    labels = list(runs)
     medians = pd.DataFrame({label: history_frame(h)[[f"{p}_ms" for p in PHASES]].median()
                             for label, h in runs.items()}).T
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(labels)))
+    return plot_phase_bars(medians, "milliseconds per step (median over epochs)")
+
+
+def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
+                    title: str = "Where a training step's time goes") -> plt.Figure:
+    """Stacked horizontal bars: one row per label, columns '<phase>_ms'."""
+    labels = list(phases.index)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))
-    widest = medians.sum(axis=1).max()
+    widest = phases[[f"{p}_ms" for p in PHASES]].sum(axis=1).max()
     for phase, color in zip(PHASES, sns.color_palette("deep")):
-        values = medians[f"{phase}_ms"].to_numpy()
+        values = phases[f"{phase}_ms"].to_numpy(dtype=float)
         ax.barh(labels, values, left=left, color=color, label=phase)
         for y, (x0, v) in enumerate(zip(left, values)):
             if v > 0.07 * widest:
@@ -87,10 +93,77 @@ def plot_step_breakdown(runs: Runs) -> plt.Figure:
         left += values
     for y, total in enumerate(left):
         ax.text(total + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=8)
-    ax.set(xlabel="milliseconds per step (median over epochs)", xlim=(0, widest * 1.15))
-    ax.set_title("Where a training step's time goes", pad=22)
+    ax.set(xlabel=xlabel, xlim=(0, widest * 1.17))
+    ax.set_title(title, pad=22)
     ax.invert_yaxis()
     ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_allreduce(record: dict, fits: dict) -> plt.Figure:
+    """All-reduce time against message size per world size, with the fitted alpha-beta line."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for (w, data), color in zip(record["world_sizes"].items(), sns.color_palette("deep")):
+        sizes = np.array([int(k) for k in data["seconds"]])
+        ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color,
+                  label=f"W={w}" + (" (oversubscribed: 4 ranks on 2 cores)" if data.get("oversubscribed") else ""))
+        grid = np.geomspace(sizes.min(), sizes.max(), 50)
+        ab = fits[w]
+        ax.loglog(grid, 1000 * (ab.alpha_s + ab.beta_s_per_byte * grid), "-", color=color, lw=1,
+                  label=f"fit W={w}: {1e6 * ab.alpha_s:.0f} us + {1e9 * ab.beta_s_per_byte:.2f} ns/B")
+    ax.axvline(567_434 * 4, color="grey", ls=":", lw=1)
+    ax.text(567_434 * 4, ax.get_ylim()[0] * 1.1, " our gradient", color="grey", fontsize=8)
+    ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(table)))
+    y = np.arange(len(table))
+    ax.barh(y - 0.2, table["predicted ms"], height=0.4, label="predicted (model)", color=sns.color_palette("deep")[0])
+    ax.barh(y + 0.2, table["measured ms"], height=0.4, label="measured", color=sns.color_palette("deep")[1])
+    for yi, err in zip(y, table["error %"]):
+        ax.text(max(table.loc[table.index[yi], ["predicted ms", "measured ms"]]) * 1.02, yi, f"{err:+.0f}%",
+                va="center", fontsize=8)
+    ax.set_yticks(y, table.index)
+    ax.invert_yaxis()
+    ax.set(xlabel="milliseconds per step (W=2)", title="Cost model against measurement")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_speedup(projection: pd.DataFrame, measured: dict[int, float] | None = None) -> plt.Figure:
+    """Projected speedup against workers per link (and measured points on this machine)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for (link, df), color in zip(projection.groupby("link", sort=False), sns.color_palette("deep")):
+        ax.plot(df.workers, df.speedup, "-o", color=color, label=f"projected: {link}")
+    top = projection.workers.max()
+    ax.plot([1, top], [1, top], ":", color="grey", lw=1, label="ideal (linear)")
+    if measured:
+        ax.plot(list(measured), list(measured.values()), "s", color="black", ms=8, label="measured on this machine")
+    ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker (throughput)",
+           title="Data-parallel speedup at batch 32 per worker")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
+    """Validation accuracy against cumulative training seconds, one line per strategy."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    palette = sns.color_palette("tab10", len(tta["runs"]))
+    for (name, runs), color in zip(tta["runs"].items(), palette):
+        run = next(r for r in runs if r["seed"] == seed)
+        t = np.cumsum(run["epoch_time_s"])
+        ax.plot(t, 100 * np.array(run["val_accuracy"]), "-o", ms=4, color=color, label=name)
+    ax.axhline(98, color="grey", ls=":", lw=1)
+    ax.set(xlabel="training seconds (cumulative, evaluation excluded)", ylabel="validation accuracy (%)",
+           title=f"Accuracy against wall time (seed {seed})", ylim=(95, 99))
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checkpoint import latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, eval_indices, load_datasets, train_indices
 from .dist import RankContext
@@ -36,15 +37,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return MLP(cfg.hidden_sizes, cfg.dropout).to(device)
 
 
-def fault_injector(cfg: TrainConfig, rank: int) -> Callable[[int], None] | None:
-    """A before-step hook that makes one rank fail on purpose (tests and demos)."""
-    if cfg.fail_rank != rank:
+def fault_injector(cfg: TrainConfig, rank: int,
+                   notify: Callable[[str, Any], None] | None = None) -> Callable[[int], None] | None:
+    """A before-step hook that makes one rank fail on purpose (tests and demos).
+
+    Under torchrun it fires on the first attempt only, so an elastic restart can finish.
+    """
+    if cfg.fail_rank != rank or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         return None
 
     def maybe_fail(step: int) -> None:
         if step == cfg.fail_step:
+            if notify is not None:  # lets the launcher measure how long detection takes
+                notify("fault", {"rank": rank, "step": step, "kind": cfg.fail_kind, "time": time.time()})
             if cfg.fail_kind == "exit":
                 os._exit(17)
+            if cfg.fail_kind == "hang":
+                time.sleep(10 * cfg.timeout_s + 3600)
             raise RuntimeError(f"injected fault: rank {rank} failed at step {step}")
 
     return maybe_fail
@@ -96,22 +105,55 @@ def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float) -> d
     }
 
 
+def _save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch: int, global_step: int,
+          history: list[dict]) -> None:
+    """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG state."""
+    rng = torch.get_rng_state()
+    if ctx.world_size > 1:
+        states: list[Any] = [None] * ctx.world_size
+        torch.distributed.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    if ctx.is_main:
+        save_checkpoint(cfg.checkpoint_dir, {
+            "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+            "rng": states, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+
+
 def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None, progress: bool = False) -> FitOutput:
-    """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
+        on_epoch_end: Callable[[dict], None] | None = None, progress: bool = False,
+        notify: Callable[[str, Any], None] | None = None) -> FitOutput:
+    """Train ``cfg.epochs`` epochs on this rank and return the (global) history.
+
+    ``on_epoch_end(row)`` runs on rank 0 after each epoch; ``notify(kind, payload)``
+    reports other events (an injected fault) from any rank.
+    """
     train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset,
                                                     cfg.test_subset, cfg.seed)
-    train_split, test_split = train_split.to(ctx.device), test_split.to(ctx.device)
+    train_split = train_split.head(cfg.train_subset).to(ctx.device)  # subsets apply to passed-in data too
+    test_split = test_split.head(cfg.test_subset).to(ctx.device)
     model = build_model(cfg, ctx.device)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
     optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    history: list[dict[str, Any]] = []
+    start_epoch = global_step = 0
+    notes: list[str] = []
+    if cfg.resume:
+        state, notes = latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
+        if state is not None:  # restore before the sync strategy broadcasts rank 0's weights
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
+            torch.set_rng_state(state["rng"][ctx.rank])
+        else:
+            notes.append(f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch")
     sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every)
     warmup = (lambda step: min(1.0, (step + 1) / cfg.warmup_steps)) if cfg.warmup_steps else None
-    fault = fault_injector(cfg, ctx.rank)
-    history: list[dict[str, Any]] = []
-    global_step = 0
-    for epoch in range(cfg.epochs):
+    fault = fault_injector(cfg, ctx.rank, notify)
+    for epoch in range(start_epoch, cfg.epochs):
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)
         bar = _progress_bar(cfg, epoch, len(indices)) if progress and ctx.is_main else None
         lr = optimizer.param_groups[0]["lr"]
@@ -127,6 +169,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         row = epoch_row(epoch + 1, lr, train, val, time.perf_counter() - start)
         scheduler.step()
         history.append(row)
+        if cfg.checkpoint_dir:
+            _save(cfg, ctx, model, optimizer, scheduler, epoch + 1, global_step, history)
         if on_epoch_end is not None and ctx.is_main:
             on_epoch_end(row)
         if cfg.stop_at_accuracy and row["val_accuracy"] >= cfg.stop_at_accuracy:
@@ -142,5 +186,6 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         "train_samples": len(train_split),
         "test_samples": len(test_split),
         "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps,
+        "resume": notes,
     }
     return FitOutput(history, runtime, model)

@@ -1,0 +1,112 @@
+"""Checkpoints: atomic saves by rank 0, safe loading, resume from the latest good one.
+
+A checkpoint holds everything needed to continue a run exactly: model, optimizer and
+scheduler state, the epoch and step counters, the history so far, the RNG state of
+every rank, and the config. Files are written to a temporary name, fsynced and
+renamed, so a crash mid-save leaves the previous checkpoint untouched; only the last
+``keep`` are kept. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+NAME = re.compile(r"^ckpt_epoch(\d{4})\.pt$")
+# Fields that define the trajectory of a run: a checkpoint from a run that differs in
+# any of them cannot be continued as if nothing had happened.
+MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "seed",
+              "world_size", "sync", "warmup_steps", "accumulation_steps", "local_sgd_every", "dataset",
+              "train_subset", "test_subset", "max_steps_per_epoch")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: corrupt, truncated, or from a different run."""
+
+
+def checkpoint_path(folder: str | os.PathLike, epoch: int) -> Path:
+    return Path(folder) / f"ckpt_epoch{epoch:04d}.pt"
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoint files in the folder, newest (highest epoch) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the previous checkpoints stay exactly as they were
+        raise
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(folder: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of a finished epoch and delete all but the newest ``keep``."""
+    path = checkpoint_path(folder, state["epoch"])
+    atomic_save({"format": FORMAT, **state}, path)
+    for old in list_checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load one checkpoint safely, or raise CheckpointError naming the file and the cause."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, foreign object, ...
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); it is corrupt or truncated") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this project (format {FORMAT})")
+    return state
+
+
+def check_compatible(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    saved = state["config"]
+    diff = {k: (saved.get(k), config.get(k)) for k in MUST_MATCH if saved.get(k) != config.get(k)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {path} belongs to a different run ({detail}). Fix: resume with the "
+                              f"same settings, or use another --checkpoint-dir for a new run.")
+
+
+def latest_good_checkpoint(folder: str | os.PathLike, config: dict[str, Any]) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint that loads, checked against the run's config.
+
+    Unreadable files are skipped (and reported in the returned notes), never deleted;
+    a readable checkpoint of a different run is an error, not something to skip past.
+    Returns (None, notes) when the folder has no usable checkpoint.
+    """
+    notes = []
+    for path in list_checkpoints(folder):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            notes.append(f"skipped: {exc}")
+            continue
+        check_compatible(state, config, path)
+        notes.append(f"resumed from {path} (end of epoch {state['epoch']})")
+        return state, notes
+    return None, notes

@@ -1,0 +1,173 @@
+"""An alpha-beta cost model of data-parallel steps, fitted to this machine's benchmarks.
+
+    all-reduce of n bytes on W ranks:   t_ar(n) = alpha + beta * n        (fitted, gloo, loopback)
+    ring all-reduce on a cluster:       t_ring(n, W) = 2 (W-1) a + 2 (W-1)/W * n / B
+    one W=2 step of a strategy:         t_step = t_local + t_comm / k
+
+t_local is what the same step costs in one process with one thread (measured), k is
+how many steps share one communication (accumulation, local SGD), and t_comm is the
+all-reduce of the bytes the strategy sends. Everything the model leaves out (cast
+and compression compute, contention between ranks, wake-up latency) shows up as the
+gap between predicted and measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+GRAD_BYTES = 567_434 * 4
+MATRICES = [(784, 512), (512, 256), (256, 128), (128, 10)]  # the MLP's weight shapes
+BIAS_BYTES = 4 * (512 + 256 + 128 + 10)
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    alpha_s: float          # fixed cost of one all-reduce
+    beta_s_per_byte: float  # cost per byte
+
+    def allreduce_s(self, nbytes: float) -> float:
+        return self.alpha_s + self.beta_s_per_byte * nbytes
+
+    @classmethod
+    def fit(cls, sizes, seconds) -> "AlphaBeta":
+        """Least squares on *relative* error (weights 1/t), so that small messages count
+        as much as large ones instead of being swamped by them."""
+        t = np.asarray(seconds, float)
+        beta, alpha = np.polyfit(np.asarray(sizes, float), t, 1, w=1 / t)
+        return cls(float(alpha), float(beta))
+
+    @classmethod
+    def from_record(cls, allreduce: dict, world_size: int = 2) -> "AlphaBeta":
+        seconds = allreduce["world_sizes"][str(world_size)]["seconds"]
+        return cls.fit([int(s) for s in seconds], list(seconds.values()))
+
+
+def powersgd_bytes(rank: int) -> tuple[int, int]:
+    """Bytes in PowerSGD's two all-reduces (P, then Q) for this MLP; biases go with P."""
+    p = 4 * rank * sum(m for m, _ in MATRICES) + BIAS_BYTES
+    q = 4 * rank * sum(n for _, n in MATRICES)
+    return p, q
+
+
+def strategy_comm_s(name: str, ab: AlphaBeta) -> float:
+    """Communication seconds per communication round of a strategy (before dividing by k)."""
+    if name in ("ddp", "allreduce", "local_sgd"):
+        return ab.allreduce_s(GRAD_BYTES)  # gradients, or the same number of parameters
+    if name == "fp16":
+        return ab.allreduce_s(GRAD_BYTES / 2)
+    if name == "powersgd":
+        p, q = powersgd_bytes(4)
+        return ab.allreduce_s(p) + ab.allreduce_s(q)
+    raise ValueError(name)
+
+
+def contention(cores: dict | None, batch: int) -> float:
+    """How much slower a 1-thread process computes when a second one runs beside it
+    (measured by the benchmark's ``cores`` part; 1.0 when not measured)."""
+    if not cores:
+        return 1.0
+    rows = sorted(cores["rows"], key=lambda r: r["batch"])
+    best = min(rows, key=lambda r: abs(r["batch"] - batch))
+    return best["slowdown"]
+
+
+def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None) -> pd.DataFrame:
+    """Predicted against measured step time for each W=2 case of a throughput record.
+
+    local = the step measured in one process with one thread (data + compute + optimizer,
+    the optimizer divided by the accumulation steps), times the measured slowdown of
+    computing beside a second process; comm = the fitted all-reduce of the strategy's
+    bytes, divided by the steps that share it.
+    """
+    ab = AlphaBeta.from_record(allreduce, 2)
+    cases = {c["name"]: c for c in throughput["cases"]}
+    one = cases["1 process, 1 thread, b32"]
+    floor128 = cases["compute floor, 1 thread, b128"]["step_ms_median"]
+    rows = []
+    for c in throughput["cases"]:
+        if c["kind"] != "train" or c["world_size"] != 2:
+            continue
+        cfg = c["config"]
+        k = cfg["accumulation_steps"] if cfg["sync"] != "local_sgd" else cfg["local_sgd_every"]
+        if cfg["batch_size"] == 32:
+            local_ms = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"] / cfg["accumulation_steps"]
+        else:
+            local_ms = floor128  # no 1-process b128 loop in the record: its compute floor
+        factor = contention(cores, cfg["batch_size"])
+        comm_ms = 1000 * strategy_comm_s(cfg["sync"], ab) / k
+        predicted = local_ms * factor + comm_ms
+        rows.append({"case": c["name"], "local ms": local_ms, "contention x": factor, "comm ms": comm_ms,
+                     "predicted ms": predicted, "measured ms": c["step_ms_median"],
+                     "error %": 100 * (predicted - c["step_ms_median"]) / c["step_ms_median"]})
+    return pd.DataFrame(rows).set_index("case")
+
+
+def two_worker_ceiling(cores: dict, throughput: dict) -> dict:
+    """The best any 2-worker strategy could do against one 2-thread process at global batch
+    256, if communication were free: two 1-thread processes at b128 side by side."""
+    cases = {c["name"]: c for c in throughput["cases"]}
+    two_threads = cases["1 process, 2 threads, b256"]["samples_per_s"]
+    one_thread = cases["1 process, 1 thread, b256"]["samples_per_s"]
+    row = next(r for r in cores["rows"] if r["batch"] == 128)
+    two_procs = 2 * 128 / (row["two_at_once_ms"] / 1000)
+    return {"samples_per_s_two_processes_b128": two_procs, "samples_per_s_one_process_2_threads_b256": two_threads,
+            "samples_per_s_one_process_1_thread_b256": one_thread,
+            "ceiling_vs_2_threads": two_procs / two_threads, "ceiling_vs_1_thread": two_procs / one_thread}
+
+
+def ring_allreduce_s(nbytes: float, world_size: int, link_latency_s: float, link_bytes_per_s: float) -> float:
+    if world_size == 1:
+        return 0.0
+    return 2 * (world_size - 1) * link_latency_s + 2 * (world_size - 1) / world_size * nbytes / link_bytes_per_s
+
+
+def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], links: dict[str, tuple[float, float]],
+                    steps_per_sync: int = 1) -> pd.DataFrame:
+    """Throughput speedup over one worker at a fixed per-worker batch (weak scaling):
+    S(W) = W * t_c / (t_c + t_ring(W) / steps_per_sync), with no overlap of compute and
+    communication (true for this model: one bucket)."""
+    rows = []
+    for name, (latency, bandwidth) in links.items():
+        for w in world_sizes:
+            comm = ring_allreduce_s(nbytes, w, latency, bandwidth) / steps_per_sync
+            rows.append({"link": name, "workers": w, "comm ms": 1000 * comm,
+                         "speedup": w * compute_s / (compute_s + comm), "efficiency %": 100 * compute_s / (compute_s + comm)})
+    return pd.DataFrame(rows)
+
+
+# Stated assumptions for the projections: per-hop latency and usable bandwidth of the links.
+CLUSTER_LINKS = {
+    "10 Gb/s Ethernet": (30e-6, 10e9 / 8 * 0.9),
+    "100 Gb/s (RoCE/InfiniBand)": (5e-6, 100e9 / 8 * 0.9),
+}
+
+
+def tta_table(record: dict) -> pd.DataFrame:
+    rows = []
+    for s in record["summary"]:
+        rows.append({"strategy": s["name"], "workers": s["config"]["world_size"],
+                     "threads/rank": s["config"]["threads_per_rank"] or None, "reached 98%": f"{s['reached']}/{s['seeds']}",
+                     "epochs": s["epochs"], "seconds mean": s["seconds_mean"], "seconds sd": s["seconds_stdev"]})
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def tta_ratios(record: dict) -> dict:
+    """Best 2-worker strategy against the best single process with 1 and with 2 threads,
+    counting only strategies that reached 98% on every seed."""
+    ok = [s for s in record["summary"] if s["reached"] == s["seeds"] and s["seconds_mean"] is not None]
+    def best(pred):
+        cands = [s for s in ok if pred(s["config"])]
+        return min(cands, key=lambda s: s["seconds_mean"]) if cands else None
+    two = best(lambda c: c["world_size"] == 2)
+    one1 = best(lambda c: c["world_size"] == 1 and c["threads_per_rank"] == 1)
+    one2 = best(lambda c: c["world_size"] == 1 and c["threads_per_rank"] == 2)
+    out = {"best_2_workers": two and two["name"], "best_1_thread": one1 and one1["name"],
+           "best_2_threads": one2 and one2["name"]}
+    if two and one1:
+        out["speedup_vs_1_thread"] = one1["seconds_mean"] / two["seconds_mean"]
+    if two and one2:
+        out["speedup_vs_2_threads"] = one2["seconds_mean"] / two["seconds_mean"]
+    return out

@@ -1,0 +1,183 @@
+"""Fault tolerance: checkpoints, resume, crashed and hung workers, Ctrl-C, torchrun restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddp_helpers import TrainConfig, WorkerError, launch
+from ddp_helpers.checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, list_checkpoints,
+                                    load_checkpoint, save_checkpoint)
+from ddp_helpers.dist import check_port_free, find_free_port
+from processes import no_process_left
+
+SMALL = dict(dataset="mnist", train_subset=2048, test_subset=1000, epochs=3, seed=11, timeout_s=60,
+             launch_timeout_s=240)
+
+
+def tiny_state(epoch, lr=1e-3):
+    return {"epoch": epoch, "global_step": 10 * epoch, "model": {"w": torch.full((3,), float(epoch))},
+            "optimizer": {}, "scheduler": {}, "history": [], "rng": [torch.get_rng_state()],
+            "config": TrainConfig(lr=lr).to_dict()}
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, tiny_state(1), keep=2)
+    import ddp_helpers.checkpoint as ckpt
+
+    def dies_half_way(obj, fh):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, tiny_state(2), keep=2)
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch0001.pt"]  # no temp file left
+    assert load_checkpoint(checkpoint_path(tmp_path, 1))["epoch"] == 1
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for epoch in range(1, 5):
+        save_checkpoint(tmp_path, tiny_state(epoch), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_epoch0004.pt", "ckpt_epoch0003.pt"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_good_one_used(tmp_path, damage):
+    save_checkpoint(tmp_path, tiny_state(1), keep=3)
+    newest = save_checkpoint(tmp_path, tiny_state(2), keep=3)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="ckpt_epoch0002.pt.*corrupt or truncated"):
+        load_checkpoint(newest)
+    state, notes = latest_good_checkpoint(tmp_path, TrainConfig().to_dict())
+    assert state["epoch"] == 1
+    assert "skipped" in notes[0] and "resumed from" in notes[1]
+    assert newest.exists()  # reported, not deleted
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_fields(tmp_path):
+    save_checkpoint(tmp_path, tiny_state(1, lr=1e-3), keep=2)
+    with pytest.raises(CheckpointError, match=r"different run \(lr: checkpoint 0.001 vs run 0.002\).*Fix:"):
+        latest_good_checkpoint(tmp_path, TrainConfig(lr=2e-3).to_dict())
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    path = checkpoint_path(tmp_path, 1)
+    torch.save({"format": 1, "model": {}, "payload": subprocess.Popen}, path)  # not a plain tensor/dict/number
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_resume_needs_a_checkpoint_dir():
+    with pytest.raises(ValueError, match="resume.*checkpoint_dir"):
+        TrainConfig(resume=True)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_with_two_ranks(tmp_path):
+    """Dropout on, so the per-rank RNG states in the checkpoint matter too."""
+    whole = launch(TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "a"), **SMALL))
+    steps = whole.history[0]["steps_per_worker"]
+    broken = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "b"), fail_rank=1,
+                         fail_step=steps + steps // 2, **SMALL)  # dies half-way through epoch 2
+    with pytest.raises(WorkerError, match="rank 1 failed"):
+        launch(broken)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["ckpt_epoch0001.pt"]
+    resumed = launch(broken.replace(fail_rank=-1, resume=True))
+    assert any("resumed from" in n and "epoch 1" in n for n in resumed.record["runtime"]["notes"])
+    assert len(resumed.history) == 3
+    for a, b in zip(whole.history, resumed.history):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert max((whole.state_dict[k] - resumed.state_dict[k]).abs().max().item() for k in whole.state_dict) < 1e-6
+
+
+def test_a_hung_rank_is_detected_by_the_collective_timeout_and_all_workers_stop():
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1,
+                      fail_rank=1, fail_step=3, fail_kind="hang", timeout_s=5, launch_timeout_s=120)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        launch(cfg)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 0 and "timed out" in str(info.value).lower()
+    assert no_process_left(info.value.pids)
+
+
+def test_the_port_is_free_again_after_a_failed_run():
+    port = find_free_port()
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=256, test_subset=64, epochs=1,
+                      master_port=port, fail_rank=0, fail_step=1, timeout_s=30, launch_timeout_s=120)
+    with pytest.raises(WorkerError):
+        launch(cfg)
+    check_port_free("127.0.0.1", port)  # raises if anything still holds it
+
+
+def spawned_workers_of(pid):
+    """Child processes started by multiprocessing's spawn (the ranks, not its resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return []
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline") as fh:
+                if "spawn_main" in fh.read():
+                    workers.append(child)
+        except FileNotFoundError:
+            pass
+    return workers
+
+
+def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_helpers", "train", "--world-size", "2", "--dataset",
+                             "synthetic", "--train-subset", "60000", "--epochs", "50", "--no-progress",
+                             "--output-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(spawned_workers_of(proc.pid)) < 2:
+        time.sleep(0.5)
+    time.sleep(3)  # let the ranks reach training
+    workers = spawned_workers_of(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "all workers were stopped" in err
+    assert no_process_left(workers)
+
+
+def torchrun(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_path):
+    out = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "3", "-m", "ddp_helpers", "train",
+                   "--dataset", "synthetic", "--train-subset", "1024", "--test-subset", "128", "--epochs", "3",
+                   "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--fail-rank", "1", "--fail-step", "40",
+                   "--output-dir", str(tmp_path), "--run-name", "elastic", "--no-progress")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "injected fault: rank 1 failed at step 40" in out.stderr  # it really crashed once
+    record = json.loads((tmp_path / "elastic.json").read_text())
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3]
+    assert any("resumed from" in n and "epoch 2" in n for n in record["runtime"]["notes"])
+
+
+def test_two_torchrun_nodes_rendezvous_over_c10d(tmp_path):
+    port = find_free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+              f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "ddp_helpers", "train", "--dataset", "synthetic",
+              "--train-subset", "512", "--test-subset", "64", "--epochs", "1", "--no-progress",
+              "--output-dir", str(tmp_path), "--run-name", "two_nodes"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--node-rank", str(i), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    record = json.loads((tmp_path / "two_nodes.json").read_text())
+    assert record["runtime"]["rank_count"] == 2

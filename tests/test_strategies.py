@@ -1,0 +1,95 @@
+"""Synchronisation strategies: each checked against a reference computed another way."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ddp_helpers import TrainConfig, launch, run_single_process
+from ddp_helpers.costmodel import AlphaBeta, project_speedup, ring_allreduce_s, tta_ratios
+
+SMALL = dict(dataset="mnist", train_subset=1024, test_subset=500, epochs=1, dropout=0.0, seed=5,
+             timeout_s=60, launch_timeout_s=240)
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_accumulating_k_micro_batches_matches_one_batch_k_times_larger(mnist):
+    big = run_single_process(TrainConfig(world_size=1, batch_size=32, **SMALL), data=mnist)
+    accumulated = run_single_process(TrainConfig(world_size=1, batch_size=8, accumulation_steps=4, **SMALL),
+                                     data=mnist)
+    assert accumulated.history[0]["optimizer_steps"] == big.history[0]["optimizer_steps"] == 32
+    assert max_difference(big.state_dict, accumulated.state_dict) < 1e-5
+
+
+def test_ddp_no_sync_accumulation_matches_one_process_with_the_global_batch(mnist):
+    """2 ranks x 2 micro-batches x 8 samples = the same 32 samples as one process's step."""
+    reference = run_single_process(TrainConfig(world_size=1, batch_size=32, **SMALL), data=mnist)
+    ddp = launch(TrainConfig(world_size=2, batch_size=8, accumulation_steps=2, sync="ddp", **SMALL))
+    assert ddp.history[0]["optimizer_steps"] == 32 and ddp.record["runtime"]["global_batch"] == 32
+    assert max_difference(reference.state_dict, ddp.state_dict) < 1e-4
+
+
+@pytest.mark.parametrize("sync, extra", [("fp16", {}), ("powersgd", {}), ("local_sgd", {"local_sgd_every": 4})])
+def test_each_strategy_trains_a_few_steps_on_two_ranks(sync, extra):
+    cfg = TrainConfig(world_size=2, sync=sync, max_steps_per_epoch=12, **{**SMALL, "dropout": 0.2}, **extra)
+    result = launch(cfg)
+    row = result.history[0]
+    assert result.record["runtime"]["sync"] == sync
+    assert row["steps_per_worker"] == 12 and row["step_ms"]["sync"] > 0
+    assert 0.3 < row["val_accuracy"] <= 1.0  # 12 steps on real digits: far better than chance
+
+
+def test_warmup_ramps_the_learning_rate_and_restores_it(mnist):
+    cfg = TrainConfig(world_size=1, batch_size=64, warmup_steps=1000, **SMALL)
+    warm = run_single_process(cfg, data=mnist)
+    cold = run_single_process(cfg.replace(warmup_steps=0), data=mnist)
+    assert warm.history[0]["lr"] == cold.history[0]["lr"] == 1e-3   # the scheduler's base rate is kept
+    assert warm.history[0]["train_loss"] > cold.history[0]["train_loss"]  # tiny early steps learn less
+
+
+def test_early_stop_at_target_accuracy(mnist):
+    result = run_single_process(TrainConfig(world_size=1, **{**SMALL, "epochs": 5}, stop_at_accuracy=0.5),
+                                data=mnist)
+    assert len(result.history) == 1 and result.history[0]["val_accuracy"] >= 0.5
+
+
+def test_alpha_beta_fit_recovers_known_costs():
+    sizes = [2**k for k in range(10, 24)]
+    ab = AlphaBeta.fit(sizes, [50e-6 + 1e-9 * s for s in sizes])
+    assert ab.alpha_s == pytest.approx(50e-6, rel=1e-6) and ab.beta_s_per_byte == pytest.approx(1e-9, rel=1e-6)
+
+
+def test_ring_allreduce_model_and_projection():
+    assert ring_allreduce_s(1e6, 1, 1e-5, 1e9) == 0
+    # 2 ranks: 2 hops of latency, and each rank sends and receives half the data twice
+    assert ring_allreduce_s(1e6, 2, 1e-5, 1e9) == pytest.approx(2e-5 + 1e-3)
+    df = project_speedup(1e-3, 1e6, [1, 2, 8], {"link": (0.0, 1e9)})
+    assert df.speedup.tolist()[0] == 1 and df.speedup.is_monotonic_increasing
+
+
+def test_tta_ratios_pick_the_best_of_each_kind():
+    def s(name, w, t, secs, reached=3):
+        return {"name": name, "config": {"world_size": w, "threads_per_rank": t}, "reached": reached,
+                "seeds": 3, "seconds_mean": secs}
+    record = {"summary": [s("a", 1, 1, 30.0), s("b", 1, 2, 20.0), s("c", 2, 0, 10.0), s("d", 2, 0, 5.0, reached=2)]}
+    ratios = tta_ratios(record)
+    assert ratios["best_2_workers"] == "c" and ratios["speedup_vs_1_thread"] == 3 and ratios["speedup_vs_2_threads"] == 2
+
+
+def test_benchmark_quick_mode_writes_valid_records(tmp_path):
+    for part in ("allreduce", "throughput"):
+        out = subprocess.run([sys.executable, "-m", "ddp_helpers.bench", part, "--quick", "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    allreduce = json.loads((tmp_path / "bench_allreduce_quick.json").read_text())
+    assert set(allreduce["world_sizes"]) == {"2", "4"} and allreduce["environment"]["torch"]
+    throughput = json.loads((tmp_path / "bench_throughput_quick.json").read_text())
+    names = [c["name"] for c in throughput["cases"]]
+    assert "seed-style reference, W=2" in names and "DDP W=2, b32" in names
+    assert all(c["step_ms_median"] > 0 and c["epoch_s_projected"] > 0 for c in throughput["cases"])
+    assert {"ours_W2_vs_seed_style", "loop_vs_compute_floor_W1"} <= set(throughput["targets"])
+    assert (tmp_path / "bench_throughput_quick.md").read_text().startswith("| configuration")
