@@ -97,10 +97,28 @@ class RankContext:
         return sums
 
 
+def torchrun_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store of a torchrun worker, with keys private to this restart attempt.
+
+    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
+    a restarted rank can read the address its peer had in the attempt that crashed, and
+    gloo's connect then fails with "Connection refused" (seen here, intermittently).
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0 and not agent_hosts_it,
+                          timeout=timedelta(seconds=timeout_s))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ddp_helpers/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
+
+
 @contextmanager
 def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
-                  init_method: str) -> Iterator[RankContext]:
-    """Join the process group (with a timeout), yield the context, always leave it."""
+                  init_method: str | None = None, store: dist.Store | None = None) -> Iterator[RankContext]:
+    """Join the process group (with a timeout), yield the context, always leave it.
+
+    Rendezvous through ``init_method`` (tcp:// for spawned workers) or an existing ``store``.
+    """
     backend = pick_backend(cfg, world_size)
     device = pick_device(cfg, backend, local_rank)
     if device.type == "cuda":
@@ -109,8 +127,9 @@ def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
     torch.set_num_threads(threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gloo's note about the absent device_id is not actionable here
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=cfg.timeout_s))
+        rendezvous = {"store": store} if store is not None else {"init_method": init_method}
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s),
+                                **rendezvous)
     try:
         yield RankContext(rank, world_size, local_rank, backend, device, threads)
     finally:

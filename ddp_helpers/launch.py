@@ -15,6 +15,7 @@ import io
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -29,7 +30,7 @@ import torch
 from .config import TrainConfig
 from .data import Split, ensure_mnist, resolve_data_root
 from .dist import (check_port_free, find_free_port, oversubscription_warning, process_group,
-                   single_process)
+                   single_process, torchrun_store)
 from .model import MLP
 from .results import command_line, environment, now_iso, save_json
 from .trainer import FitOutput, fit
@@ -162,11 +163,27 @@ def _stop(procs: list[mp.Process]) -> None:
             p.join()
 
 
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit))\b:?(.*)$")
+
+
+def _exception_line(trace: str) -> str:
+    """The last 'SomeError: message' line of a traceback, innermost cause first for wrapped
+    errors ('Got the following error when running the callback: RuntimeError: ...')."""
+    lines = [line for line in trace.splitlines() if _EXCEPTION_LINE.match(line)]
+    if not lines:
+        return trace.splitlines()[-1]
+    line = lines[-1]
+    while (inner := line.rfind("Error: ", 0, len(line) - 7)) > 0 and "Got the following error" in line:
+        start = line.rfind(" ", 0, inner) + 1
+        line = line[start:]
+    return line
+
+
 def _failure(rank: int, exitcode: int, workdir: Path, pids: list[int]) -> WorkerError:
     error_file = workdir / f"error{rank}.txt"
     if error_file.exists():
         trace = error_file.read_text().rstrip()
-        return WorkerError(rank, trace.splitlines()[-1], pids, trace)
+        return WorkerError(rank, _exception_line(trace), pids, trace)
     log = workdir / f"rank{rank}.log"
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
     how = f"killed by signal {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
@@ -301,10 +318,14 @@ def run_torchrun(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
         if local_rank == 0:  # one download per machine; the others wait at the first collective
             ensure_mnist(cfg.data_dir, cfg.download)
     start = time.perf_counter()
-    with process_group(cfg, rank, world, local_rank, "env://") as ctx:
-        if cfg.dataset == "mnist":
-            torch.distributed.barrier()
-        out = fit(cfg, ctx, on_epoch_end=on_epoch_end, progress=progress)
+    store = torchrun_store(rank, world, cfg.timeout_s)
+    try:
+        with process_group(cfg, rank, world, local_rank, store=store) as ctx:
+            if cfg.dataset == "mnist":
+                torch.distributed.barrier()
+            out = fit(cfg, ctx, on_epoch_end=on_epoch_end, progress=progress)
+    finally:
+        del store  # close the store client now, not during interpreter teardown
     if rank != 0:
         return None
     notes = [n for n in [oversubscription_warning(int(os.environ.get("LOCAL_WORLD_SIZE", world)))] if n]
