@@ -1,8 +1,8 @@
 """The epoch loop: one function that every run goes through, on one rank or many.
 
-``fit`` builds the model, optimizer, scheduler and sync strategy, then alternates
-``train_one_epoch`` and ``evaluate`` and returns the history. Per-epoch callbacks
-(progress reporting now, checkpointing later) hang off ``on_epoch_end``.
+``fit`` builds the model, optimizer, scheduler and sync strategy (restoring them from
+a checkpoint on resume), then alternates ``train_one_epoch`` and ``evaluate``, writes
+a checkpoint after each epoch when asked to, and returns the history.
 """
 
 from __future__ import annotations
