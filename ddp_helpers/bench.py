@@ -4,6 +4,7 @@
   alternating order with warm-up and repeats; epoch times are projected from the
   median step time. Includes the seed-style reference and the compute floor.
 * ``cores``: one compute-only process against two at once: how much the second core adds.
+* ``syncstep``: a W=2 training step that synchronises every step but sends ~no bytes.
 * ``allreduce``: gloo all-reduce time against message size for 2 and 4 ranks, fitted
   to t = alpha + beta * bytes; the fit predicts each strategy's step time.
 * ``tta``: time to 98% validation accuracy per strategy over several seeds.
@@ -16,6 +17,7 @@ only ratios measured side by side in one invocation are quoted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .costmodel import AlphaBeta
-from .data import ensure_mnist, steps_per_epoch
-from .engine import make_optimizer
+from .data import ensure_mnist, load_datasets, steps_per_epoch, train_indices
+from .dist import process_group
+from .engine import make_optimizer, train_one_epoch
 from .launch import launch, run_single_process, run_workers
 from .model import MLP
 from .results import RESULTS_DIR, command_line, environment, now_iso, save_json
@@ -208,6 +211,79 @@ def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
             "environment": environment(), "rows": rows}
 
 
+# --- the cost of synchronising every step, measured in training ------------------------------
+
+class ProbeSync:
+    """Benchmark-only strategy: all-reduces one float per step and no gradients, so a W=2
+    step pays the full per-step synchronisation (waiting for the slower rank, waking up)
+    but almost no bytes. Not a way to train: the replicas drift apart."""
+
+    name = "probe"
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.flag, self.seconds = torch.zeros(1), 0.0
+
+    @property
+    def module(self):
+        return self.model
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def after_backward(self):
+        start = time.perf_counter()
+        dist.all_reduce(self.flag)
+        self.seconds += time.perf_counter() - start
+
+    def after_step(self):
+        pass
+
+    def pop_seconds(self):
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
+               steps: int) -> None:
+    """The training step through the shared engine, with ProbeSync plugged in."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    with process_group(cfg, rank, world_size, rank, init_method) as ctx:
+        train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = MLP(cfg.hidden_sizes, cfg.dropout)
+        optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+        sync = ProbeSync(model, optimizer)
+        indices = train_indices(len(train), rank, world_size, 0, cfg.seed)
+        train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=ctx.reduce, max_steps=warmup)
+        out = train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=ctx.reduce, max_steps=steps)
+        if rank == 0:
+            emit("result", {"step_ms": 1000 * out["epoch_time_s"] / out["steps"],
+                            "sync_ms": 1000 * out["phase_s"]["sync"] / out["steps"]})
+
+
+def run_syncstep(quick: bool, log: Callable[[str], None]) -> dict:
+    """Step time of 2 ranks that synchronise every step but exchange (almost) no bytes."""
+    root = str(ensure_mnist())
+    repeats, warmup, steps = (1, 20, 40) if quick else (3, 100, 300)
+    rows = []
+    for batch in (32, 128):
+        cfg = TrainConfig(world_size=2, batch_size=batch, data_dir=root, train_subset=8192 if quick else 0)
+        samples = [run_workers(_probe_job, 2, (cfg.to_dict(), warmup, steps))[0] for _ in range(repeats)]
+        step = statistics.median(s["step_ms"] for s in samples)
+        rows.append({"batch": batch, "step_ms": step, "sync_ms": statistics.median(s["sync_ms"] for s in samples),
+                     "repeats": repeats})
+        log(f"b{batch}: W=2 step that synchronises 4 bytes per step: {step:.2f} ms")
+    return {"kind": "bench_syncstep", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"repeats": repeats, "warmup_steps": warmup, "timed_steps": steps,
+                       "what": "our training step on 2 gloo ranks, 1 thread each, all-reducing one float per "
+                               "step instead of the gradient (ProbeSync)"},
+            "environment": environment(), "rows": rows}
+
+
 # --- all-reduce cost model ----------------------------------------------------------------
 
 def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
@@ -339,17 +415,17 @@ def markdown_tta(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["throughput", "allreduce", "cores", "tta", "all"])
+    parser.add_argument("part", choices=["throughput", "allreduce", "cores", "syncstep", "tta", "all"])
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat, a data subset (CI)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for bench_*.json and bench_*.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    parts = ["allreduce", "cores", "throughput", "tta"] if args.part == "all" else [args.part]
+    parts = ["allreduce", "cores", "syncstep", "throughput", "tta"] if args.part == "all" else [args.part]
     log = lambda line: print(line, flush=True)  # noqa: E731
     suffix = "_quick" if args.quick else ""
     for part in parts:
         record = {"throughput": run_throughput, "allreduce": run_allreduce, "cores": run_cores,
-                  "tta": run_tta}[part](args.quick, log)
+                  "syncstep": run_syncstep, "tta": run_tta}[part](args.quick, log)
         path = save_json(record, out / f"bench_{part}{suffix}.json")
         table = {"throughput": markdown_throughput, "tta": markdown_tta}.get(part)
         if table:

@@ -2,13 +2,14 @@
 
     all-reduce of n bytes on W ranks:   t_ar(n) = alpha + beta * n        (fitted, gloo, loopback)
     ring all-reduce on a cluster:       t_ring(n, W) = 2 (W-1) a + 2 (W-1)/W * n / B
-    one W=2 step of a strategy:         t_step = t_local + t_comm / k
+    one W=2 step of a strategy:         t_step = t_local * c + (t_sync + t_ar(bytes)) / k
 
-t_local is what the same step costs in one process with one thread (measured), k is
-how many steps share one communication (accumulation, local SGD), and t_comm is the
-all-reduce of the bytes the strategy sends. Everything the model leaves out (cast
-and compression compute, contention between ranks, wake-up latency) shows up as the
-gap between predicted and measured.
+t_local is what the same step costs in one process with one thread (measured), c the
+measured slowdown of computing beside a second process, t_sync the measured cost of
+synchronising a training step at all (a W=2 step that all-reduces one float), k how
+many steps share one communication (accumulation, local SGD), and t_ar the fitted
+all-reduce of the bytes the strategy sends. What the model leaves out (cast and
+compression compute) shows up as the gap between predicted and measured.
 """
 
 from __future__ import annotations
@@ -74,18 +75,22 @@ def contention(cores: dict | None, batch: int) -> float:
     return best["slowdown"]
 
 
-def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None) -> pd.DataFrame:
+def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
+               syncstep: dict | None = None) -> pd.DataFrame:
     """Predicted against measured step time for each W=2 case of a throughput record.
 
     local = the step measured in one process with one thread (data + compute + optimizer,
     the optimizer divided by the accumulation steps), times the measured slowdown of
-    computing beside a second process; comm = the fitted all-reduce of the strategy's
-    bytes, divided by the steps that share it.
+    computing beside a second process. bytes = the fitted all-reduce of the strategy's
+    bytes. sync = the measured cost of synchronising a training step at all (a W=2 step
+    that all-reduces one float, minus its local part; from the ``syncstep`` record).
+    Both communication terms are divided by the k steps that share one communication.
     """
     ab = AlphaBeta.from_record(allreduce, 2)
     cases = {c["name"]: c for c in throughput["cases"]}
     one = cases["1 process, 1 thread, b32"]
     floor128 = cases["compute floor, 1 thread, b128"]["step_ms_median"]
+    probe = {row["batch"]: row["step_ms"] for row in syncstep["rows"]} if syncstep else {}
     rows = []
     for c in throughput["cases"]:
         if c["kind"] != "train" or c["world_size"] != 2:
@@ -93,14 +98,18 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None) -> 
         cfg = c["config"]
         k = cfg["accumulation_steps"] if cfg["sync"] != "local_sgd" else cfg["local_sgd_every"]
         if cfg["batch_size"] == 32:
+            local_full = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"]
             local_ms = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"] / cfg["accumulation_steps"]
         else:
-            local_ms = floor128  # no 1-process b128 loop in the record: its compute floor
+            local_full = local_ms = floor128  # no 1-process b128 loop in the record: its compute floor
         factor = contention(cores, cfg["batch_size"])
-        comm_ms = 1000 * strategy_comm_s(cfg["sync"], ab) / k
-        predicted = local_ms * factor + comm_ms
-        rows.append({"case": c["name"], "local ms": local_ms, "contention x": factor, "comm ms": comm_ms,
-                     "predicted ms": predicted, "measured ms": c["step_ms_median"],
+        bytes_ms = 1000 * strategy_comm_s(cfg["sync"], ab) / k
+        sync_ms = max(0.0, probe[cfg["batch_size"]] - local_full * factor) / k if probe else 0.0
+        bytes_only = local_ms * factor + bytes_ms
+        predicted = bytes_only + sync_ms
+        rows.append({"case": c["name"], "local ms": local_ms, "contention x": factor, "bytes ms": bytes_ms,
+                     "sync ms": sync_ms, "bytes-only model ms": bytes_only, "predicted ms": predicted,
+                     "measured ms": c["step_ms_median"],
                      "error %": 100 * (predicted - c["step_ms_median"]) / c["step_ms_median"]})
     return pd.DataFrame(rows).set_index("case")
 

@@ -81,7 +81,7 @@ def test_tta_ratios_pick_the_best_of_each_kind():
 
 
 def test_benchmark_quick_mode_writes_valid_records(tmp_path):
-    for part in ("allreduce", "throughput"):
+    for part in ("allreduce", "syncstep", "throughput"):
         out = subprocess.run([sys.executable, "-m", "ddp_helpers.bench", part, "--quick", "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -93,3 +93,5 @@ def test_benchmark_quick_mode_writes_valid_records(tmp_path):
     assert all(c["step_ms_median"] > 0 and c["epoch_s_projected"] > 0 for c in throughput["cases"])
     assert {"ours_W2_vs_seed_style", "loop_vs_compute_floor_W1"} <= set(throughput["targets"])
     assert (tmp_path / "bench_throughput_quick.md").read_text().startswith("| configuration")
+    syncstep = json.loads((tmp_path / "bench_syncstep_quick.json").read_text())
+    assert [row["batch"] for row in syncstep["rows"]] == [32, 128] and all(r["step_ms"] > 0 for r in syncstep["rows"])
