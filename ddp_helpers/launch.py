@@ -202,7 +202,21 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     """
     if master_port:
         check_port_free(master_addr, master_port)
-    init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
+        return _run_workers_once(job, world_size, args, f"tcp://{master_addr}:{master_port}", launch_timeout_s,
+                                 quiet, on_event)
+    for attempt in range(3):
+        # a port found free can be taken by someone else before rank 0's store binds it
+        init_method = f"tcp://{master_addr}:{find_free_port(master_addr)}"
+        try:
+            return _run_workers_once(job, world_size, args, init_method, launch_timeout_s, quiet, on_event)
+        except WorkerError as exc:
+            if attempt == 2 or "EADDRINUSE" not in exc.details + exc.reason:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_workers_once(job: Callable, world_size: int, args: tuple, init_method: str, launch_timeout_s: float,
+                      quiet: bool, on_event: Callable[[int, str, Any], None] | None) -> dict[int, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
     ctx = mp.get_context("spawn")
     events = ctx.SimpleQueue()  # put() writes synchronously: nothing is lost if a worker dies right after
