@@ -17,7 +17,6 @@ only ratios measured side by side in one invocation are quoted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from .launch import launch, run_single_process, run_workers
 from .model import MLP
 from .results import RESULTS_DIR, command_line, environment, now_iso, save_json
 from .seed_reference import seed_style_job
+from .sync import LocalSync
 
 GRAD_BYTES = 567_434 * 4
 TRAIN_SAMPLES = 60_000
@@ -60,6 +60,13 @@ class Case:
     @property
     def world_size(self) -> int:
         return self.cfg.world_size if self.cfg else (2 if self.kind == "seed" else 1)
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples all ranks process in one (micro-)step."""
+        if self.cfg:
+            return self.cfg.batch_size * self.cfg.world_size
+        return 64 if self.kind == "seed" else self.batch
 
     @property
     def global_batch(self) -> int:
@@ -135,8 +142,7 @@ def summarise(case: Case) -> dict:
         "name": case.name, "kind": case.kind, "world_size": case.world_size, "global_batch": case.global_batch,
         "repeats": len(totals), "step_ms_median": median, "step_ms_min": min(totals), "step_ms_max": max(totals),
         "steps_per_epoch": steps, "epoch_s_projected": median * steps / 1000,
-        "samples_per_s": case.world_size * (case.cfg.batch_size if case.cfg else case.batch) / (median / 1000)
-        if case.kind != "seed" else 64 / (median / 1000),
+        "samples_per_s": case.samples_per_step / (median / 1000),
         "threads_per_rank": case.samples[0].get("threads_per_rank", case.threads),
         "config": case.cfg.to_dict() if case.cfg else None,
     }
@@ -213,7 +219,7 @@ def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
 
 # --- the cost of synchronising every step, measured in training ------------------------------
 
-class ProbeSync:
+class ProbeSync(LocalSync):
     """Benchmark-only strategy: all-reduces one float per step and no gradients, so a W=2
     step pays the full per-step synchronisation (waiting for the slower rank, waking up)
     but almost no bytes. Not a way to train: the replicas drift apart."""
@@ -221,30 +227,13 @@ class ProbeSync:
     name = "probe"
 
     def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-        self.flag, self.seconds = torch.zeros(1), 0.0
-
-    @property
-    def module(self):
-        return self.model
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
+        super().__init__(model, optimizer)
+        self.flag = torch.zeros(1)
 
     def after_backward(self):
         start = time.perf_counter()
         dist.all_reduce(self.flag)
         self.seconds += time.perf_counter() - start
-
-    def after_step(self):
-        pass
-
-    def pop_seconds(self):
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,

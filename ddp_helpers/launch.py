@@ -33,7 +33,7 @@ from .dist import (check_port_free, find_free_port, oversubscription_warning, pr
                    single_process, torchrun_store)
 from .model import MLP
 from .results import command_line, environment, now_iso, save_json
-from .trainer import FitOutput, fit
+from .trainer import fit
 
 EpochCallback = Callable[[dict], None]
 STOP_GRACE_S = 5.0
@@ -76,9 +76,8 @@ class RunResult:
         return save_json(self.record, path or self.config.record_path)
 
 
-def make_record(cfg: TrainConfig, out: FitOutput | dict, wall_s: float, notes: list[str]) -> dict[str, Any]:
-    history = out.history if isinstance(out, FitOutput) else out["history"]
-    runtime = out.runtime if isinstance(out, FitOutput) else out["runtime"]
+def make_record(cfg: TrainConfig, history: list[dict], runtime: dict, wall_s: float,
+                notes: list[str]) -> dict[str, Any]:
     times = sorted(row["epoch_time_s"] for row in history)
     return {
         "kind": "train",
@@ -121,7 +120,8 @@ def run_single_process(cfg: TrainConfig, data: tuple[Split, Split] | None = None
     start = time.perf_counter()
     with single_process(cfg) as ctx:
         out = fit(cfg, ctx, data=data, on_epoch_end=on_epoch_end, progress=progress)
-    return RunResult(make_record(cfg, out, time.perf_counter() - start, []), _cpu_state(out.model))
+    return RunResult(make_record(cfg, out.history, out.runtime, time.perf_counter() - start, []),
+                     _cpu_state(out.model))
 
 
 # --- spawned workers ---------------------------------------------------------------------
@@ -202,17 +202,15 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     """
     if master_port:
         check_port_free(master_addr, master_port)
-        return _run_workers_once(job, world_size, args, f"tcp://{master_addr}:{master_port}", launch_timeout_s,
-                                 quiet, on_event)
-    for attempt in range(3):
-        # a port found free can be taken by someone else before rank 0's store binds it
-        init_method = f"tcp://{master_addr}:{find_free_port(master_addr)}"
+    attempts = 1 if master_port else 3
+    for attempt in range(1, attempts + 1):
+        init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
         try:
             return _run_workers_once(job, world_size, args, init_method, launch_timeout_s, quiet, on_event)
         except WorkerError as exc:
-            if attempt == 2 or "EADDRINUSE" not in exc.details + exc.reason:
+            # a port found free can be taken by someone else before rank 0's store binds it
+            if attempt == attempts or "EADDRINUSE" not in exc.details + exc.reason:
                 raise
-    raise AssertionError("unreachable")
 
 
 def _run_workers_once(job: Callable, world_size: int, args: tuple, init_method: str, launch_timeout_s: float,
@@ -309,7 +307,7 @@ def launch(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None, progress
         raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
     done = results[0]
     state = torch.load(io.BytesIO(done.pop("state")), weights_only=True)
-    return RunResult(make_record(cfg, done, time.perf_counter() - start, notes), state)
+    return RunResult(make_record(cfg, done["history"], done["runtime"], time.perf_counter() - start, notes), state)
 
 
 # --- torchrun -----------------------------------------------------------------------------
@@ -343,7 +341,8 @@ def run_torchrun(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
     if rank != 0:
         return None
     notes = [n for n in [oversubscription_warning(int(os.environ.get("LOCAL_WORLD_SIZE", world)))] if n]
-    return RunResult(make_record(cfg, out, time.perf_counter() - start, notes), _cpu_state(out.model))
+    return RunResult(make_record(cfg, out.history, out.runtime, time.perf_counter() - start, notes),
+                     _cpu_state(out.model))
 
 
 __all__ = ["RunResult", "WorkerError", "launch", "run_single_process", "run_torchrun", "run_workers",

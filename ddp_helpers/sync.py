@@ -37,6 +37,7 @@ class LocalSync:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
         self.optimizer = optimizer
+        self.seconds = 0.0  # communication time not yet reported (strategies that communicate add to it)
 
     @property
     def module(self) -> nn.Module:
@@ -55,7 +56,8 @@ class LocalSync:
         pass
 
     def pop_seconds(self) -> float:
-        return 0.0
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 class _HookState:
@@ -144,7 +146,6 @@ class AllReduceSync(LocalSync):
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         self.params = params
-        self.seconds = 0.0
 
     def zero_grad(self) -> None:
         self.flat.zero_()  # keep the views: set_to_none would detach .grad from the buffer
@@ -156,10 +157,6 @@ class AllReduceSync(LocalSync):
         dist.all_reduce(self.flat, op=dist.ReduceOp.SUM)
         self.flat.div_(self.world_size)
         self.seconds += time.perf_counter() - start
-
-    def pop_seconds(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 class LocalSGDSync(LocalSync):
@@ -176,7 +173,6 @@ class LocalSGDSync(LocalSync):
         with torch.no_grad():
             for p in self.params:
                 dist.broadcast(p, src=0)
-        self.seconds = 0.0
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -192,10 +188,6 @@ class LocalSGDSync(LocalSync):
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         self.seconds += time.perf_counter() - start
-
-    def pop_seconds(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,

@@ -1,4 +1,4 @@
-"""Helpers for tests that spawn processes."""
+"""Helpers shared by the multi-process tests."""
 
 
 def no_process_left(pids) -> bool:
@@ -11,3 +11,8 @@ def no_process_left(pids) -> bool:
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return True
+
+
+def max_difference(a, b) -> float:
+    """Largest absolute difference between two state dicts with the same keys."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)

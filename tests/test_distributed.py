@@ -13,15 +13,11 @@ import pytest
 import torch
 
 from ddp_helpers import TrainConfig, WorkerError, launch, run_single_process
-from processes import no_process_left
+from processes import max_difference, no_process_left
 
 # A few hundred steps on real MNIST, dropout off so that DDP and one process can match exactly.
 SMALL = dict(dataset="mnist", train_subset=2048, test_subset=1000, epochs=2, dropout=0.0, seed=3,
              lr_step=1, timeout_s=60, launch_timeout_s=240)
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

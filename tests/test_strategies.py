@@ -8,13 +8,10 @@ import pytest
 
 from ddp_helpers import TrainConfig, launch, run_single_process
 from ddp_helpers.costmodel import AlphaBeta, project_speedup, ring_allreduce_s, tta_ratios
+from processes import max_difference
 
 SMALL = dict(dataset="mnist", train_subset=1024, test_subset=500, epochs=1, dropout=0.0, seed=5,
              timeout_s=60, launch_timeout_s=240)
-
-
-def max_difference(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_accumulating_k_micro_batches_matches_one_batch_k_times_larger(mnist):
