@@ -47,7 +47,10 @@ class TrainConfig:
     warmup_steps: int = _field(0, "optimizer steps of linear learning-rate warm-up from lr/warmup_steps; 0 = none")
     accumulation_steps: int = _field(1, "micro-batches per optimizer step; gradients sync only on the last (no_sync)")
     local_sgd_every: int = _field(8, "local_sgd: optimizer steps between parameter averages across ranks")
-    stop_at_accuracy: float = _field(0.0, "stop after the first epoch whose validation accuracy reaches this; 0 = never")
+    stop_at_accuracy: float = _field(0.0, "stop at the end of the epoch in which a validation pass first reaches this; "
+                                            "0 = never")
+    evals_per_epoch: int = _field(1, "validation passes per epoch at equal step intervals (the last at the epoch's "
+                                     "end); time-to-accuracy resolves to this fraction of an epoch")
     # --- parallelism ---------------------------------------------------------------
     world_size: int = _field(2, "number of worker processes; 1 trains in a single process without DDP")
     sync: str = _field("ddp", f"gradient synchronisation strategy, one of {SYNC_STRATEGIES}")
@@ -111,6 +114,7 @@ class TrainConfig:
         need(is_int(self.local_sgd_every) and self.local_sgd_every >= 1, "local_sgd_every", "must be an integer >= 1")
         need(is_num(self.stop_at_accuracy) and 0 <= self.stop_at_accuracy <= 1, "stop_at_accuracy",
              "must be in [0, 1] (0 = train all epochs)")
+        need(is_int(self.evals_per_epoch) and self.evals_per_epoch >= 1, "evals_per_epoch", "must be an integer >= 1")
         need(is_int(self.world_size) and self.world_size >= 1, "world_size", "must be an integer >= 1")
         need(self.sync in SYNC_STRATEGIES, "sync", f"must be one of {SYNC_STRATEGIES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")

@@ -113,6 +113,8 @@ def train_one_epoch(sync, optimizer: torch.optim.Optimizer, split: Split, indice
         micro += 1
     for group, base in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base  # the epoch-level scheduler owns the base rate
+    sync.consolidate()  # local SGD: average the pending steps, so every rank ends with the same weights
+    timer.lap("sync")
     seconds = time.perf_counter() - start
     totals = reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
                                                                            dtype=torch.float64)]))

@@ -8,7 +8,12 @@ is a new class here and nothing else changes:
     no_sync()          context for micro-batches whose gradients must not be synced yet
     after_backward()   explicit gradient communication after backward (if any)
     after_step()       communication after the optimizer step (if any)
-    pop_seconds()      communication seconds spent since the last call
+    consolidate()      make every rank's weights identical (before evaluation or a checkpoint)
+    pop_seconds()      communication seconds spent inside backward since the last call
+
+The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; only
+communication it cannot see, because it runs inside ``backward`` (DDP's hooks), is
+reported through ``pop_seconds`` so that the engine can move it from compute to sync.
 
 ``LocalSync`` is the single process (nothing to agree on). ``DDPSync`` is PyTorch
 DistributedDataParallel with a timing communication hook. ``AllReduceSync`` does by
@@ -37,7 +42,6 @@ class LocalSync:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
         self.optimizer = optimizer
-        self.seconds = 0.0  # communication time not yet reported (strategies that communicate add to it)
 
     @property
     def module(self) -> nn.Module:
@@ -55,9 +59,11 @@ class LocalSync:
     def after_step(self) -> None:
         pass
 
+    def consolidate(self) -> None:
+        """Strategies that synchronise gradients every step keep identical weights: nothing to do."""
+
     def pop_seconds(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        return 0.0  # nothing communicates inside backward
 
 
 class _HookState:
@@ -153,10 +159,8 @@ class AllReduceSync(LocalSync):
     def after_backward(self) -> None:
         if self.params[0].grad.data_ptr() != self.flat.data_ptr():
             raise RuntimeError("a gradient no longer aliases the flat buffer; was zero_grad(set_to_none) called?")
-        start = time.perf_counter()
         dist.all_reduce(self.flat, op=dist.ReduceOp.SUM)
         self.flat.div_(self.world_size)
-        self.seconds += time.perf_counter() - start
 
 
 class LocalSGDSync(LocalSync):
@@ -174,12 +178,19 @@ class LocalSGDSync(LocalSync):
             for p in self.params:
                 dist.broadcast(p, src=0)
 
-    @torch.no_grad()
     def after_step(self) -> None:
         self.steps += 1
+        if self.steps % self.every == 0:
+            self._average()
+
+    def consolidate(self) -> None:
+        """Average the steps taken since the last average, so that evaluation sees one model."""
         if self.steps % self.every:
-            return
-        start = time.perf_counter()
+            self._average()
+            self.steps = 0
+
+    @torch.no_grad()
+    def _average(self) -> None:
         flat = torch.cat([p.reshape(-1) for p in self.params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(self.world_size)
@@ -187,7 +198,6 @@ class LocalSGDSync(LocalSync):
         for p in self.params:
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-        self.seconds += time.perf_counter() - start
 
 
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,

@@ -62,10 +62,7 @@ def fault_injector(cfg: TrainConfig, rank: int,
 def _progress_bar(cfg: TrainConfig, epoch: int, samples: int):
     from tqdm.auto import tqdm
 
-    steps = -(-samples // cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=0.5)
+    return tqdm(total=_steps_in_epoch(cfg, samples), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=0.5)
 
 
 def _chain(fault: Callable[[int], None] | None, bar) -> Callable[[int], None] | None:
@@ -79,6 +76,32 @@ def _chain(fault: Callable[[int], None] | None, bar) -> Callable[[int], None] | 
         bar.update(1)
 
     return hook
+
+
+def _steps_in_epoch(cfg: TrainConfig, samples: int) -> int:
+    steps = -(-samples // cfg.batch_size)
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def eval_points(steps: int, evals: int, accumulation_steps: int = 1) -> list[int]:
+    """The micro-steps after which to evaluate: ``evals`` roughly equal parts of the
+    epoch, each ending on an optimizer step; the last point is the epoch's end."""
+    points = [(steps * j // evals) // accumulation_steps * accumulation_steps for j in range(1, evals)]
+    return sorted({p for p in points if 0 < p < steps} | {steps})
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """One epoch's training summary from the summaries of its parts (between evaluations)."""
+    samples = sum(p["train_samples"] for p in parts)
+    return {
+        "train_loss": sum(p["train_loss"] * p["train_samples"] for p in parts) / samples,
+        "train_accuracy": sum(p["train_accuracy"] * p["train_samples"] for p in parts) / samples,
+        "train_samples": samples,
+        "steps": sum(p["steps"] for p in parts),
+        "optimizer_steps": sum(p["optimizer_steps"] for p in parts),
+        "epoch_time_s": sum(p["epoch_time_s"] for p in parts),
+        "phase_s": {k: sum(p["phase_s"][k] for p in parts) for k in parts[0]["phase_s"]},
+    }
 
 
 def epoch_row(epoch: int, lr: float, train: dict, val: dict, eval_s: float) -> dict:
@@ -157,24 +180,34 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)
         bar = _progress_bar(cfg, epoch, len(indices)) if progress and ctx.is_main else None
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(sync, optimizer, train_split, indices, cfg.batch_size, reduce=ctx.reduce,
-                                max_steps=cfg.max_steps_per_epoch, accumulation_steps=cfg.accumulation_steps,
-                                lr_scale=warmup, before_step=_chain(fault, bar), step_offset=global_step)
+        eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size)
+        steps = _steps_in_epoch(cfg, len(indices))
+        parts, evals, eval_s, done = [], [], 0.0, 0
+        for end in eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps):
+            chunk = indices[done * cfg.batch_size:end * cfg.batch_size]
+            parts.append(train_one_epoch(sync, optimizer, train_split, chunk, cfg.batch_size, reduce=ctx.reduce,
+                                         accumulation_steps=cfg.accumulation_steps, lr_scale=warmup,
+                                         before_step=_chain(fault, bar), step_offset=global_step + done))
+            done = end
+            start = time.perf_counter()
+            val = evaluate(model, test_split, eval_idx, reduce=ctx.reduce)
+            eval_s += time.perf_counter() - start
+            evals.append({"epoch_fraction": done / steps, "train_time_s": sum(
+                p["epoch_time_s"] for p in parts), "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]})
         if bar is not None:
             bar.close()
+        train = merge_parts(parts)
         global_step += train["steps"]
-        start = time.perf_counter()
-        val = evaluate(model, test_split, eval_indices(len(test_split), ctx.rank, ctx.world_size),
-                       reduce=ctx.reduce)
-        row = epoch_row(epoch + 1, lr, train, val, time.perf_counter() - start)
+        row = epoch_row(epoch + 1, lr, train, val, eval_s)
+        row["evals"] = evals
         scheduler.step()
         history.append(row)
         if cfg.checkpoint_dir:
             _save(cfg, ctx, model, optimizer, scheduler, epoch + 1, global_step, history)
         if on_epoch_end is not None and ctx.is_main:
             on_epoch_end(row)
-        if cfg.stop_at_accuracy and row["val_accuracy"] >= cfg.stop_at_accuracy:
-            break  # every rank sees the same all-reduced accuracy, so all stop together
+        if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in evals) >= cfg.stop_at_accuracy:
+            break  # every rank sees the same all-reduced accuracies, so all stop together
     runtime = {
         "rank_count": ctx.world_size,
         "backend": ctx.backend,

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ddp_helpers import TrainConfig, launch, run_single_process
+from ddp_helpers.engine import evaluate
 from ddp_helpers.costmodel import AlphaBeta, project_speedup, ring_allreduce_s, tta_ratios
 from processes import max_difference
 
@@ -30,14 +32,29 @@ def test_ddp_no_sync_accumulation_matches_one_process_with_the_global_batch(mnis
     assert max_difference(reference.state_dict, ddp.state_dict) < 1e-4
 
 
-@pytest.mark.parametrize("sync, extra", [("fp16", {}), ("powersgd", {}), ("local_sgd", {"local_sgd_every": 4})])
-def test_each_strategy_trains_a_few_steps_on_two_ranks(sync, extra):
+@pytest.mark.parametrize("sync, extra", [("fp16", {}), ("powersgd", {}), ("local_sgd", {"local_sgd_every": 5})])
+def test_each_strategy_trains_a_few_steps_on_two_ranks(sync, extra, mnist):
     cfg = TrainConfig(world_size=2, sync=sync, max_steps_per_epoch=12, **{**SMALL, "dropout": 0.2}, **extra)
     result = launch(cfg)
     row = result.history[0]
     assert result.record["runtime"]["sync"] == sync
     assert row["steps_per_worker"] == 12 and row["step_ms"]["sync"] > 0
     assert 0.3 < row["val_accuracy"] <= 1.0  # 12 steps on real digits: far better than chance
+    # the ranks evaluated one and the same model (local SGD averages its 2 pending steps first):
+    # rank 0's weights, evaluated alone on the whole test subset, give the reported loss
+    test = mnist[1].head(SMALL["test_subset"])
+    alone = evaluate(result.model(), test, torch.arange(len(test)))
+    assert alone["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+def test_evaluating_inside_an_epoch_changes_nothing_but_adds_points(mnist):
+    once = run_single_process(TrainConfig(world_size=1, **SMALL), data=mnist)
+    four = run_single_process(TrainConfig(world_size=1, evals_per_epoch=4, **SMALL), data=mnist)
+    assert max_difference(once.state_dict, four.state_dict) == 0
+    evals = four.history[0]["evals"]
+    assert [e["epoch_fraction"] for e in evals] == [0.25, 0.5, 0.75, 1.0]
+    assert evals[-1]["val_accuracy"] == four.history[0]["val_accuracy"] == once.history[0]["val_accuracy"]
+    assert 0 < evals[0]["train_time_s"] < evals[-1]["train_time_s"] <= four.history[0]["epoch_time_s"] + 1e-9
 
 
 def test_warmup_ramps_the_learning_rate_and_restores_it(mnist):
