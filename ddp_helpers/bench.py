@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .costmodel import AlphaBeta
+from .costmodel import AlphaBeta, tta_ratios
 from .data import ensure_mnist, load_datasets, steps_per_epoch, train_indices
 from .dist import process_group
 from .engine import make_optimizer, train_one_epoch
@@ -188,32 +188,38 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
 # --- how well do the two cores compute side by side? ---------------------------------------
 
 def _floor_job(rank: int, world_size: int, init_method: str, emit: Callable, batch: int, steps: int,
-               warmup: int, start_at: float) -> None:
+               warmup: int, start_at: float, threads: int = 1) -> None:
     """The compute floor in a spawned process, started at an agreed wall-clock time."""
     while time.time() < start_at:
         time.sleep(0.001)
-    emit("result", compute_floor(batch, 1, steps, warmup))
+    emit("result", compute_floor(batch, threads, steps, warmup))
 
 
 def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
-    """Compute-floor step time of one 1-thread process alone, and of W such processes at
-    once (no communication at all): the ceiling for any W-worker strategy on this machine."""
+    """Compute-floor step time (no data loading, no communication) of one 1-thread process
+    alone, of two such processes at once, and of one 2-thread process at twice the batch,
+    which handles the same samples per step as the pair. The pair against the 2-thread
+    process is the ceiling for any 2-worker strategy against a single process on this machine."""
     repeats, steps, warmup = (1, 60, 20) if quick else (3, 400, 50)
     rows = []
     for batch in (32, 128, 256):
-        alone, together = [], []
-        for _ in range(repeats):
+        alone, together, two_threads = [], [], []
+        for _ in range(repeats):  # alternate the three set-ups
             alone.append(run_workers(_floor_job, 1, (batch, steps, warmup, 0.0))[0]["step_ms"]["total"])
             both = run_workers(_floor_job, 2, (batch, steps, warmup, time.time() + 8.0))
             together.append(max(both[r]["step_ms"]["total"] for r in both))
-        a, t = statistics.median(alone), statistics.median(together)
+            two_threads.append(run_workers(_floor_job, 1, (2 * batch, steps, warmup, 0.0, 2))[0]["step_ms"]["total"])
+        a, t, d = statistics.median(alone), statistics.median(together), statistics.median(two_threads)
         rows.append({"batch": batch, "alone_ms": a, "two_at_once_ms": t, "slowdown": t / a,
-                     "two_process_throughput_vs_one": 2 * a / t})
+                     "two_process_throughput_vs_one": 2 * a / t, "one_process_2_threads_double_batch_ms": d,
+                     "two_processes_vs_2_threads": d / t})
         log(f"b{batch}: one process {a:.2f} ms/step, two at once {t:.2f} ms/step "
-            f"-> two processes give {2 * a / t:.2f}x the throughput of one")
+            f"-> two processes give {2 * a / t:.2f}x the throughput of one; one 2-thread process at "
+            f"b{2 * batch}: {d:.2f} ms/step -> the pair is {d / t:.2f}x as fast")
     return {"kind": "bench_cores", "created": now_iso(), "command": command_line(), "quick": quick,
             "method": {"repeats": repeats, "timed_steps": steps, "warmup_steps": warmup,
-                       "what": "forward+backward+fused Adam on a fixed batch, 1 thread per process, no sync"},
+                       "what": "forward+backward+fused Adam on a fixed batch in a spawned process, no sync: one "
+                               "1-thread process, two at once, and one 2-thread process at twice the batch"},
             "environment": environment(), "rows": rows}
 
 
@@ -318,26 +324,49 @@ def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
 
 # --- time to accuracy ---------------------------------------------------------------------
 
+TTA_TARGET = 0.98
+LARGE_BATCH = dict(lr=2e-3, warmup_steps=100)  # the one large-batch setting (global batch 256), used by both sides
+
+
 def tta_configs(quick: bool) -> dict[str, TrainConfig]:
-    common = dict(stop_at_accuracy=0.98, epochs=2 if quick else 8, train_subset=4096 if quick else 0,
-                  test_subset=2000 if quick else 0)
+    """Every strategy with the same two settings: the seed's (b32, lr 1e-3) and one large-batch one."""
+    common = dict(stop_at_accuracy=TTA_TARGET, epochs=2 if quick else 8, evals_per_epoch=4,
+                  train_subset=4096 if quick else 0, test_subset=2000 if quick else 0)
     c = lambda **kw: TrainConfig(**{**common, **kw})  # noqa: E731
+    big = lambda **kw: c(**LARGE_BATCH, **kw)  # noqa: E731
     return {
         "1 process, 1 thread, b32 (seed settings)": c(world_size=1, threads_per_rank=1),
         "1 process, 2 threads, b32 (seed settings)": c(world_size=1, threads_per_rank=2),
-        "1 process, 1 thread, b256, lr 2e-3, warm-up": c(world_size=1, threads_per_rank=1, batch_size=256,
-                                                          lr=2e-3, warmup_steps=100),
-        "1 process, 2 threads, b256, lr 2e-3, warm-up": c(world_size=1, threads_per_rank=2, batch_size=256,
-                                                           lr=2e-3, warmup_steps=100),
+        "1 process, 1 thread, b256, lr 2e-3, warm-up": big(world_size=1, threads_per_rank=1, batch_size=256),
+        "1 process, 2 threads, b256, lr 2e-3, warm-up": big(world_size=1, threads_per_rank=2, batch_size=256),
         "DDP W=2, b32 (seed settings)": c(world_size=2),
-        "DDP W=2, b128 (global 256), lr 2e-3, warm-up": c(world_size=2, batch_size=128, lr=2e-3,
-                                                          warmup_steps=100),
         "local SGD k=8 W=2, b32 (seed settings)": c(world_size=2, sync="local_sgd", local_sgd_every=8),
-        "local SGD k=8 W=2, b128, lr 2e-3, warm-up": c(world_size=2, sync="local_sgd", local_sgd_every=8,
-                                                      batch_size=128, lr=2e-3, warmup_steps=100),
-        "DDP fp16 W=2, b128, lr 2e-3, warm-up": c(world_size=2, sync="fp16", batch_size=128, lr=2e-3,
-                                                  warmup_steps=100),
+        "DDP W=2, b128 (global 256), lr 2e-3, warm-up": big(world_size=2, batch_size=128),
+        "manual all-reduce W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="allreduce", batch_size=128),
+        "DDP fp16 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="fp16", batch_size=128),
+        "DDP PowerSGD W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="powersgd", batch_size=128),
+        "DDP no_sync k=4 W=2, b32 x 4, lr 2e-3, warm-up": big(world_size=2, batch_size=32, accumulation_steps=4),
+        "local SGD k=8 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="local_sgd", local_sgd_every=8,
+                                                        batch_size=128),
     }
+
+
+def time_to_target(history: list[dict], target: float = TTA_TARGET) -> dict:
+    """When a run first reached the target: at the first validation pass (several per epoch)
+    and, for comparison, at the first epoch end. Seconds are training time only."""
+    points, before = [], 0.0
+    for row in history:
+        for e in row.get("evals") or [{"epoch_fraction": 1.0, "train_time_s": row["epoch_time_s"],
+                                       "val_accuracy": row["val_accuracy"]}]:
+            points.append({"epoch": row["epoch"] - 1 + e["epoch_fraction"], "train_s": before + e["train_time_s"],
+                           "val_accuracy": e["val_accuracy"]})
+        before += row["epoch_time_s"]
+    hit = next((p for p in points if p["val_accuracy"] >= target), None)
+    at_end = [p for p in points if p["epoch"] == int(p["epoch"])]
+    hit_end = next((p for p in at_end if p["val_accuracy"] >= target), None)
+    return {"reached": hit is not None, "epochs_to_target": hit and hit["epoch"],
+            "seconds_to_target": hit and hit["train_s"], "epochs_to_target_at_epoch_end": hit_end and hit_end["epoch"],
+            "seconds_to_target_at_epoch_end": hit_end and hit_end["train_s"], "points": points}
 
 
 def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
@@ -346,32 +375,31 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for seed in seeds:  # alternate strategies within each seed
         for name, cfg in configs.items():
-            result = launch(cfg.replace(seed=seed))
-            hist = result.history
-            reached = next((row for row in hist if row["val_accuracy"] >= 0.98), None)
-            train_s = [sum(r["epoch_time_s"] for r in hist[:i + 1]) for i in range(len(hist))]
-            runs[name].append({
-                "seed": seed, "reached": reached is not None,
-                "epochs_to_98": reached["epoch"] if reached else None,
-                "seconds_to_98": train_s[reached["epoch"] - 1] if reached else None,
-                "best_val_accuracy": max(r["val_accuracy"] for r in hist),
-                "val_accuracy": [r["val_accuracy"] for r in hist], "epoch_time_s": [r["epoch_time_s"] for r in hist],
-            })
-            got = runs[name][-1]
-            log(f"seed {seed}  {name:<46} " + (f"98% at epoch {got['epochs_to_98']}, {got['seconds_to_98']:.1f} s"
-                                               if got["reached"] else f"not reached (best {got['best_val_accuracy']:.2%})"))
+            hist = launch(cfg.replace(seed=seed)).history
+            got = {"seed": seed, **time_to_target(hist), "best_val_accuracy": max(p["val_accuracy"] for p in
+                                                                                 time_to_target(hist)["points"]),
+                   "epoch_time_s": [r["epoch_time_s"] for r in hist]}
+            runs[name].append(got)
+            log(f"seed {seed}  {name:<48} " + (f"98% at epoch {got['epochs_to_target']:.2f}, "
+                                               f"{got['seconds_to_target']:.1f} s" if got["reached"]
+                                               else f"not reached (best {got['best_val_accuracy']:.2%})"))
     summary = []
     for name, rs in runs.items():
-        secs = [r["seconds_to_98"] for r in rs if r["reached"]]
+        secs = [r["seconds_to_target"] for r in rs if r["reached"]]
         summary.append({"name": name, "config": configs[name].to_dict(), "seeds": len(rs),
                         "reached": sum(r["reached"] for r in rs),
-                        "seconds_mean": statistics.mean(secs) if secs else None,
+                        "seconds": secs, "seconds_mean": statistics.mean(secs) if secs else None,
+                        "seconds_median": statistics.median(secs) if secs else None,
                         "seconds_stdev": statistics.stdev(secs) if len(secs) > 1 else None,
-                        "epochs": [r["epochs_to_98"] for r in rs]})
-    return {"kind": "bench_tta", "created": now_iso(), "command": command_line(), "quick": quick,
-            "method": {"target": 0.98, "seconds": "training time only (evaluation excluded), cumulative to the "
-                       "first epoch whose validation accuracy reaches the target", "seeds": list(seeds)},
-            "environment": environment(), "runs": runs, "summary": summary}
+                        "epochs": [r["epochs_to_target"] for r in rs]})
+    record = {"kind": "bench_tta", "created": now_iso(), "command": command_line(), "quick": quick,
+              "method": {"target": TTA_TARGET, "evals_per_epoch": 4, "seeds": list(seeds),
+                         "seconds": "training time only (evaluation excluded), cumulative to the first validation "
+                                    "pass (4 per epoch, at equal step intervals) whose accuracy reaches the target",
+                         "large_batch_setting": {"global_batch": 256, **LARGE_BATCH}},
+              "environment": environment(), "runs": runs, "summary": summary}
+    record["ratios"] = tta_ratios(record)
+    return record
 
 
 # --- reporting ----------------------------------------------------------------------------
@@ -392,11 +420,20 @@ def markdown_throughput(record: dict) -> str:
 
 
 def markdown_tta(record: dict) -> str:
-    lines = ["| strategy | seeds reaching 98% | epochs | seconds to 98% (mean ± sd) |", "|---|---|---|---|"]
+    lines = ["| strategy | seeds reaching 98% | epochs to 98% | seconds to 98% per seed | mean ± sd |",
+             "|---|---|---|---|---|"]
     for s in record["summary"]:
         secs = "-" if s["seconds_mean"] is None else (
             f"{s['seconds_mean']:.1f}" + (f" ± {s['seconds_stdev']:.1f}" if s["seconds_stdev"] is not None else ""))
-        lines.append(f"| {s['name']} | {s['reached']}/{s['seeds']} | {s['epochs']} | {secs} |")
+        epochs = ", ".join("-" if e is None else f"{e:g}" for e in s["epochs"])
+        per_seed = ", ".join(f"{x:.1f}" for x in s["seconds"])
+        lines.append(f"| {s['name']} | {s['reached']}/{s['seeds']} | {epochs} | {per_seed} | {secs} |")
+    r = record.get("ratios", {})
+    for key, label in (("speedup_vs_1_thread", "best 1-thread process"), ("speedup_vs_2_threads",
+                                                                          "best 2-thread process")):
+        if key in r:
+            lines.append(f"\nBest 2-worker strategy ({r['best_2_workers']}) vs {label}: {r[key]:.2f}x by mean time; "
+                         f"per seed {', '.join(f'{x:.2f}' for x in r[key + '_per_seed'])}x.")
     return "\n".join(lines) + "\n"
 
 

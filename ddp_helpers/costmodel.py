@@ -114,17 +114,19 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
     return pd.DataFrame(rows).set_index("case")
 
 
-def two_worker_ceiling(cores: dict, throughput: dict) -> dict:
-    """The best any 2-worker strategy could do against one 2-thread process at global batch
-    256, if communication were free: two 1-thread processes at b128 side by side."""
-    cases = {c["name"]: c for c in throughput["cases"]}
-    two_threads = cases["1 process, 2 threads, b256"]["samples_per_s"]
-    one_thread = cases["1 process, 1 thread, b256"]["samples_per_s"]
-    row = next(r for r in cores["rows"] if r["batch"] == 128)
-    two_procs = 2 * 128 / (row["two_at_once_ms"] / 1000)
-    return {"samples_per_s_two_processes_b128": two_procs, "samples_per_s_one_process_2_threads_b256": two_threads,
-            "samples_per_s_one_process_1_thread_b256": one_thread,
-            "ceiling_vs_2_threads": two_procs / two_threads, "ceiling_vs_1_thread": two_procs / one_thread}
+def two_worker_ceiling(cores: dict, batch: int = 128) -> dict:
+    """The best any 2-worker strategy could do at per-worker batch ``batch`` if communication
+    were free: two 1-thread processes computing side by side, against one process with
+    2 threads (and with 1 thread) computing the same samples as one batch of twice the size."""
+    row = next(r for r in cores["rows"] if r["batch"] == batch)
+    one_thread_double = next((r["alone_ms"] for r in cores["rows"] if r["batch"] == 2 * batch), None)
+    out = {"batch_per_worker": batch, "two_processes_ms": row["two_at_once_ms"],
+           "one_process_2_threads_ms": row["one_process_2_threads_double_batch_ms"],
+           "ceiling_vs_2_threads": row["one_process_2_threads_double_batch_ms"] / row["two_at_once_ms"]}
+    if one_thread_double is not None:
+        out["one_process_1_thread_ms"] = one_thread_double
+        out["ceiling_vs_1_thread"] = one_thread_double / row["two_at_once_ms"]
+    return out
 
 
 def ring_allreduce_s(nbytes: float, world_size: int, link_latency_s: float, link_bytes_per_s: float) -> float:
@@ -165,18 +167,24 @@ def tta_table(record: dict) -> pd.DataFrame:
 
 def tta_ratios(record: dict) -> dict:
     """Best 2-worker strategy against the best single process with 1 and with 2 threads,
-    counting only strategies that reached 98% on every seed."""
+    counting only strategies that reached 98% on every seed: the ratio of mean times, and
+    the ratio seed by seed (same seed, run back to back) when the record has the runs."""
     ok = [s for s in record["summary"] if s["reached"] == s["seeds"] and s["seconds_mean"] is not None]
+
     def best(pred):
         cands = [s for s in ok if pred(s["config"])]
         return min(cands, key=lambda s: s["seconds_mean"]) if cands else None
+
     two = best(lambda c: c["world_size"] == 2)
     one1 = best(lambda c: c["world_size"] == 1 and c["threads_per_rank"] == 1)
     one2 = best(lambda c: c["world_size"] == 1 and c["threads_per_rank"] == 2)
     out = {"best_2_workers": two and two["name"], "best_1_thread": one1 and one1["name"],
            "best_2_threads": one2 and one2["name"]}
-    if two and one1:
-        out["speedup_vs_1_thread"] = one1["seconds_mean"] / two["seconds_mean"]
-    if two and one2:
-        out["speedup_vs_2_threads"] = one2["seconds_mean"] / two["seconds_mean"]
+    runs = record.get("runs", {})
+    for key, one in (("speedup_vs_1_thread", one1), ("speedup_vs_2_threads", one2)):
+        if two and one:
+            out[key] = one["seconds_mean"] / two["seconds_mean"]
+            if two["name"] in runs and one["name"] in runs:
+                mine = {r["seed"]: r["seconds_to_target"] for r in runs[two["name"]]}
+                out[key + "_per_seed"] = [r["seconds_to_target"] / mine[r["seed"]] for r in runs[one["name"]]]
     return out
