@@ -36,9 +36,9 @@ from .dist import process_group
 from .engine import make_optimizer, train_one_epoch
 from .launch import launch, run_single_process, run_workers
 from .model import MLP
-from .results import RESULTS_DIR, command_line, environment, now_iso, save_json
+from .results import RESULTS_DIR, command_line, cpu_shares, cpu_ticks, environment, now_iso, save_json
 from .seed_reference import seed_style_job
-from .sync import LocalSync
+from .sync import DDP_HOOKS, DDPSync, LocalSync
 
 GRAD_BYTES = 567_434 * 4
 TRAIN_SAMPLES = 60_000
@@ -258,6 +258,28 @@ def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg
                             "sync_ms": 1000 * out["phase_s"]["sync"] / out["steps"]})
 
 
+def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
+              steps: int) -> None:
+    """One rank alone, 1 thread: the training step plain and through each DDP hook. The
+    all-reduce of one rank moves nothing, so the difference is the hook's own computation
+    (DDP's bucket copies; fp16 casts; PowerSGD's matrix products and orthogonalisation)."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    with process_group(cfg, rank, world_size, rank, init_method):
+        train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
+        indices = train_indices(len(train), 0, 1, 0, cfg.seed)
+        out = {}
+        for name in ("local", *DDP_HOOKS):
+            torch.manual_seed(cfg.seed)
+            model = MLP(cfg.hidden_sizes, cfg.dropout)
+            optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+            sync = LocalSync(model, optimizer) if name == "local" else DDPSync(model, optimizer, torch.device("cpu"),
+                                                                                hook=name)
+            train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, max_steps=warmup)
+            done = train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, max_steps=steps)
+            out[name] = 1000 * done["epoch_time_s"] / done["steps"]
+        emit("result", out)
+
+
 def run_syncstep(quick: bool, log: Callable[[str], None]) -> dict:
     """Step time of 2 ranks that synchronise every step but exchange (almost) no bytes."""
     root = str(ensure_mnist())
@@ -270,11 +292,16 @@ def run_syncstep(quick: bool, log: Callable[[str], None]) -> dict:
         rows.append({"batch": batch, "step_ms": step, "sync_ms": statistics.median(s["sync_ms"] for s in samples),
                      "repeats": repeats})
         log(f"b{batch}: W=2 step that synchronises 4 bytes per step: {step:.2f} ms")
+    cfg = TrainConfig(world_size=1, threads_per_rank=1, data_dir=root, train_subset=8192 if quick else 0)
+    hooks = [run_workers(_hook_job, 1, (cfg.to_dict(), warmup, steps))[0] for _ in range(repeats)]
+    hook_ms = {name: statistics.median(h[name] for h in hooks) for name in hooks[0]}
+    log("b32, one rank, 1 thread, step ms: " + ", ".join(f"{k} {v:.2f}" for k, v in hook_ms.items()))
     return {"kind": "bench_syncstep", "created": now_iso(), "command": command_line(), "quick": quick,
             "method": {"repeats": repeats, "warmup_steps": warmup, "timed_steps": steps,
                        "what": "our training step on 2 gloo ranks, 1 thread each, all-reducing one float per "
-                               "step instead of the gradient (ProbeSync)"},
-            "environment": environment(), "rows": rows}
+                               "step instead of the gradient (ProbeSync); and one rank alone through each DDP "
+                               "hook (hook_w1_ms: the hooks' own computation, nothing to communicate)"},
+            "environment": environment(), "rows": rows, "hook_w1_ms": {"batch": 32, **hook_ms}}
 
 
 # --- all-reduce cost model ----------------------------------------------------------------
@@ -425,7 +452,7 @@ def markdown_tta(record: dict) -> str:
     for s in record["summary"]:
         secs = "-" if s["seconds_mean"] is None else (
             f"{s['seconds_mean']:.1f}" + (f" ± {s['seconds_stdev']:.1f}" if s["seconds_stdev"] is not None else ""))
-        epochs = ", ".join("-" if e is None else f"{e:g}" for e in s["epochs"])
+        epochs = ", ".join("-" if e is None else f"{e:.2f}" for e in s["epochs"])
         per_seed = ", ".join(f"{x:.1f}" for x in s["seconds"])
         lines.append(f"| {s['name']} | {s['reached']}/{s['seeds']} | {epochs} | {per_seed} | {secs} |")
     r = record.get("ratios", {})
@@ -448,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     suffix = "_quick" if args.quick else ""
     for part in parts:
+        before = cpu_ticks()
         record = {"throughput": run_throughput, "allreduce": run_allreduce, "cores": run_cores,
                   "syncstep": run_syncstep, "tta": run_tta}[part](args.quick, log)
+        record["cpu_time_shares"] = cpu_shares(before, cpu_ticks())  # steal > 0: the host took our cores
         path = save_json(record, out / f"bench_{part}{suffix}.json")
         table = {"throughput": markdown_throughput, "tta": markdown_tta}.get(part)
         if table:

@@ -4,12 +4,14 @@
     ring all-reduce on a cluster:       t_ring(n, W) = 2 (W-1) a + 2 (W-1)/W * n / B
     one W=2 step of a strategy:         t_step = t_local * c + (t_sync + t_ar(bytes)) / k
 
-t_local is what the same step costs in one process with one thread (measured), c the
+t_local is what the same step costs in one process with one thread (measured; for a
+compression hook, plus the compression's computation measured with one rank), c the
 measured slowdown of computing beside a second process, t_sync the measured cost of
 synchronising a training step at all (a W=2 step that all-reduces one float), k how
 many steps share one communication (accumulation, local SGD), and t_ar the fitted
-all-reduce of the bytes the strategy sends. What the model leaves out (cast and
-compression compute) shows up as the gap between predicted and measured.
+all-reduce of the bytes the strategy sends. What the model leaves out (for example a
+second all-reduce's extra wait in PowerSGD, or contention that varies over a run) shows
+up as the gap between predicted and measured.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
     the optimizer divided by the accumulation steps), times the measured slowdown of
     computing beside a second process. bytes = the fitted all-reduce of the strategy's
     bytes. sync = the measured cost of synchronising a training step at all (a W=2 step
-    that all-reduces one float, minus its local part; from the ``syncstep`` record).
+    that all-reduces one float, minus its local part; from the ``syncstep`` record). For
+    the compression hooks, local also holds the compression's own computation: the step
+    through the hook minus the step through DDP's plain all-reduce hook, both with one rank
+    (``hook_w1_ms`` in the ``syncstep`` record: fp16 casts, PowerSGD's matrix products),
+    where the record has it.
     Both communication terms are divided by the k steps that share one communication.
     """
     ab = AlphaBeta.from_record(allreduce, 2)
@@ -91,6 +97,7 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
     one = cases["1 process, 1 thread, b32"]
     floor128 = cases["compute floor, 1 thread, b128"]["step_ms_median"]
     probe = {row["batch"]: row["step_ms"] for row in syncstep["rows"]} if syncstep else {}
+    hook_w1 = (syncstep or {}).get("hook_w1_ms", {})
     rows = []
     for c in throughput["cases"]:
         if c["kind"] != "train" or c["world_size"] != 2:
@@ -102,6 +109,8 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
             local_ms = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"] / cfg["accumulation_steps"]
         else:
             local_full = local_ms = floor128  # no 1-process b128 loop in the record: its compute floor
+        if cfg["sync"] in hook_w1:  # compression computation beyond the plain hook, once per optimizer step
+            local_ms += max(0.0, hook_w1[cfg["sync"]] - hook_w1["ddp"]) / cfg["accumulation_steps"]
         factor = contention(cores, cfg["batch_size"])
         bytes_ms = 1000 * strategy_comm_s(cfg["sync"], ab) / k
         sync_ms = max(0.0, probe[cfg["batch_size"]] - local_full * factor) / k if probe else 0.0
@@ -127,6 +136,21 @@ def two_worker_ceiling(cores: dict, batch: int = 128) -> dict:
         out["one_process_1_thread_ms"] = one_thread_double
         out["ceiling_vs_1_thread"] = one_thread_double / row["two_at_once_ms"]
     return out
+
+
+def host_summary(cores: dict, throughput: dict, tta: dict) -> dict:
+    """What one host's records say about a second worker process: how much two processes
+    compute side by side, the pair against one 2-thread process at b256 (from the cores
+    part when it measured that, else the 2-thread training step of the throughput part),
+    and the best 2-worker time to 98% against the best single processes."""
+    row = next(r for r in cores["rows"] if r["batch"] == 128)
+    two_threads_ms = row.get("one_process_2_threads_double_batch_ms") or next(
+        c["step_ms_median"] for c in throughput["cases"] if c["name"] == "1 process, 2 threads, b256")
+    ratios = tta_ratios(tta)
+    return {"measured": cores["created"][:10], "two processes vs one, b128": row["two_process_throughput_vs_one"],
+            "pair vs 2-thread process (ceiling)": two_threads_ms / row["two_at_once_ms"],
+            "time to 98% vs 1-thread process": ratios.get("speedup_vs_1_thread"),
+            "time to 98% vs 2-thread process": ratios.get("speedup_vs_2_threads")}
 
 
 def ring_allreduce_s(nbytes: float, world_size: int, link_latency_s: float, link_bytes_per_s: float) -> float:
@@ -161,7 +185,9 @@ def tta_table(record: dict) -> pd.DataFrame:
     for s in record["summary"]:
         rows.append({"strategy": s["name"], "workers": s["config"]["world_size"],
                      "threads/rank": s["config"]["threads_per_rank"] or None, "reached 98%": f"{s['reached']}/{s['seeds']}",
-                     "epochs": s["epochs"], "seconds mean": s["seconds_mean"], "seconds sd": s["seconds_stdev"]})
+                     "epochs to 98%": ", ".join("-" if e is None else f"{e:.2f}" for e in s["epochs"]),
+                     "seconds per seed": ", ".join(f"{x:.1f}" for x in s.get("seconds", [])),
+                     "seconds mean": s["seconds_mean"], "seconds sd": s["seconds_stdev"]})
     return pd.DataFrame(rows).set_index("strategy")
 
 
@@ -185,6 +211,7 @@ def tta_ratios(record: dict) -> dict:
         if two and one:
             out[key] = one["seconds_mean"] / two["seconds_mean"]
             if two["name"] in runs and one["name"] in runs:
-                mine = {r["seed"]: r["seconds_to_target"] for r in runs[two["name"]]}
-                out[key + "_per_seed"] = [r["seconds_to_target"] / mine[r["seed"]] for r in runs[one["name"]]]
+                secs = lambda r: r.get("seconds_to_target", r.get("seconds_to_98"))  # noqa: E731 (older records)
+                mine = {r["seed"]: secs(r) for r in runs[two["name"]]}
+                out[key + "_per_seed"] = [secs(r) / mine[r["seed"]] for r in runs[one["name"]]]
     return out

@@ -155,11 +155,12 @@ def plot_speedup(projection: pd.DataFrame, measured: dict[int, float] | None = N
 def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     """Validation accuracy against cumulative training seconds, one line per strategy."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    palette = sns.color_palette("tab10", len(tta["runs"]))
+    palette = sns.color_palette("tab10" if len(tta["runs"]) <= 10 else "tab20", len(tta["runs"]))
+    workers = {s["name"]: s["config"]["world_size"] for s in tta.get("summary", [])}
     for (name, runs), color in zip(tta["runs"].items(), palette):
-        run = next(r for r in runs if r["seed"] == seed)
-        t = np.cumsum(run["epoch_time_s"])
-        ax.plot(t, 100 * np.array(run["val_accuracy"]), "-o", ms=4, color=color, label=name)
+        points = next(r for r in runs if r["seed"] == seed)["points"]  # 4 validation passes per epoch
+        ax.plot([p["train_s"] for p in points], [100 * p["val_accuracy"] for p in points], ms=3, marker="o",
+                ls="--" if workers.get(name, 1) > 1 else "-", color=color, label=name)  # dashed: 2 workers
     ax.axhline(98, color="grey", ls=":", lw=1)
     ax.set(xlabel="training seconds (cumulative, evaluation excluded)", ylabel="validation accuracy (%)",
            title=f"Accuracy against wall time (seed {seed})", ylim=(95, 99))

@@ -35,6 +35,26 @@ def memory_gib() -> float | None:
         return None
 
 
+def cpu_ticks() -> dict[str, int] | None:
+    """The machine's cumulative CPU time by state (Linux /proc/stat, in clock ticks)."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), values))
+
+
+def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
+    """Where the machine's CPU time went between two :func:`cpu_ticks` readings. A large
+    ``steal`` share means the hypervisor gave our cores to someone else: timings then suffer."""
+    if not before or not after:
+        return None
+    delta = {k: after[k] - before[k] for k in before}
+    total = sum(delta.values()) or 1
+    return {k: round(v / total, 4) for k, v in delta.items() if k in ("user", "system", "idle", "steal")}
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, so a record can be understood on its own."""
     import numpy

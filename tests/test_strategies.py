@@ -109,3 +109,27 @@ def test_benchmark_quick_mode_writes_valid_records(tmp_path):
     assert (tmp_path / "bench_throughput_quick.md").read_text().startswith("| configuration")
     syncstep = json.loads((tmp_path / "bench_syncstep_quick.json").read_text())
     assert [row["batch"] for row in syncstep["rows"]] == [32, 128] and all(r["step_ms"] > 0 for r in syncstep["rows"])
+
+
+def test_time_to_target_uses_the_first_validation_pass_that_reaches_it():
+    from ddp_helpers.bench import time_to_target
+
+    def row(epoch, seconds, accs):
+        n = len(accs)
+        return {"epoch": epoch, "epoch_time_s": seconds, "val_accuracy": accs[-1],
+                "evals": [{"epoch_fraction": (i + 1) / n, "train_time_s": seconds * (i + 1) / n, "val_accuracy": a}
+                          for i, a in enumerate(accs)]}
+    history = [row(1, 4.0, [0.90, 0.95, 0.96, 0.97]), row(2, 4.0, [0.975, 0.981, 0.979, 0.982])]
+    got = time_to_target(history, 0.98)
+    assert got["reached"] and got["epochs_to_target"] == 1.5 and got["seconds_to_target"] == 6.0
+    assert got["epochs_to_target_at_epoch_end"] == 2 and got["seconds_to_target_at_epoch_end"] == 8.0
+    assert not time_to_target(history, 0.99)["reached"]
+
+
+def test_two_worker_ceiling_compares_the_same_samples_per_step():
+    from ddp_helpers.costmodel import two_worker_ceiling
+
+    cores = {"rows": [{"batch": 128, "alone_ms": 7.0, "two_at_once_ms": 8.0, "one_process_2_threads_double_batch_ms": 10.0},
+                      {"batch": 256, "alone_ms": 14.0, "two_at_once_ms": 15.0, "one_process_2_threads_double_batch_ms": 20.0}]}
+    c = two_worker_ceiling(cores, 128)
+    assert c["ceiling_vs_2_threads"] == 10 / 8 and c["ceiling_vs_1_thread"] == 14 / 8
