@@ -51,7 +51,8 @@ class Case:
     """One configuration in the throughput benchmark."""
 
     name: str
-    kind: str                     # "train" (our loop), "floor" (compute only), "seed" (reference)
+    kind: str                     # "train" (our loop), "floor" (compute only), "pair" (two floors at once),
+                                  # "seed" (reference)
     cfg: TrainConfig | None = None
     threads: int = 1              # for "floor"
     batch: int = 32               # for "floor"
@@ -59,20 +60,20 @@ class Case:
 
     @property
     def world_size(self) -> int:
-        return self.cfg.world_size if self.cfg else (2 if self.kind == "seed" else 1)
+        return self.cfg.world_size if self.cfg else (2 if self.kind in ("seed", "pair") else 1)
 
     @property
     def samples_per_step(self) -> int:
         """Samples all ranks process in one (micro-)step."""
         if self.cfg:
             return self.cfg.batch_size * self.cfg.world_size
-        return 64 if self.kind == "seed" else self.batch
+        return 64 if self.kind == "seed" else self.batch * self.world_size
 
     @property
     def global_batch(self) -> int:
         if self.cfg:
             return self.cfg.batch_size * self.cfg.world_size * self.cfg.accumulation_steps
-        return 64 if self.kind == "seed" else self.batch
+        return 64 if self.kind == "seed" else self.batch * self.world_size
 
 
 def compute_floor(batch: int, threads: int, steps: int, warmup: int) -> dict:
@@ -130,6 +131,9 @@ def throughput_cases(quick: bool) -> list[Case]:
         Case("1 process, 2 threads, b256", "train", c(world_size=1, threads_per_rank=2, batch_size=256)),
         Case("DDP W=2, b128 (global 256)", "train", c(world_size=2, sync="ddp", batch_size=128)),
         Case("compute floor, 1 thread, b128", "floor", threads=1, batch=128),
+        # the same floors in two processes at once: the contention in this run, for the cost model
+        Case("compute floor, 2 processes at once, b32", "pair", threads=1, batch=32),
+        Case("compute floor, 2 processes at once, b128", "pair", threads=1, batch=128),
     ]
     return cases
 
@@ -163,6 +167,9 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
                 sample = measure_seed(root, 10 if quick else 30, 20 if quick else 100)
             elif case.kind == "floor":
                 sample = compute_floor(case.batch, case.threads, steps, warmup)
+            elif case.kind == "pair":
+                both = run_workers(_floor_job, 2, (case.batch, steps, warmup, time.time() + 8.0))
+                sample = max((both[r] for r in both), key=lambda b: b["step_ms"]["total"])
             else:
                 sample = measure_train(case, warmup, steps)
             case.samples.append(sample)

@@ -67,9 +67,15 @@ def strategy_comm_s(name: str, ab: AlphaBeta) -> float:
     raise ValueError(name)
 
 
-def contention(cores: dict | None, batch: int) -> float:
-    """How much slower a 1-thread process computes when a second one runs beside it
-    (measured by the benchmark's ``cores`` part; 1.0 when not measured)."""
+def contention(cores: dict | None, batch: int, throughput: dict | None = None) -> float:
+    """How much slower a 1-thread process computes when a second one runs beside it.
+    Taken from the throughput record's own rounds where it measured that (two compute
+    floors at once against one), else from the ``cores`` record; 1.0 when not measured."""
+    cases = {c["name"]: c for c in (throughput or {}).get("cases", [])}
+    pair, alone = (cases.get(f"compute floor, 2 processes at once, b{batch}"),
+                   cases.get(f"compute floor, 1 thread, b{batch}"))
+    if pair and alone:
+        return pair["step_ms_median"] / alone["step_ms_median"]
     if not cores:
         return 1.0
     rows = sorted(cores["rows"], key=lambda r: r["batch"])
@@ -83,7 +89,8 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
 
     local = the step measured in one process with one thread (data + compute + optimizer,
     the optimizer divided by the accumulation steps), times the measured slowdown of
-    computing beside a second process. bytes = the fitted all-reduce of the strategy's
+    computing beside a second process (measured in the same throughput run where it
+    has the two-floors-at-once cases). bytes = the fitted all-reduce of the strategy's
     bytes. sync = the measured cost of synchronising a training step at all (a W=2 step
     that all-reduces one float, minus its local part; from the ``syncstep`` record). For
     the compression hooks, local also holds the compression's own computation: the step
@@ -111,7 +118,7 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
             local_full = local_ms = floor128  # no 1-process b128 loop in the record: its compute floor
         if cfg["sync"] in hook_w1:  # compression computation beyond the plain hook, once per optimizer step
             local_ms += max(0.0, hook_w1[cfg["sync"]] - hook_w1["ddp"]) / cfg["accumulation_steps"]
-        factor = contention(cores, cfg["batch_size"])
+        factor = contention(cores, cfg["batch_size"], throughput)
         bytes_ms = 1000 * strategy_comm_s(cfg["sync"], ab) / k
         sync_ms = max(0.0, probe[cfg["batch_size"]] - local_full * factor) / k if probe else 0.0
         bytes_only = local_ms * factor + bytes_ms

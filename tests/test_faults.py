@@ -139,7 +139,9 @@ def spawned_workers_of(pid):
 def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ddp_helpers", "train", "--world-size", "2", "--dataset",
                              "synthetic", "--train-subset", "60000", "--epochs", "50", "--no-progress",
-                             "--output-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--output-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT, and its children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(spawned_workers_of(proc.pid)) < 2:
         time.sleep(0.5)
