@@ -181,15 +181,24 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
     for row in rows:
         row["speedup_vs_1process_b32"] = ref_w1 / row["epoch_s_projected"]
         row["speedup_vs_seed_style"] = ref_seed / row["epoch_s_projected"]
-    floor1 = by_name["compute floor, 2 threads, b32"]["step_ms_median"]
-    targets = {
-        "ours_W2_vs_seed_style": ref_seed / by_name["DDP W=2, b32"]["epoch_s_projected"],
-        "loop_vs_compute_floor_W1": by_name["1 process, 2 threads, b32"]["step_ms_median"] / floor1,
-    }
     return {"kind": "bench_throughput", "created": now_iso(), "command": command_line(), "quick": quick,
             "method": {"repeats": repeats, "warmup_steps": warmup, "timed_steps": steps,
                        "epoch_time": "median step time x steps per epoch (projection)"},
-            "environment": environment(), "cases": rows, "targets": targets}
+            "environment": environment(), "cases": rows, "targets": throughput_targets(rows)}
+
+
+def throughput_targets(rows: list[dict]) -> dict:
+    """The issue's per-epoch targets from a throughput record's rows. The loop against its
+    compute floor is given by medians and by the fastest round of each: a floor disturbed
+    by the host in some rounds shows up as a median ratio far below 1."""
+    by_name = {row["name"]: row for row in rows}
+    loop, floor = by_name["1 process, 2 threads, b32"], by_name["compute floor, 2 threads, b32"]
+    return {
+        "ours_W2_vs_seed_style": by_name["seed-style reference, W=2"]["epoch_s_projected"]
+        / by_name["DDP W=2, b32"]["epoch_s_projected"],
+        "loop_vs_compute_floor_W1": loop["step_ms_median"] / floor["step_ms_median"],
+        "loop_vs_compute_floor_W1_fastest_rounds": loop["step_ms_min"] / floor["step_ms_min"],
+    }
 
 
 # --- how well do the two cores compute side by side? ---------------------------------------
@@ -449,7 +458,8 @@ def markdown_throughput(record: dict) -> str:
                      f"{r['speedup_vs_1process_b32']:.2f}x | {r['speedup_vs_seed_style']:.1f}x |")
     t = record["targets"]
     lines += ["", f"Our DDP W=2 vs the seed-style reference: {t['ours_W2_vs_seed_style']:.1f}x faster per epoch "
-              "(target >= 5x).", f"Our W=1 loop vs its compute floor: {t['loop_vs_compute_floor_W1']:.2f}x (target <= 1.3x)."]
+              "(target >= 5x).", f"Our W=1 loop vs its compute floor: {t['loop_vs_compute_floor_W1']:.2f}x by medians, "
+              f"{t['loop_vs_compute_floor_W1_fastest_rounds']:.2f}x by fastest rounds (target <= 1.3x)."]
     return "\n".join(lines) + "\n"
 
 
