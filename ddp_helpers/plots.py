@@ -130,8 +130,9 @@ def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
                 va="center", fontsize=8)
     ax.set_yticks(y, table.index)
     ax.invert_yaxis()
-    ax.set(xlabel="milliseconds per step (W=2)", title="Cost model against measurement")
-    ax.legend(fontsize=8, loc="lower right")
+    top = float(table[["predicted ms", "measured ms"]].max().max())
+    ax.set(xlabel="milliseconds per step (W=2)", title="Cost model against measurement", xlim=(0, top * 1.15))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
