@@ -419,8 +419,8 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
     for seed in seeds:  # alternate strategies within each seed
         for name, cfg in configs.items():
             hist = launch(cfg.replace(seed=seed)).history
-            got = {"seed": seed, **time_to_target(hist), "best_val_accuracy": max(p["val_accuracy"] for p in
-                                                                                 time_to_target(hist)["points"]),
+            reached = time_to_target(hist)
+            got = {"seed": seed, **reached, "best_val_accuracy": max(p["val_accuracy"] for p in reached["points"]),
                    "epoch_time_s": [r["epoch_time_s"] for r in hist]}
             runs[name].append(got)
             log(f"seed {seed}  {name:<48} " + (f"98% at epoch {got['epochs_to_target']:.2f}, "
