@@ -256,19 +256,26 @@ class ProbeSync(LocalSync):
         dist.all_reduce(self.flag)  # timed by the engine as the step's sync phase
 
 
+def _timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Callable, train, reduce,
+                 warmup: int, steps: int) -> dict:
+    """A fresh model trained through the shared engine with the given strategy: ``warmup``
+    steps, then ``steps`` timed ones; returns the timed part's summary."""
+    torch.manual_seed(cfg.seed)
+    model = MLP(cfg.hidden_sizes, cfg.dropout)
+    optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sync = make_strategy(model, optimizer)
+    indices = train_indices(len(train), rank, world_size, 0, cfg.seed)
+    train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=reduce, max_steps=warmup)
+    return train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=reduce, max_steps=steps)
+
+
 def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
                steps: int) -> None:
     """The training step through the shared engine, with ProbeSync plugged in."""
     cfg = TrainConfig.from_dict(cfg_dict)
     with process_group(cfg, rank, world_size, rank, init_method) as ctx:
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        torch.manual_seed(cfg.seed)
-        model = MLP(cfg.hidden_sizes, cfg.dropout)
-        optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-        sync = ProbeSync(model, optimizer)
-        indices = train_indices(len(train), rank, world_size, 0, cfg.seed)
-        train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=ctx.reduce, max_steps=warmup)
-        out = train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, reduce=ctx.reduce, max_steps=steps)
+        out = _timed_steps(cfg, rank, world_size, ProbeSync, train, ctx.reduce, warmup, steps)
         if rank == 0:
             emit("result", {"step_ms": 1000 * out["epoch_time_s"] / out["steps"],
                             "sync_ms": 1000 * out["phase_s"]["sync"] / out["steps"]})
@@ -280,18 +287,13 @@ def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_
     all-reduce of one rank moves nothing, so the difference is the hook's own computation
     (DDP's bucket copies; fp16 casts; PowerSGD's matrix products and orthogonalisation)."""
     cfg = TrainConfig.from_dict(cfg_dict)
-    with process_group(cfg, rank, world_size, rank, init_method):
+    with process_group(cfg, rank, world_size, rank, init_method) as ctx:
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        indices = train_indices(len(train), 0, 1, 0, cfg.seed)
         out = {}
         for name in ("local", *DDP_HOOKS):
-            torch.manual_seed(cfg.seed)
-            model = MLP(cfg.hidden_sizes, cfg.dropout)
-            optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-            sync = LocalSync(model, optimizer) if name == "local" else DDPSync(model, optimizer, torch.device("cpu"),
-                                                                                hook=name)
-            train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, max_steps=warmup)
-            done = train_one_epoch(sync, optimizer, train, indices, cfg.batch_size, max_steps=steps)
+            strategy = LocalSync if name == "local" else (
+                lambda model, optimizer, hook=name: DDPSync(model, optimizer, torch.device("cpu"), hook=hook))
+            done = _timed_steps(cfg, rank, world_size, strategy, train, ctx.reduce, warmup, steps)
             out[name] = 1000 * done["epoch_time_s"] / done["steps"]
         emit("result", out)
 

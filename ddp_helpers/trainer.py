@@ -181,19 +181,19 @@ def fit(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = N
         bar = _progress_bar(cfg, epoch, len(indices)) if progress and ctx.is_main else None
         lr = optimizer.param_groups[0]["lr"]
         eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size)
-        steps = _steps_in_epoch(cfg, len(indices))
-        parts, evals, eval_s, done = [], [], 0.0, 0
+        steps, before_step = _steps_in_epoch(cfg, len(indices)), _chain(fault, bar)
+        parts, evals, eval_s, train_s, done = [], [], 0.0, 0.0, 0
         for end in eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps):
             chunk = indices[done * cfg.batch_size:end * cfg.batch_size]
             parts.append(train_one_epoch(sync, optimizer, train_split, chunk, cfg.batch_size, reduce=ctx.reduce,
                                          accumulation_steps=cfg.accumulation_steps, lr_scale=warmup,
-                                         before_step=_chain(fault, bar), step_offset=global_step + done))
-            done = end
+                                         before_step=before_step, step_offset=global_step + done))
+            done, train_s = end, train_s + parts[-1]["epoch_time_s"]
             start = time.perf_counter()
             val = evaluate(model, test_split, eval_idx, reduce=ctx.reduce)
             eval_s += time.perf_counter() - start
-            evals.append({"epoch_fraction": done / steps, "train_time_s": sum(
-                p["epoch_time_s"] for p in parts), "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]})
+            evals.append({"epoch_fraction": done / steps, "train_time_s": train_s,
+                          "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]})
         if bar is not None:
             bar.close()
         train = merge_parts(parts)
