@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .costmodel import AlphaBeta, tta_ratios
+from .costmodel import AlphaBeta, tta_decomposition, tta_ratios
 from .data import ensure_mnist, load_datasets, steps_per_epoch, train_indices
 from .dist import process_group
 from .engine import make_optimizer, train_one_epoch
@@ -211,21 +211,27 @@ def _floor_job(rank: int, world_size: int, init_method: str, emit: Callable, bat
     emit("result", compute_floor(batch, threads, steps, warmup))
 
 
+def headroom_round(batch: int, steps: int, warmup: int) -> dict:
+    """One round of compute-floor step times (no data loading, no communication): a 1-thread
+    process alone, two such processes at once (the slower one), and one 2-thread process at
+    twice the batch, which handles the same samples per step as the pair."""
+    alone = run_workers(_floor_job, 1, (batch, steps, warmup, 0.0))[0]["step_ms"]["total"]
+    both = run_workers(_floor_job, 2, (batch, steps, warmup, time.time() + 8.0))
+    two_threads = run_workers(_floor_job, 1, (2 * batch, steps, warmup, 0.0, 2))[0]["step_ms"]["total"]
+    return {"batch": batch, "alone_ms": alone, "two_at_once_ms": max(both[r]["step_ms"]["total"] for r in both),
+            "one_process_2_threads_double_batch_ms": two_threads}
+
+
 def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
-    """Compute-floor step time (no data loading, no communication) of one 1-thread process
-    alone, of two such processes at once, and of one 2-thread process at twice the batch,
-    which handles the same samples per step as the pair. The pair against the 2-thread
-    process is the ceiling for any 2-worker strategy against a single process on this machine."""
+    """Compute-floor step time of one 1-thread process alone, of two such processes at once,
+    and of one 2-thread process at twice the batch. The pair against the 2-thread process is
+    the ceiling for any 2-worker strategy against a single process on this machine."""
     repeats, steps, warmup = (1, 60, 20) if quick else (3, 400, 50)
     rows = []
     for batch in (32, 128, 256):
-        alone, together, two_threads = [], [], []
-        for _ in range(repeats):  # alternate the three set-ups
-            alone.append(run_workers(_floor_job, 1, (batch, steps, warmup, 0.0))[0]["step_ms"]["total"])
-            both = run_workers(_floor_job, 2, (batch, steps, warmup, time.time() + 8.0))
-            together.append(max(both[r]["step_ms"]["total"] for r in both))
-            two_threads.append(run_workers(_floor_job, 1, (2 * batch, steps, warmup, 0.0, 2))[0]["step_ms"]["total"])
-        a, t, d = statistics.median(alone), statistics.median(together), statistics.median(two_threads)
+        rounds = [headroom_round(batch, steps, warmup) for _ in range(repeats)]  # alternates the three set-ups
+        a, t, d = (statistics.median(r[k] for r in rounds)
+                   for k in ("alone_ms", "two_at_once_ms", "one_process_2_threads_double_batch_ms"))
         rows.append({"batch": batch, "alone_ms": a, "two_at_once_ms": t, "slowdown": t / a,
                      "two_process_throughput_vs_one": 2 * a / t, "one_process_2_threads_double_batch_ms": d,
                      "two_processes_vs_2_threads": d / t})
@@ -371,6 +377,7 @@ def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
 
 TTA_TARGET = 0.98
 LARGE_BATCH = dict(lr=2e-3, warmup_steps=100)  # the one large-batch setting (global batch 256), used by both sides
+HEADROOM_BATCH = 128  # per-worker batch of the large-batch 2-worker runs
 
 
 def tta_configs(quick: bool) -> dict[str, TrainConfig]:
@@ -418,16 +425,25 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
     ensure_mnist()
     configs = tta_configs(quick)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
+    headroom: dict[str, list[dict]] = {}
+    floor_steps, floor_warmup = (60, 20) if quick else (300, 50)
     for seed in seeds:  # alternate strategies within each seed
+        # the machine's headroom for a second process, measured before and after this seed's runs
+        headroom[str(seed)] = [headroom_round(HEADROOM_BATCH, floor_steps, floor_warmup)]
         for name, cfg in configs.items():
             hist = launch(cfg.replace(seed=seed)).history
             reached = time_to_target(hist)
             got = {"seed": seed, **reached, "best_val_accuracy": max(p["val_accuracy"] for p in reached["points"]),
-                   "epoch_time_s": [r["epoch_time_s"] for r in hist]}
+                   "epoch_time_s": [r["epoch_time_s"] for r in hist], "steps_per_epoch": hist[0]["steps_per_worker"],
+                   "step_ms": [r["step_ms"] for r in hist], "sync_fraction": [r["sync_fraction"] for r in hist]}
             runs[name].append(got)
             log(f"seed {seed}  {name:<48} " + (f"98% at epoch {got['epochs_to_target']:.2f}, "
                                                f"{got['seconds_to_target']:.1f} s" if got["reached"]
                                                else f"not reached (best {got['best_val_accuracy']:.2%})"))
+        headroom[str(seed)].append(headroom_round(HEADROOM_BATCH, floor_steps, floor_warmup))
+        pair = [h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in headroom[str(seed)]]
+        log(f"seed {seed}  compute-only pair b{HEADROOM_BATCH} vs 2-thread process b{2 * HEADROOM_BATCH}: "
+            f"{pair[0]:.2f}x before, {pair[1]:.2f}x after")
     summary = []
     for name, rs in runs.items():
         secs = [r["seconds_to_target"] for r in rs if r["reached"]]
@@ -442,8 +458,12 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
                          "seconds": "training time only (evaluation excluded), cumulative to the first validation "
                                     "pass (4 per epoch, at equal step intervals) whose accuracy reaches the target",
                          "large_batch_setting": {"global_batch": 256, **LARGE_BATCH}},
-              "environment": environment(), "runs": runs, "summary": summary}
+              "environment": environment(), "runs": runs, "summary": summary, "headroom": headroom}
+    record["method"]["headroom"] = (f"compute floor before and after each seed's runs ({floor_steps} timed steps): "
+                                    f"two 1-thread processes at b{HEADROOM_BATCH} at once against one 2-thread "
+                                    f"process at b{2 * HEADROOM_BATCH}")
     record["ratios"] = tta_ratios(record)
+    record["decomposition"] = tta_decomposition(record)
     return record
 
 
@@ -480,6 +500,17 @@ def markdown_tta(record: dict) -> str:
         if key in r:
             lines.append(f"\nBest 2-worker strategy ({r['best_2_workers']}) vs {label}: {r[key]:.2f}x by mean time; "
                          f"per seed {', '.join(f'{x:.2f}' for x in r[key + '_per_seed'])}x.")
+    d = record.get("decomposition", {})
+    if d.get("applies"):
+        lines += ["", f"Why: {d['two_workers']} against {d['two_threads']}, seed by seed "
+                  "(ratio = samples x headroom x loop x sync; headroom measured before and after each seed's runs).", "",
+                  "| seed | ratio | samples | headroom (before, after) | loop | sync | headroom needed for "
+                  f"{d['target_ratio']}x | sync ms/step |", "|---|---|---|---|---|---|---|---|"]
+        for row in d["seeds"]:
+            rounds = ", ".join(f"{h:.2f}" for h in row["headroom_rounds"])
+            lines.append(f"| {row['seed']} | {row['ratio']:.2f} | {row['samples']:.2f} | {row['headroom']:.2f} ({rounds}) "
+                         f"| {row['loop']:.2f} | {row['sync']:.2f} | {row['needed_headroom']:.2f} "
+                         f"| {row['sync_ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

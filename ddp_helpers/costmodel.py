@@ -16,6 +16,9 @@ up as the gap between predicted and measured.
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +146,58 @@ def two_worker_ceiling(cores: dict, batch: int = 128) -> dict:
         out["one_process_1_thread_ms"] = one_thread_double
         out["ceiling_vs_1_thread"] = one_thread_double / row["two_at_once_ms"]
     return out
+
+
+def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
+    """Why the best 2-worker strategy is as fast as it is against the best 2-thread process,
+    seed by seed. With the same global batch on both sides, the time-to-98% ratio factors
+    exactly into four measured parts:
+
+        ratio = samples x headroom x loop x sync
+
+    * samples: steps the 2-thread process needed / steps the 2-worker strategy needed;
+    * headroom: compute-only step of one 2-thread process / of two 1-thread processes at
+      once on the same samples, measured before and after the seed's runs (mean of the two);
+    * loop: how close the 2-thread loop is to its floor / how close the 2-worker loop,
+      without its synchronisation, is to its floor;
+    * sync: the 2-worker step's share not spent synchronising (1 - sync fraction).
+
+    ``needed_headroom`` is the headroom that would have given ``target_ratio`` with the
+    other three factors as measured."""
+    ratios = tta_ratios(record)
+    two_name, one_name = ratios.get("best_2_workers"), ratios.get("best_2_threads")
+    summary = {s["name"]: s for s in record.get("summary", [])}
+    headroom, runs = record.get("headroom"), record.get("runs", {})
+    if not (two_name and one_name and headroom):
+        return {"applies": False, "why": "the record has no headroom rounds or no complete pair of strategies"}
+    two_cfg, one_cfg = summary[two_name]["config"], summary[one_name]["config"]
+    two_global = two_cfg["batch_size"] * two_cfg["world_size"] * two_cfg["accumulation_steps"]
+    if two_global != one_cfg["batch_size"] * one_cfg["accumulation_steps"] or \
+            any(h["batch"] != two_cfg["batch_size"] for rounds in headroom.values() for h in rounds):
+        return {"applies": False, "why": "the two sides differ in global batch, or the headroom was measured at "
+                                         "another per-worker batch"}
+    one_by_seed = {r["seed"]: r for r in runs[one_name]}
+    rows = []
+    for two in runs[two_name]:
+        one, seed = one_by_seed[two["seed"]], two["seed"]
+        steps_two = two["epochs_to_target"] * two["steps_per_epoch"]
+        steps_one = one["epochs_to_target"] * one["steps_per_epoch"]
+        ms_two, ms_one = 1000 * two["seconds_to_target"] / steps_two, 1000 * one["seconds_to_target"] / steps_one
+        used = range(math.ceil(two["epochs_to_target"]))  # the epochs (partly) run before the target
+        sync_fraction = (sum(two["sync_fraction"][i] * two["epoch_time_s"][i] for i in used)
+                         / sum(two["epoch_time_s"][i] for i in used))
+        rounds = headroom[str(seed)]
+        floor_pair = statistics.mean(h["two_at_once_ms"] for h in rounds)
+        floor_2t = statistics.mean(h["one_process_2_threads_double_batch_ms"] for h in rounds)
+        factors = {"samples": steps_one / steps_two, "headroom": floor_2t / floor_pair,
+                   "loop": (ms_one / floor_2t) / (ms_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
+        rest = factors["samples"] * factors["loop"] * factors["sync"]
+        rows.append({"seed": seed, "ratio": one["seconds_to_target"] / two["seconds_to_target"], **factors,
+                     "needed_headroom": target_ratio / rest, "headroom_rounds": [
+                         h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in rounds],
+                     "step_ms_2_workers": ms_two, "step_ms_2_threads": ms_one,
+                     "sync_ms_per_step": ms_two * sync_fraction, "floor_ms_pair": floor_pair, "floor_ms_2_threads": floor_2t})
+    return {"applies": True, "two_workers": two_name, "two_threads": one_name, "target_ratio": target_ratio, "seeds": rows}
 
 
 def host_summary(cores: dict, throughput: dict, tta: dict) -> dict:

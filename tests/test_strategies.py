@@ -133,3 +133,28 @@ def test_two_worker_ceiling_compares_the_same_samples_per_step():
                       {"batch": 256, "alone_ms": 14.0, "two_at_once_ms": 15.0, "one_process_2_threads_double_batch_ms": 20.0}]}
     c = two_worker_ceiling(cores, 128)
     assert c["ceiling_vs_2_threads"] == 10 / 8 and c["ceiling_vs_1_thread"] == 14 / 8
+
+
+def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
+    from ddp_helpers.costmodel import tta_decomposition
+
+    def summary(name, w, t, b, secs):
+        return {"name": name, "config": {"world_size": w, "threads_per_rank": t, "batch_size": b,
+                                         "accumulation_steps": 1}, "reached": 1, "seeds": 1, "seconds_mean": secs}
+
+    def run(secs, epochs, sync_fraction):
+        return {"seed": 0, "seconds_to_target": secs, "epochs_to_target": epochs, "steps_per_epoch": 100,
+                "epoch_time_s": [secs / epochs] * 4, "sync_fraction": [sync_fraction] * 4}
+    record = {"summary": [summary("pair", 2, 1, 128, 8.0), summary("threads", 1, 2, 256, 9.0)],
+              "runs": {"pair": [run(8.0, 4.0, 0.1)], "threads": [run(9.0, 3.5, 0.0)]},
+              "headroom": {"0": [{"batch": 128, "two_at_once_ms": 20.0, "one_process_2_threads_double_batch_ms": 24.0},
+                                 {"batch": 128, "two_at_once_ms": 20.0, "one_process_2_threads_double_batch_ms": 26.0}]}}
+    d = tta_decomposition(record, target_ratio=1.2)
+    row = d["seeds"][0]
+    assert d["applies"] and row["ratio"] == pytest.approx(9.0 / 8.0)
+    assert row["samples"] == pytest.approx(3.5 / 4.0) and row["headroom"] == pytest.approx(25.0 / 20.0)
+    assert row["sync"] == pytest.approx(0.9) and row["sync_ms_per_step"] == pytest.approx(2.0)
+    assert row["samples"] * row["headroom"] * row["loop"] * row["sync"] == pytest.approx(row["ratio"])
+    assert row["needed_headroom"] == pytest.approx(1.2 * row["headroom"] / row["ratio"])
+    record["headroom"]["0"][0]["batch"] = 64  # measured at another batch: the factors would not be comparable
+    assert not tta_decomposition(record)["applies"]
