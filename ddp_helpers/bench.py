@@ -400,6 +400,10 @@ def tta_configs(quick: bool) -> dict[str, TrainConfig]:
         "DDP no_sync k=4 W=2, b32 x 4, lr 2e-3, warm-up": big(world_size=2, batch_size=32, accumulation_steps=4),
         "local SGD k=8 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="local_sgd", local_sgd_every=8,
                                                         batch_size=128),
+        "overlapped local SGD k=8 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="local_sgd_overlap",
+                                                                   local_sgd_every=8, batch_size=128),
+        "overlapped local SGD k=4 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="local_sgd_overlap",
+                                                                   local_sgd_every=4, batch_size=128),
     }
 
 

@@ -16,7 +16,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
 # Gradient-synchronisation strategies the engine knows (see ddp_helpers.sync).
-SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd")
+SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd", "local_sgd_overlap")
 FAULT_KINDS = ("raise", "exit", "hang")
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, shuffling and dropout (each rank adds its rank for dropout)")
     warmup_steps: int = _field(0, "optimizer steps of linear learning-rate warm-up from lr/warmup_steps; 0 = none")
     accumulation_steps: int = _field(1, "micro-batches per optimizer step; gradients sync only on the last (no_sync)")
-    local_sgd_every: int = _field(8, "local_sgd: optimizer steps between parameter averages across ranks")
+    local_sgd_every: int = _field(8, "local_sgd(_overlap): optimizer steps between parameter averages across ranks")
     stop_at_accuracy: float = _field(0.0, "stop at the end of the epoch in which a validation pass first reaches this; "
                                             "0 = never")
     evals_per_epoch: int = _field(1, "validation passes per epoch at equal step intervals (the last at the epoch's "

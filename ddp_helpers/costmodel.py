@@ -60,7 +60,7 @@ def powersgd_bytes(rank: int) -> tuple[int, int]:
 
 def strategy_comm_s(name: str, ab: AlphaBeta) -> float:
     """Communication seconds per communication round of a strategy (before dividing by k)."""
-    if name in ("ddp", "allreduce", "local_sgd"):
+    if name in ("ddp", "allreduce", "local_sgd", "local_sgd_overlap"):
         return ab.allreduce_s(GRAD_BYTES)  # gradients, or the same number of parameters
     if name == "fp16":
         return ab.allreduce_s(GRAD_BYTES / 2)
@@ -113,7 +113,7 @@ def predict_w2(throughput: dict, allreduce: dict, cores: dict | None = None,
         if c["kind"] != "train" or c["world_size"] != 2:
             continue
         cfg = c["config"]
-        k = cfg["accumulation_steps"] if cfg["sync"] != "local_sgd" else cfg["local_sgd_every"]
+        k = cfg["local_sgd_every"] if cfg["sync"].startswith("local_sgd") else cfg["accumulation_steps"]
         if cfg["batch_size"] == 32:
             local_full = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"]
             local_ms = one["data_ms"] + one["compute_ms"] + one["optimizer_ms"] / cfg["accumulation_steps"]

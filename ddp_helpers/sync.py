@@ -19,7 +19,8 @@ reported through ``pop_seconds`` so that the engine can move it from compute to 
 DistributedDataParallel with a timing communication hook. ``AllReduceSync`` does by
 hand what DDP does under the hood: one flat gradient buffer, one all-reduce, divide
 by the world size. ``fp16`` and ``powersgd`` are DDP with a compression hook;
-``LocalSGDSync`` trains each rank on its own and averages the weights every k steps.
+``LocalSGDSync`` trains each rank on its own and averages the weights every k steps;
+``OverlapLocalSGDSync`` does the same with the averaging running behind the training.
 """
 
 
@@ -200,6 +201,57 @@ class LocalSGDSync(LocalSync):
             offset += p.numel()
 
 
+class OverlapLocalSGDSync(LocalSGDSync):
+    """Local SGD whose averaging runs in the background (the all-reduce is asynchronous).
+
+    Every ``every`` steps a rank sends a snapshot of its weights and keeps training. At the
+    next averaging point, ``every`` steps later, it collects the average of the snapshots
+    and keeps its own progress since it sent its snapshot:
+
+        w  <-  mean of the snapshots  +  (w - own snapshot)
+
+    A rank therefore waits only if the all-reduce is still unfinished ``every`` steps
+    later, instead of waiting for the slower rank at each average; the price is that
+    each average arrives one period late. ``consolidate`` collects the pending average,
+    then averages once more, blocking, so that every rank holds the same weights."""
+
+    name = "local_sgd_overlap"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
+        super().__init__(model, optimizer, every)
+        self.pending = None  # (all-reduce in flight, its buffer, this rank's snapshot)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._collect()
+            self._send()
+
+    def consolidate(self) -> None:
+        self._collect()
+        self._average()
+        self.steps = 0
+
+    @torch.no_grad()
+    def _send(self) -> None:
+        own = torch.cat([p.reshape(-1) for p in self.params])
+        buffer = own.clone()
+        self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
+
+    @torch.no_grad()
+    def _collect(self) -> None:
+        if self.pending is None:
+            return
+        work, buffer, own = self.pending
+        self.pending = None
+        work.wait()  # bounded by the process group's timeout
+        correction = buffer.div_(self.world_size).sub_(own)  # mean of the snapshots - own snapshot
+        offset = 0
+        for p in self.params:
+            p.add_(correction[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
               device: torch.device, local_sgd_every: int = 8):
     """The strategy object for a run; a single process always gets LocalSync."""
@@ -211,4 +263,6 @@ def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, wor
         return AllReduceSync(model, optimizer)
     if name == "local_sgd":
         return LocalSGDSync(model, optimizer, local_sgd_every)
+    if name == "local_sgd_overlap":
+        return OverlapLocalSGDSync(model, optimizer, local_sgd_every)
     raise ValueError(f"unknown sync strategy {name!r}")

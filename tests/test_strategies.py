@@ -32,7 +32,8 @@ def test_ddp_no_sync_accumulation_matches_one_process_with_the_global_batch(mnis
     assert max_difference(reference.state_dict, ddp.state_dict) < 1e-4
 
 
-@pytest.mark.parametrize("sync, extra", [("fp16", {}), ("powersgd", {}), ("local_sgd", {"local_sgd_every": 5})])
+@pytest.mark.parametrize("sync, extra", [("fp16", {}), ("powersgd", {}), ("local_sgd", {"local_sgd_every": 5}),
+                                         ("local_sgd_overlap", {"local_sgd_every": 5})])
 def test_each_strategy_trains_a_few_steps_on_two_ranks(sync, extra, mnist):
     cfg = TrainConfig(world_size=2, sync=sync, max_steps_per_epoch=12, **{**SMALL, "dropout": 0.2}, **extra)
     result = launch(cfg)
@@ -158,3 +159,13 @@ def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
     assert row["needed_headroom"] == pytest.approx(1.2 * row["headroom"] / row["ratio"])
     record["headroom"]["0"][0]["batch"] = 64  # measured at another batch: the factors would not be comparable
     assert not tta_decomposition(record)["applies"]
+
+
+def test_overlapped_local_sgd_applies_each_average_one_period_late_and_keeps_local_progress():
+    from ddp_helpers.launch import run_workers
+    from processes import overlap_local_sgd_job
+
+    got = run_workers(overlap_local_sgd_job, 2, launch_timeout_s=120)
+    assert got[0]["unchanged"] == [1.0, 2.0] and got[1]["unchanged"] == [3.0, 6.0]
+    assert got[0]["collected"] == [2.5, 4.0] and got[1]["collected"] == [2.0, 3.0]  # mean(a) = [2, 4], plus d_r
+    assert got[0]["final"] == got[1]["final"] == [2.25, 3.5]  # mean(a) + mean(d)
