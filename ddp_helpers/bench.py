@@ -1,9 +1,10 @@
-"""Benchmarks: ``python -m ddp_helpers.bench {throughput,allreduce,tta,all} [--quick]``.
+"""Benchmarks: ``python -m ddp_helpers.bench {throughput,allreduce,cores,vcpu,syncstep,tta,all} [--quick]``.
 
 * ``throughput``: per-step time and its split for each configuration, measured in
   alternating order with warm-up and repeats; epoch times are projected from the
   median step time. Includes the seed-style reference and the compute floor.
 * ``cores``: one compute-only process against two at once: how much the second core adds.
+* ``vcpu``: the same question moment by moment, with a cache-resident loop in 0.25 s windows.
 * ``syncstep``: a W=2 training step that synchronises every step but sends ~no bytes.
 * ``allreduce``: gloo all-reduce time against message size for 2 and 4 ranks, fitted
   to t = alpha + beta * bytes; the fit predicts each strategy's step time.
@@ -243,6 +244,53 @@ def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
                        "what": "forward+backward+fused Adam on a fixed batch in a spawned process, no sync: one "
                                "1-thread process, two at once, and one 2-thread process at twice the batch"},
             "environment": environment(), "rows": rows}
+
+
+# --- do the two virtual cores compute independently, moment by moment? ---------------------
+
+def _rate_job(rank: int, world_size: int, init_method: str, emit: Callable, seconds: float, start_at: float,
+              window_s: float) -> None:
+    """Matrix products per second of a 64x64 matmul loop (cache-resident: no memory traffic),
+    one value per window, in one thread."""
+    torch.set_num_threads(1)
+    a, b, out = torch.randn(64, 64), torch.randn(64, 64), torch.empty(64, 64)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    rates, end = [], start_at + seconds
+    while time.time() < end:
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < window_s:
+            for _ in range(100):
+                torch.mm(a, b, out=out)
+            n += 100
+        rates.append(n / (time.perf_counter() - start))
+    emit("result", rates)
+
+
+def run_vcpu(quick: bool, log: Callable[[str], None]) -> dict:
+    """A cache-resident compute loop in short windows, one process alone and then two at once,
+    alternating. If the two virtual cores were always separate physical cores, each of the pair
+    would run at the speed of the one alone in every window; windows well below it mean the
+    pair shared hardware at that moment (sibling hyperthreads, or a neighbour's load)."""
+    rounds, seconds, window = (1, 3.0, 0.25) if quick else (3, 15.0, 0.25)
+    out = []
+    for i in range(rounds):
+        alone = run_workers(_rate_job, 1, (seconds, time.time() + 3.0, window))[0]
+        both = run_workers(_rate_job, 2, (seconds, time.time() + 8.0, window))
+        base = statistics.median(alone)
+        together = [r / base for rank in sorted(both) for r in both[rank]]
+        out.append({"alone_rate_median": base, "alone_relative": [r / base for r in alone],
+                    "together_relative": together})
+        log(f"round {i}: two at once, per {window} s window, relative to one alone: median "
+            f"{statistics.median(together):.2f}, {sum(r < 0.85 for r in together) / len(together):.0%} of windows below 0.85")
+    every = [r for o in out for r in o["together_relative"]]
+    return {"kind": "bench_vcpu", "created": now_iso(), "command": command_line(), "quick": quick,
+            "method": {"rounds": rounds, "seconds": seconds, "window_s": window,
+                       "what": "64x64 float32 matmul loop, 1 thread per process, cache-resident; rates relative to "
+                               "the median rate of the process alone in the same round"},
+            "environment": environment(), "rounds": out,
+            "together_median": statistics.median(every),
+            "together_share_below_0_85": sum(r < 0.85 for r in every) / len(every)}
 
 
 # --- the cost of synchronising every step, measured in training ------------------------------
@@ -507,30 +555,31 @@ def markdown_tta(record: dict) -> str:
     d = record.get("decomposition", {})
     if d.get("applies"):
         lines += ["", f"Why: {d['two_workers']} against {d['two_threads']}, seed by seed "
-                  "(ratio = samples x headroom x loop x sync; headroom measured before and after each seed's runs).", "",
-                  "| seed | ratio | samples | headroom (before, after) | loop | sync | headroom needed for "
-                  f"{d['target_ratio']}x | sync ms/step |", "|---|---|---|---|---|---|---|---|"]
+                  "(ratio = samples x compute x sync, all three measured in the runs; compute = headroom x loop, with "
+                  "the compute-only headroom measured before and after each seed's runs).", "",
+                  "| seed | ratio | samples | compute (in the runs) | sync | headroom before, after (mean) | loop "
+                  f"| headroom needed for {d['target_ratio']}x | sync ms/step |", "|---|---|---|---|---|---|---|---|---|"]
         for row in d["seeds"]:
             rounds = ", ".join(f"{h:.2f}" for h in row["headroom_rounds"])
-            lines.append(f"| {row['seed']} | {row['ratio']:.2f} | {row['samples']:.2f} | {row['headroom']:.2f} ({rounds}) "
-                         f"| {row['loop']:.2f} | {row['sync']:.2f} | {row['needed_headroom']:.2f} "
-                         f"| {row['sync_ms_per_step']:.2f} |")
+            lines.append(f"| {row['seed']} | {row['ratio']:.2f} | {row['samples']:.2f} | {row['compute_ratio']:.2f} "
+                         f"| {row['sync']:.2f} | {rounds} ({row['headroom']:.2f}) | {row['loop']:.2f} "
+                         f"| {row['needed_headroom']:.2f} | {row['sync_ms_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["throughput", "allreduce", "cores", "syncstep", "tta", "all"])
+    parser.add_argument("part", choices=["throughput", "allreduce", "cores", "vcpu", "syncstep", "tta", "all"])
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat, a data subset (CI)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for bench_*.json and bench_*.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    parts = ["allreduce", "cores", "syncstep", "throughput", "tta"] if args.part == "all" else [args.part]
+    parts = ["allreduce", "cores", "vcpu", "syncstep", "throughput", "tta"] if args.part == "all" else [args.part]
     log = lambda line: print(line, flush=True)  # noqa: E731
     suffix = "_quick" if args.quick else ""
     for part in parts:
         before = cpu_ticks()
-        record = {"throughput": run_throughput, "allreduce": run_allreduce, "cores": run_cores,
+        record = {"throughput": run_throughput, "allreduce": run_allreduce, "cores": run_cores, "vcpu": run_vcpu,
                   "syncstep": run_syncstep, "tta": run_tta}[part](args.quick, log)
         record["cpu_time_shares"] = cpu_shares(before, cpu_ticks())  # steal > 0: the host took our cores
         path = save_json(record, out / f"bench_{part}{suffix}.json")

@@ -162,6 +162,10 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
       without its synchronisation, is to its floor;
     * sync: the 2-worker step's share not spent synchronising (1 - sync fraction).
 
+    headroom x loop = ``compute_ratio``: the 2-thread step against the 2-worker step without
+    its synchronisation, both measured in the runs themselves. The split of it into headroom
+    and loop rests on floors measured minutes away from the runs, on a host whose speed moves.
+
     ``needed_headroom`` is the headroom that would have given ``target_ratio`` with the
     other three factors as measured."""
     ratios = tta_ratios(record)
@@ -193,6 +197,7 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
                    "loop": (ms_one / floor_2t) / (ms_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
         rest = factors["samples"] * factors["loop"] * factors["sync"]
         rows.append({"seed": seed, "ratio": one["seconds_to_target"] / two["seconds_to_target"], **factors,
+                     "compute_ratio": factors["headroom"] * factors["loop"],
                      "needed_headroom": target_ratio / rest, "headroom_rounds": [
                          h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in rounds],
                      "step_ms_2_workers": ms_two, "step_ms_2_threads": ms_one,

@@ -156,6 +156,7 @@ def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
     assert row["samples"] == pytest.approx(3.5 / 4.0) and row["headroom"] == pytest.approx(25.0 / 20.0)
     assert row["sync"] == pytest.approx(0.9) and row["sync_ms_per_step"] == pytest.approx(2.0)
     assert row["samples"] * row["headroom"] * row["loop"] * row["sync"] == pytest.approx(row["ratio"])
+    assert row["samples"] * row["compute_ratio"] * row["sync"] == pytest.approx(row["ratio"])
     assert row["needed_headroom"] == pytest.approx(1.2 * row["headroom"] / row["ratio"])
     record["headroom"]["0"][0]["batch"] = 64  # measured at another batch: the factors would not be comparable
     assert not tta_decomposition(record)["applies"]
