@@ -557,13 +557,13 @@ def markdown_tta(record: dict) -> str:
         lines += ["", f"Why: {d['two_workers']} against {d['two_threads']}, seed by seed "
                   "(ratio = samples x compute x sync, all three measured in the runs; compute = headroom x loop, with "
                   "the compute-only headroom measured before and after each seed's runs).", "",
-                  "| seed | ratio | samples | compute (in the runs) | sync | headroom before, after (mean) | loop "
-                  f"| headroom needed for {d['target_ratio']}x | sync ms/step |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"| seed | ratio | samples | compute (in the runs) | compute needed for {d['target_ratio']}x | sync "
+                  "| sync ms/step | headroom before, after (mean) | loop |", "|---|---|---|---|---|---|---|---|---|"]
         for row in d["seeds"]:
             rounds = ", ".join(f"{h:.2f}" for h in row["headroom_rounds"])
             lines.append(f"| {row['seed']} | {row['ratio']:.2f} | {row['samples']:.2f} | {row['compute_ratio']:.2f} "
-                         f"| {row['sync']:.2f} | {rounds} ({row['headroom']:.2f}) | {row['loop']:.2f} "
-                         f"| {row['needed_headroom']:.2f} | {row['sync_ms_per_step']:.2f} |")
+                         f"| {row['needed_compute_ratio']:.2f} | {row['sync']:.2f} | {row['sync_ms_per_step']:.2f} "
+                         f"| {rounds} ({row['headroom']:.2f}) | {row['loop']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

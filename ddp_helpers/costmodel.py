@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import statistics
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,8 +165,8 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
     its synchronisation, both measured in the runs themselves. The split of it into headroom
     and loop rests on floors measured minutes away from the runs, on a host whose speed moves.
 
-    ``needed_headroom`` is the headroom that would have given ``target_ratio`` with the
-    other three factors as measured."""
+    ``needed_compute_ratio`` is the compute ratio that would have given ``target_ratio``
+    with the samples and sync factors as measured."""
     ratios = tta_ratios(record)
     two_name, one_name = ratios.get("best_2_workers"), ratios.get("best_2_threads")
     summary = {s["name"]: s for s in record.get("summary", [])}
@@ -195,10 +194,9 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
         floor_2t = statistics.mean(h["one_process_2_threads_double_batch_ms"] for h in rounds)
         factors = {"samples": steps_one / steps_two, "headroom": floor_2t / floor_pair,
                    "loop": (ms_one / floor_2t) / (ms_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
-        rest = factors["samples"] * factors["loop"] * factors["sync"]
         rows.append({"seed": seed, "ratio": one["seconds_to_target"] / two["seconds_to_target"], **factors,
                      "compute_ratio": factors["headroom"] * factors["loop"],
-                     "needed_headroom": target_ratio / rest, "headroom_rounds": [
+                     "needed_compute_ratio": target_ratio / (factors["samples"] * factors["sync"]), "headroom_rounds": [
                          h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in rounds],
                      "step_ms_2_workers": ms_two, "step_ms_2_threads": ms_one,
                      "sync_ms_per_step": ms_two * sync_fraction, "floor_ms_pair": floor_pair, "floor_ms_2_threads": floor_2t})

@@ -170,6 +170,39 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     return fig
 
 
+def plot_vcpu(record: dict) -> plt.Figure:
+    """Compute rate per short window relative to one process alone: alone, and each of two at once."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    alone = [r for o in record["rounds"] for r in o["alone_relative"]]
+    together = [r for o in record["rounds"] for r in o["together_relative"]]
+    bins = np.arange(0.3, 1.45, 0.05)
+    ax.hist(alone, bins=bins, alpha=0.6, label=f"one process alone ({len(alone)} windows)")
+    ax.hist(together, bins=bins, alpha=0.6, label=f"each of two at once ({len(together)} windows)")
+    ax.axvline(1.0, color="grey", ls=":", lw=1)
+    ax.set(xlabel=f"compute rate per {record['method']['window_s']} s window / median rate alone",
+           ylabel="windows", title="Do the two virtual cores compute independently?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tta_factors(decomposition: dict) -> plt.Figure:
+    """The 2-worker vs 2-thread time-to-98% ratio per seed and the three factors it is the product of."""
+    rows = pd.DataFrame(decomposition["seeds"]).set_index("seed")
+    view = rows[["samples", "compute_ratio", "sync", "ratio"]].rename(columns={
+        "samples": "samples (steps needed)", "compute_ratio": "compute (step without sync)",
+        "sync": "sync (1 - sync share)", "ratio": "ratio = product"})
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    view.plot.bar(ax=ax, rot=0, width=0.8)
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.axhline(decomposition["target_ratio"], color="red", ls="--", lw=1, label=f"target {decomposition['target_ratio']}x")
+    ax.set(xlabel="seed", ylabel="2-thread / 2-worker",
+           title="Time to 98%: where the 2-worker strategy wins and loses", ylim=(0, 1.5))
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    fig.tight_layout()
+    return fig
+
+
 def plot_confusion(labels: Sequence[int], predictions: Sequence[int]) -> plt.Figure:
     matrix = pd.crosstab(pd.Series(labels, name="true digit"), pd.Series(predictions, name="predicted digit"))
     fig, ax = plt.subplots(figsize=(6.2, 5))

@@ -96,7 +96,7 @@ def test_tta_ratios_pick_the_best_of_each_kind():
 
 
 def test_benchmark_quick_mode_writes_valid_records(tmp_path):
-    for part in ("allreduce", "syncstep", "throughput"):
+    for part in ("allreduce", "syncstep", "throughput", "vcpu"):
         out = subprocess.run([sys.executable, "-m", "ddp_helpers.bench", part, "--quick", "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -110,6 +110,9 @@ def test_benchmark_quick_mode_writes_valid_records(tmp_path):
     assert (tmp_path / "bench_throughput_quick.md").read_text().startswith("| configuration")
     syncstep = json.loads((tmp_path / "bench_syncstep_quick.json").read_text())
     assert [row["batch"] for row in syncstep["rows"]] == [32, 128] and all(r["step_ms"] > 0 for r in syncstep["rows"])
+    vcpu = json.loads((tmp_path / "bench_vcpu_quick.json").read_text())
+    together = vcpu["rounds"][0]["together_relative"]
+    assert len(together) >= 16 and all(r > 0 for r in together) and 0 <= vcpu["together_share_below_0_85"] <= 1
 
 
 def test_time_to_target_uses_the_first_validation_pass_that_reaches_it():
@@ -157,7 +160,7 @@ def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
     assert row["sync"] == pytest.approx(0.9) and row["sync_ms_per_step"] == pytest.approx(2.0)
     assert row["samples"] * row["headroom"] * row["loop"] * row["sync"] == pytest.approx(row["ratio"])
     assert row["samples"] * row["compute_ratio"] * row["sync"] == pytest.approx(row["ratio"])
-    assert row["needed_headroom"] == pytest.approx(1.2 * row["headroom"] / row["ratio"])
+    assert row["needed_compute_ratio"] == pytest.approx(1.2 * row["compute_ratio"] / row["ratio"])
     record["headroom"]["0"][0]["batch"] = 64  # measured at another batch: the factors would not be comparable
     assert not tta_decomposition(record)["applies"]
 
