@@ -192,12 +192,20 @@ class LocalSGDSync(LocalSync):
 
     @torch.no_grad()
     def _average(self) -> None:
-        flat = torch.cat([p.reshape(-1) for p in self.params])
+        flat = self._flat()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(self.world_size)
+        self._scatter(flat.div_(self.world_size), torch.Tensor.copy_)
+
+    def _flat(self) -> torch.Tensor:
+        """A copy of all weights as one vector (one message instead of one per tensor)."""
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def _scatter(self, flat: torch.Tensor, apply) -> None:
+        """``apply(parameter, its slice of flat)`` for every parameter, in order."""
         offset = 0
         for p in self.params:
-            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            apply(p, flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
 
 
@@ -234,7 +242,7 @@ class OverlapLocalSGDSync(LocalSGDSync):
 
     @torch.no_grad()
     def _send(self) -> None:
-        own = torch.cat([p.reshape(-1) for p in self.params])
+        own = self._flat()
         buffer = own.clone()
         self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
 
@@ -246,10 +254,7 @@ class OverlapLocalSGDSync(LocalSGDSync):
         self.pending = None
         work.wait()  # bounded by the process group's timeout
         correction = buffer.div_(self.world_size).sub_(own)  # mean of the snapshots - own snapshot
-        offset = 0
-        for p in self.params:
-            p.add_(correction[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        self._scatter(correction, torch.Tensor.add_)
 
 
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
