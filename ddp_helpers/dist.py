@@ -132,9 +132,6 @@ def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
                                 **rendezvous)
     try:
         yield RankContext(rank, world_size, local_rank, backend, device, threads)
-        # on success, leave together: a rank that tears down its connections while the other
-        # is still finishing its last collective can abort it (seen once with gloo, at exit)
-        dist.barrier()
     finally:
         dist.destroy_process_group()
 

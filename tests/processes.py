@@ -43,3 +43,4 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
         collected = model.weight.tolist()[0]
         sync.consolidate()  # the pending average, then a blocking one: mean(a) + mean(d) on both ranks
         emit("result", {"unchanged": unchanged, "collected": collected, "final": model.weight.tolist()[0]})
+        torch.distributed.barrier()  # leave together (one gloo abort at exit was seen without it)
