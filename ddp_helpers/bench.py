@@ -380,10 +380,8 @@ def run_syncstep(quick: bool, log: Callable[[str], None]) -> dict:
 
 def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
                    repeats: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
+    cfg = TrainConfig(world_size=world_size, backend="gloo", threads_per_rank=1, timeout_s=60)
+    with process_group(cfg, rank, world_size, rank, init_method):
         out = {}
         for size in sizes:
             tensor = torch.ones(max(1, size // 4))
@@ -398,8 +396,6 @@ def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable,
             out[size] = statistics.median(times)
         if rank == 0:
             emit("result", out)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -112,12 +113,42 @@ def torchrun_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
     return dist.PrefixStore(f"ddp_helpers/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
 
 
+def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store behind ``tcp://host:port`` (hosted by rank 0), as
+    ``init_process_group(init_method=...)`` would build it, but kept in our hands so that
+    the ranks can also use it to leave together."""
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"init_method must look like tcp://HOST:PORT, got {init_method!r}")
+    return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+    """Return only when every rank has finished its last collective.
+
+    A rank that tears down its gloo connections while a peer is still inside a collective
+    can make that peer abort (``terminate called without an active exception``: seen at
+    exit, rarely, in CI). A gloo barrier would only move the problem to the barrier, so the
+    ranks meet in the rendezvous store instead. Rank 0 leaves last: it may host the store.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    store.set(f"exit/finished/{rank}", "1")
+    store.wait([f"exit/finished/{r}" for r in range(world_size)], timeout)
+    if rank == 0:
+        store.wait([f"exit/left/{r}" for r in range(1, world_size)], timeout)
+    else:
+        store.set(f"exit/left/{rank}", "1")
+
+
 @contextmanager
 def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
                   init_method: str | None = None, store: dist.Store | None = None) -> Iterator[RankContext]:
     """Join the process group (with a timeout), yield the context, always leave it.
 
     Rendezvous through ``init_method`` (tcp:// for spawned workers) or an existing ``store``.
+    After a body that succeeded, the ranks leave together (:func:`leave_together`); after
+    one that raised, at once: the others may be gone.
     """
     backend = pick_backend(cfg, world_size)
     device = pick_device(cfg, backend, local_rank)
@@ -125,13 +156,15 @@ def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
         torch.cuda.set_device(device)
     threads = threads_for(cfg, world_size)
     torch.set_num_threads(threads)
+    if store is None:
+        store = tcp_store(init_method, rank, world_size, cfg.timeout_s)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gloo's note about the absent device_id is not actionable here
-        rendezvous = {"store": store} if store is not None else {"init_method": init_method}
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s),
-                                **rendezvous)
+                                store=store)
     try:
         yield RankContext(rank, world_size, local_rank, backend, device, threads)
+        leave_together(store, rank, world_size, cfg.timeout_s)
     finally:
         dist.destroy_process_group()
 

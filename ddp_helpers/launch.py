@@ -11,6 +11,7 @@ worker before ``launch`` raises.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import io
 import multiprocessing as mp
 import multiprocessing.connection
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -142,12 +144,26 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
         log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(log, 1)
         os.dup2(log, 2)
+    faulthandler.enable()  # a fatal signal (an abort in C++) leaves every thread's Python stack in the log
     try:
         job(rank, world_size, init_method, lambda kind, payload: events.put((rank, kind, payload)), *args)
     except BaseException:
         with open(os.path.join(workdir, f"error{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
         raise
+    exit_now(0)
+
+
+def exit_now(code: int) -> None:
+    """End a worker process whose work is done and delivered, without interpreter teardown.
+
+    The process group is already destroyed and every message sent (the event queue writes
+    synchronously). What is left is Python's finalisation, during which C++ threads of the
+    communication library can still be alive; skipping it removes one way to abort at exit.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _stop(procs: list[mp.Process]) -> None:
@@ -345,5 +361,5 @@ def run_torchrun(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None,
                      _cpu_state(out.model))
 
 
-__all__ = ["RunResult", "WorkerError", "launch", "run_single_process", "run_torchrun", "run_workers",
+__all__ = ["RunResult", "WorkerError", "exit_now", "launch", "run_single_process", "run_torchrun", "run_workers",
            "under_torchrun"]

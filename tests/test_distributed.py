@@ -133,3 +133,40 @@ def test_the_same_worker_runs_under_torchrun(tmp_path):
     record = json.loads((tmp_path / "torchrun.json").read_text())
     assert record["runtime"]["rank_count"] == 2 and record["runtime"]["backend"] == "gloo"
     assert out.stdout.count("record written to") == 1  # only rank 0 reports
+
+
+def test_ranks_leave_together_and_rank_0_leaves_last():
+    """The exit protocol in the store: nobody passes before everyone has finished; rank 0,
+    which may host the store, waits until the others have left."""
+    import threading
+
+    from torch.distributed import HashStore
+
+    from ddp_helpers.dist import leave_together
+
+    store, left = HashStore(), []
+
+    def rank(r):
+        leave_together(store, r, 3, timeout_s=30)
+        left.append(r)
+
+    threads = {r: threading.Thread(target=rank, args=(r,)) for r in range(3)}
+    for r in (0, 1):
+        threads[r].start()
+    time.sleep(0.3)
+    assert left == []  # rank 2 has not finished yet
+    threads[2].start()
+    for t in threads.values():
+        t.join(30)
+    assert sorted(left) == [0, 1, 2] and left[-1] == 0
+
+
+def test_a_rank_that_never_arrives_makes_leaving_time_out_instead_of_hanging():
+    from torch.distributed import HashStore
+
+    from ddp_helpers.dist import leave_together
+
+    start = time.monotonic()
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        leave_together(HashStore(), 0, 2, timeout_s=1)
+    assert time.monotonic() - start < 10
