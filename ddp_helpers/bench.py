@@ -212,37 +212,124 @@ def _floor_job(rank: int, world_size: int, init_method: str, emit: Callable, bat
     emit("result", compute_floor(batch, threads, steps, warmup))
 
 
-def headroom_round(batch: int, steps: int, warmup: int) -> dict:
-    """One round of compute-floor step times (no data loading, no communication): a 1-thread
-    process alone, two such processes at once (the slower one), and one 2-thread process at
-    twice the batch, which handles the same samples per step as the pair."""
-    alone = run_workers(_floor_job, 1, (batch, steps, warmup, 0.0))[0]["step_ms"]["total"]
-    both = run_workers(_floor_job, 2, (batch, steps, warmup, time.time() + 8.0))
-    two_threads = run_workers(_floor_job, 1, (2 * batch, steps, warmup, 0.0, 2))[0]["step_ms"]["total"]
-    return {"batch": batch, "alone_ms": alone, "two_at_once_ms": max(both[r]["step_ms"]["total"] for r in both),
-            "one_process_2_threads_double_batch_ms": two_threads}
+@dataclass(frozen=True)
+class FloorSetup:
+    """Who computes in one slot of :func:`floor_slots`: rank 0 alone, or both ranks at once."""
+
+    name: str
+    batch: int
+    threads: int = 1
+    both: bool = False  # True: ranks 0 and 1 compute side by side, 1 thread each
+
+
+def _slots_job(rank: int, world_size: int, init_method: str, emit: Callable, setups: list[FloorSetup],
+               rounds: int, seconds: float, warmup: int) -> None:
+    """Two long-lived processes take turns: in each slot the set-up's ranks run compute-floor
+    steps for ``seconds``, the other rank sleeps. Every set-up is warmed up (``warmup`` steps)
+    before the first slot; the set-ups rotate from round to round, so a drift of the host hits
+    all of them alike."""
+    cfg = TrainConfig(world_size=world_size, backend="gloo", threads_per_rank=1, timeout_s=120)
+    with process_group(cfg, rank, world_size, rank, init_method):
+        states = {}
+        for setup in setups:  # every model, optimizer and batch built and warmed up before the first slot
+            if (rank == 0 or setup.both) and (setup.batch, setup.threads) not in states:
+                torch.set_num_threads(setup.threads)
+                torch.manual_seed(0)
+                model = MLP()
+                optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5)
+                x, y = torch.randn(setup.batch, 784), torch.randint(0, 10, (setup.batch,))
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    optimizer.step()
+                states[setup.batch, setup.threads] = model, optimizer, x, y
+        start = torch.tensor([time.time() + 0.5], dtype=torch.float64)
+        dist.broadcast(start, src=0)  # one clock for both: slot i starts at start + i * (seconds + gap)
+        gap, out = 0.3, []
+        for r in range(rounds):
+            for i in range(len(setups)):
+                setup = setups[(i + r) % len(setups)]
+                slot_start = start.item() + (r * len(setups) + i) * (seconds + gap)
+                while time.time() < slot_start:
+                    time.sleep(0.0005)
+                if rank != 0 and not setup.both:
+                    continue
+                torch.set_num_threads(setup.threads)
+                model, optimizer, x, y = states[setup.batch, setup.threads]
+                times, n = [], 0
+                while time.time() < slot_start + seconds:
+                    step_start = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    optimizer.step()
+                    n += 1
+                    if n > 3:  # the first steps after a switch of threads and batch are not timed
+                        times.append(time.perf_counter() - step_start)
+                out.append({"round": r, "setup": setup.name, "ms": 1000 * statistics.median(times) if times else None})
+        emit("result", out)
+
+
+def floor_slots(setups: list[FloorSetup], rounds: int, seconds: float, warmup: int = 10) -> dict[str, list[float]]:
+    """Compute-floor step time of each set-up, one value per round (for a pair: its slower rank)."""
+    timeout = 120 + rounds * len(setups) * (seconds + 0.3)
+    got = run_workers(_slots_job, 2, (setups, rounds, seconds, warmup), launch_timeout_s=timeout)
+    per_round: dict[tuple[int, str], float] = {}
+    for rows in got.values():
+        for row in rows:
+            if row["ms"] is not None:
+                key = row["round"], row["setup"]
+                per_round[key] = max(per_round.get(key, 0.0), row["ms"])
+    return {s.name: [per_round[r, s.name] for r in range(rounds) if (r, s.name) in per_round] for s in setups}
+
+
+def headroom_setups(pair_batches=(128, 256), two_thread_batches=(256, 512)) -> list[FloorSetup]:
+    return ([FloorSetup(f"pair b{b}", b, both=True) for b in pair_batches]
+            + [FloorSetup(f"2 threads b{b}", b, threads=2) for b in two_thread_batches])
+
+
+def headroom_round(rounds: int, seconds: float) -> dict:
+    """Compute-floor step times (no data, no communication) of two 1-thread processes side by
+    side and of one 2-thread process, at the batches the time-to-accuracy strategies use."""
+    times = floor_slots(headroom_setups(), rounds, seconds)
+    return {"pair_ms": {name.split(" b")[1]: statistics.median(v) for name, v in times.items() if name.startswith("pair")},
+            "two_threads_ms": {name.split(" b")[1]: statistics.median(v) for name, v in times.items()
+                               if name.startswith("2 threads")},
+            "rounds": rounds, "seconds_per_slot": seconds}
 
 
 def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
     """Compute-floor step time of one 1-thread process alone, of two such processes at once,
-    and of one 2-thread process at twice the batch. The pair against the 2-thread process is
-    the ceiling for any 2-worker strategy against a single process on this machine."""
-    repeats, steps, warmup = (1, 60, 20) if quick else (3, 400, 50)
+    and of one 2-thread process at twice the batch, in interleaved slots of two long-lived
+    processes. The pair against the 2-thread process is the ceiling for any 2-worker strategy
+    against a single process on this machine; ``one alone`` against the 2-thread process is
+    that ceiling if the two processes did not slow each other down at all."""
+    rounds, seconds = (1, 0.5) if quick else (12, 2.0)
+    batches = (32, 128, 256)
+    setups = [FloorSetup(f"{kind} b{b}", b * (2 if kind == "2 threads" else 1), threads=2 if kind == "2 threads" else 1,
+                         both=kind == "pair") for b in batches for kind in ("alone", "pair", "2 threads")]
+    times = floor_slots(setups, rounds, seconds)
     rows = []
-    for batch in (32, 128, 256):
-        rounds = [headroom_round(batch, steps, warmup) for _ in range(repeats)]  # alternates the three set-ups
-        a, t, d = (statistics.median(r[k] for r in rounds)
-                   for k in ("alone_ms", "two_at_once_ms", "one_process_2_threads_double_batch_ms"))
-        rows.append({"batch": batch, "alone_ms": a, "two_at_once_ms": t, "slowdown": t / a,
+    for b in batches:
+        alone, pair, double = times[f"alone b{b}"], times[f"pair b{b}"], times[f"2 threads b{b}"]
+        a, t, d = statistics.median(alone), statistics.median(pair), statistics.median(double)
+        per_round = [dd / tt for dd, tt in zip(double, pair)]
+        ideal = [dd / aa for dd, aa in zip(double, alone)]
+        rows.append({"batch": b, "alone_ms": a, "two_at_once_ms": t, "slowdown": t / a,
                      "two_process_throughput_vs_one": 2 * a / t, "one_process_2_threads_double_batch_ms": d,
-                     "two_processes_vs_2_threads": d / t})
-        log(f"b{batch}: one process {a:.2f} ms/step, two at once {t:.2f} ms/step "
+                     "two_processes_vs_2_threads": d / t,
+                     "two_processes_vs_2_threads_rounds": per_round,
+                     "without_contention_vs_2_threads": d / a, "without_contention_vs_2_threads_rounds": ideal,
+                     "step_ms_rounds": {"alone": alone, "pair": pair, "two_threads_double_batch": double}})
+        log(f"b{b}: one process {a:.2f} ms/step, two at once {t:.2f} ms/step "
             f"-> two processes give {2 * a / t:.2f}x the throughput of one; one 2-thread process at "
-            f"b{2 * batch}: {d:.2f} ms/step -> the pair is {d / t:.2f}x as fast")
+            f"b{2 * b}: {d:.2f} ms/step -> the pair is {d / t:.2f}x as fast "
+            f"(rounds {min(per_round):.2f}-{max(per_round):.2f}), {d / a:.2f}x if they did not slow each other")
     return {"kind": "bench_cores", "created": now_iso(), "command": command_line(), "quick": quick,
-            "method": {"repeats": repeats, "timed_steps": steps, "warmup_steps": warmup,
-                       "what": "forward+backward+fused Adam on a fixed batch in a spawned process, no sync: one "
-                               "1-thread process, two at once, and one 2-thread process at twice the batch"},
+            "method": {"rounds": rounds, "seconds_per_slot": seconds,
+                       "what": "forward+backward+fused Adam on a fixed batch, no data, no sync, in two long-lived "
+                               "processes taking turns in slots: one 1-thread process alone, two at once (the "
+                               "slower), one 2-thread process at twice the batch; medians over the rounds, set-ups "
+                               "rotated from round to round"},
             "environment": environment(), "rows": rows}
 
 
@@ -420,21 +507,26 @@ def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
 # --- time to accuracy ---------------------------------------------------------------------
 
 TTA_TARGET = 0.98
-LARGE_BATCH = dict(lr=2e-3, warmup_steps=100)  # the one large-batch setting (global batch 256), used by both sides
-HEADROOM_BATCH = 128  # per-worker batch of the large-batch 2-worker runs
+# The large-batch settings, each used by both sides: global batch 256 with lr 2e-3, and global
+# batch 512 with twice that rate (linear scaling), each with 100 warm-up steps.
+LARGE_BATCH = dict(lr=2e-3, warmup_steps=100)
+LARGER_BATCH = dict(lr=4e-3, warmup_steps=100)
 
 
 def tta_configs(quick: bool) -> dict[str, TrainConfig]:
-    """Every strategy with the same two settings: the seed's (b32, lr 1e-3) and one large-batch one."""
+    """Every strategy with the seed's settings (b32, lr 1e-3) and the large-batch ones."""
     common = dict(stop_at_accuracy=TTA_TARGET, epochs=2 if quick else 8, evals_per_epoch=4,
                   train_subset=4096 if quick else 0, test_subset=2000 if quick else 0)
     c = lambda **kw: TrainConfig(**{**common, **kw})  # noqa: E731
     big = lambda **kw: c(**LARGE_BATCH, **kw)  # noqa: E731
+    bigger = lambda **kw: c(**LARGER_BATCH, **kw)  # noqa: E731
     return {
         "1 process, 1 thread, b32 (seed settings)": c(world_size=1, threads_per_rank=1),
         "1 process, 2 threads, b32 (seed settings)": c(world_size=1, threads_per_rank=2),
         "1 process, 1 thread, b256, lr 2e-3, warm-up": big(world_size=1, threads_per_rank=1, batch_size=256),
         "1 process, 2 threads, b256, lr 2e-3, warm-up": big(world_size=1, threads_per_rank=2, batch_size=256),
+        "1 process, 1 thread, b512, lr 4e-3, warm-up": bigger(world_size=1, threads_per_rank=1, batch_size=512),
+        "1 process, 2 threads, b512, lr 4e-3, warm-up": bigger(world_size=1, threads_per_rank=2, batch_size=512),
         "DDP W=2, b32 (seed settings)": c(world_size=2),
         "local SGD k=8 W=2, b32 (seed settings)": c(world_size=2, sync="local_sgd", local_sgd_every=8),
         "DDP W=2, b128 (global 256), lr 2e-3, warm-up": big(world_size=2, batch_size=128),
@@ -448,6 +540,8 @@ def tta_configs(quick: bool) -> dict[str, TrainConfig]:
                                                                    local_sgd_every=8, batch_size=128),
         "overlapped local SGD k=4 W=2, b128, lr 2e-3, warm-up": big(world_size=2, sync="local_sgd_overlap",
                                                                    local_sgd_every=4, batch_size=128),
+        "local SGD k=8 W=2, b256 (global 512), lr 4e-3, warm-up": bigger(world_size=2, sync="local_sgd",
+                                                                        local_sgd_every=8, batch_size=256),
     }
 
 
@@ -474,10 +568,10 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
     configs = tta_configs(quick)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     headroom: dict[str, list[dict]] = {}
-    floor_steps, floor_warmup = (60, 20) if quick else (300, 50)
+    rounds, seconds = (1, 0.5) if quick else (2, 1.5)
     for seed in seeds:  # alternate strategies within each seed
         # the machine's headroom for a second process, measured before and after this seed's runs
-        headroom[str(seed)] = [headroom_round(HEADROOM_BATCH, floor_steps, floor_warmup)]
+        headroom[str(seed)] = [headroom_round(rounds, seconds)]
         for name, cfg in configs.items():
             hist = launch(cfg.replace(seed=seed)).history
             reached = time_to_target(hist)
@@ -488,10 +582,11 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
             log(f"seed {seed}  {name:<48} " + (f"98% at epoch {got['epochs_to_target']:.2f}, "
                                                f"{got['seconds_to_target']:.1f} s" if got["reached"]
                                                else f"not reached (best {got['best_val_accuracy']:.2%})"))
-        headroom[str(seed)].append(headroom_round(HEADROOM_BATCH, floor_steps, floor_warmup))
-        pair = [h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in headroom[str(seed)]]
-        log(f"seed {seed}  compute-only pair b{HEADROOM_BATCH} vs 2-thread process b{2 * HEADROOM_BATCH}: "
-            f"{pair[0]:.2f}x before, {pair[1]:.2f}x after")
+        headroom[str(seed)].append(headroom_round(rounds, seconds))
+        for b, tb in ((128, 256), (256, 256), (256, 512)):
+            pair = [h["two_threads_ms"][str(tb)] / tb / (h["pair_ms"][str(b)] / (2 * b)) for h in headroom[str(seed)]]
+            log(f"seed {seed}  compute only, per sample: pair b{b} vs 2-thread process b{tb}: "
+                f"{pair[0]:.2f}x before, {pair[1]:.2f}x after")
     summary = []
     for name, rs in runs.items():
         secs = [r["seconds_to_target"] for r in rs if r["reached"]]
@@ -505,11 +600,12 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
               "method": {"target": TTA_TARGET, "evals_per_epoch": 4, "seeds": list(seeds),
                          "seconds": "training time only (evaluation excluded), cumulative to the first validation "
                                     "pass (4 per epoch, at equal step intervals) whose accuracy reaches the target",
-                         "large_batch_setting": {"global_batch": 256, **LARGE_BATCH}},
+                         "large_batch_settings": [{"global_batch": 256, **LARGE_BATCH},
+                                                  {"global_batch": 512, **LARGER_BATCH}]},
               "environment": environment(), "runs": runs, "summary": summary, "headroom": headroom}
-    record["method"]["headroom"] = (f"compute floor before and after each seed's runs ({floor_steps} timed steps): "
-                                    f"two 1-thread processes at b{HEADROOM_BATCH} at once against one 2-thread "
-                                    f"process at b{2 * HEADROOM_BATCH}")
+    record["method"]["headroom"] = (f"compute floor before and after each seed's runs ({rounds} rounds of "
+                                    f"{seconds} s slots in two long-lived processes): two 1-thread processes side "
+                                    f"by side at b128 and b256, one 2-thread process at b256 and b512")
     record["ratios"] = tta_ratios(record)
     record["decomposition"] = tta_decomposition(record)
     return record

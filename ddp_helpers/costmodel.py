@@ -147,23 +147,29 @@ def two_worker_ceiling(cores: dict, batch: int = 128) -> dict:
     return out
 
 
+def _global_batch(cfg: dict) -> int:
+    return cfg["batch_size"] * cfg["world_size"] * cfg["accumulation_steps"]
+
+
 def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
     """Why the best 2-worker strategy is as fast as it is against the best 2-thread process,
-    seed by seed. With the same global batch on both sides, the time-to-98% ratio factors
+    seed by seed. Time to 98% is samples needed x seconds per sample, so the ratio factors
     exactly into four measured parts:
 
         ratio = samples x headroom x loop x sync
 
-    * samples: steps the 2-thread process needed / steps the 2-worker strategy needed;
-    * headroom: compute-only step of one 2-thread process / of two 1-thread processes at
-      once on the same samples, measured before and after the seed's runs (mean of the two);
+    * samples: training samples the 2-thread process needed / the 2-worker strategy needed;
+    * headroom: compute-only time per sample of one 2-thread process / of two 1-thread
+      processes side by side, at the batches the two runs used, measured before and after
+      the seed's runs (mean of the two);
     * loop: how close the 2-thread loop is to its floor / how close the 2-worker loop,
       without its synchronisation, is to its floor;
     * sync: the 2-worker step's share not spent synchronising (1 - sync fraction).
 
-    headroom x loop = ``compute_ratio``: the 2-thread step against the 2-worker step without
-    its synchronisation, both measured in the runs themselves. The split of it into headroom
-    and loop rests on floors measured minutes away from the runs, on a host whose speed moves.
+    headroom x loop = ``compute_ratio``: the 2-thread time per sample against the 2-worker
+    time per sample without its synchronisation, both measured in the runs themselves. The
+    split of it into headroom and loop rests on floors measured minutes away from the runs,
+    on a host whose speed moves.
 
     ``needed_compute_ratio`` is the compute ratio that would have given ``target_ratio``
     with the samples and sync factors as measured."""
@@ -174,32 +180,35 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
     if not (two_name and one_name and headroom):
         return {"applies": False, "why": "the record has no headroom rounds or no complete pair of strategies"}
     two_cfg, one_cfg = summary[two_name]["config"], summary[one_name]["config"]
-    two_global = two_cfg["batch_size"] * two_cfg["world_size"] * two_cfg["accumulation_steps"]
-    if two_global != one_cfg["batch_size"] * one_cfg["accumulation_steps"] or \
-            any(h["batch"] != two_cfg["batch_size"] for rounds in headroom.values() for h in rounds):
-        return {"applies": False, "why": "the two sides differ in global batch, or the headroom was measured at "
-                                         "another per-worker batch"}
+    pair_key, one_key = str(two_cfg["batch_size"]), str(one_cfg["batch_size"])
+    if any(pair_key not in h.get("pair_ms", {}) or one_key not in h.get("two_threads_ms", {})
+           for rounds in headroom.values() for h in rounds):
+        return {"applies": False, "why": f"the headroom rounds did not measure a pair at b{pair_key} and a 2-thread "
+                                         f"process at b{one_key}"}
     one_by_seed = {r["seed"]: r for r in runs[one_name]}
     rows = []
     for two in runs[two_name]:
         one, seed = one_by_seed[two["seed"]], two["seed"]
         steps_two = two["epochs_to_target"] * two["steps_per_epoch"]
-        steps_one = one["epochs_to_target"] * one["steps_per_epoch"]
-        ms_two, ms_one = 1000 * two["seconds_to_target"] / steps_two, 1000 * one["seconds_to_target"] / steps_one
+        samples_two = steps_two * _global_batch(two_cfg)
+        samples_one = one["epochs_to_target"] * one["steps_per_epoch"] * _global_batch(one_cfg)
+        us_two, us_one = 1e6 * two["seconds_to_target"] / samples_two, 1e6 * one["seconds_to_target"] / samples_one
         used = range(math.ceil(two["epochs_to_target"]))  # the epochs (partly) run before the target
         sync_fraction = (sum(two["sync_fraction"][i] * two["epoch_time_s"][i] for i in used)
                          / sum(two["epoch_time_s"][i] for i in used))
         rounds = headroom[str(seed)]
-        floor_pair = statistics.mean(h["two_at_once_ms"] for h in rounds)
-        floor_2t = statistics.mean(h["one_process_2_threads_double_batch_ms"] for h in rounds)
-        factors = {"samples": steps_one / steps_two, "headroom": floor_2t / floor_pair,
-                   "loop": (ms_one / floor_2t) / (ms_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
+        floor_pair = statistics.mean(1000 * h["pair_ms"][pair_key] / (2 * two_cfg["batch_size"]) for h in rounds)
+        floor_2t = statistics.mean(1000 * h["two_threads_ms"][one_key] / one_cfg["batch_size"] for h in rounds)
+        factors = {"samples": samples_one / samples_two, "headroom": floor_2t / floor_pair,
+                   "loop": (us_one / floor_2t) / (us_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
         rows.append({"seed": seed, "ratio": one["seconds_to_target"] / two["seconds_to_target"], **factors,
                      "compute_ratio": factors["headroom"] * factors["loop"],
                      "needed_compute_ratio": target_ratio / (factors["samples"] * factors["sync"]), "headroom_rounds": [
-                         h["one_process_2_threads_double_batch_ms"] / h["two_at_once_ms"] for h in rounds],
-                     "step_ms_2_workers": ms_two, "step_ms_2_threads": ms_one,
-                     "sync_ms_per_step": ms_two * sync_fraction, "floor_ms_pair": floor_pair, "floor_ms_2_threads": floor_2t})
+                         (h["two_threads_ms"][one_key] / one_cfg["batch_size"])
+                         / (h["pair_ms"][pair_key] / (2 * two_cfg["batch_size"])) for h in rounds],
+                     "us_per_sample_2_workers": us_two, "us_per_sample_2_threads": us_one,
+                     "sync_ms_per_step": 1000 * two["seconds_to_target"] / steps_two * sync_fraction,
+                     "floor_us_per_sample_pair": floor_pair, "floor_us_per_sample_2_threads": floor_2t})
     return {"applies": True, "two_workers": two_name, "two_threads": one_name, "target_ratio": target_ratio, "seeds": rows}
 
 

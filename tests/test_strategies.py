@@ -96,7 +96,7 @@ def test_tta_ratios_pick_the_best_of_each_kind():
 
 
 def test_benchmark_quick_mode_writes_valid_records(tmp_path):
-    for part in ("allreduce", "syncstep", "throughput", "vcpu"):
+    for part in ("allreduce", "syncstep", "throughput", "vcpu", "cores"):
         out = subprocess.run([sys.executable, "-m", "ddp_helpers.bench", part, "--quick", "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -113,6 +113,11 @@ def test_benchmark_quick_mode_writes_valid_records(tmp_path):
     vcpu = json.loads((tmp_path / "bench_vcpu_quick.json").read_text())
     together = vcpu["rounds"][0]["together_relative"]
     assert len(together) >= 16 and all(r > 0 for r in together) and 0 <= vcpu["together_share_below_0_85"] <= 1
+    cores = json.loads((tmp_path / "bench_cores_quick.json").read_text())
+    assert [row["batch"] for row in cores["rows"]] == [32, 128, 256]
+    for row in cores["rows"]:  # every slot measured; the pair is never faster than one process alone
+        assert row["alone_ms"] > 0 and row["one_process_2_threads_double_batch_ms"] > 0
+        assert row["two_at_once_ms"] >= 0.8 * row["alone_ms"]
 
 
 def test_time_to_target_uses_the_first_validation_pass_that_reaches_it():
@@ -151,8 +156,8 @@ def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
                 "epoch_time_s": [secs / epochs] * 4, "sync_fraction": [sync_fraction] * 4}
     record = {"summary": [summary("pair", 2, 1, 128, 8.0), summary("threads", 1, 2, 256, 9.0)],
               "runs": {"pair": [run(8.0, 4.0, 0.1)], "threads": [run(9.0, 3.5, 0.0)]},
-              "headroom": {"0": [{"batch": 128, "two_at_once_ms": 20.0, "one_process_2_threads_double_batch_ms": 24.0},
-                                 {"batch": 128, "two_at_once_ms": 20.0, "one_process_2_threads_double_batch_ms": 26.0}]}}
+              "headroom": {"0": [{"pair_ms": {"128": 20.0}, "two_threads_ms": {"256": 24.0}},
+                                 {"pair_ms": {"128": 20.0}, "two_threads_ms": {"256": 26.0}}]}}
     d = tta_decomposition(record, target_ratio=1.2)
     row = d["seeds"][0]
     assert d["applies"] and row["ratio"] == pytest.approx(9.0 / 8.0)
@@ -161,7 +166,14 @@ def test_tta_decomposition_factors_multiply_to_the_measured_ratio():
     assert row["samples"] * row["headroom"] * row["loop"] * row["sync"] == pytest.approx(row["ratio"])
     assert row["samples"] * row["compute_ratio"] * row["sync"] == pytest.approx(row["ratio"])
     assert row["needed_compute_ratio"] == pytest.approx(1.2 * row["compute_ratio"] / row["ratio"])
-    record["headroom"]["0"][0]["batch"] = 64  # measured at another batch: the factors would not be comparable
+    # the two sides may use different global batches: the factors are per sample
+    record["summary"][1]["config"]["batch_size"] = 512
+    record["runs"]["threads"][0]["steps_per_epoch"] = 50
+    for h in record["headroom"]["0"]:
+        h["two_threads_ms"]["512"] = 2 * h["two_threads_ms"]["256"]
+    same = tta_decomposition(record)["seeds"][0]
+    assert same["samples"] == pytest.approx(row["samples"]) and same["headroom"] == pytest.approx(row["headroom"])
+    del record["headroom"]["0"][0]["pair_ms"]["128"]  # not measured at the batch used: not comparable
     assert not tta_decomposition(record)["applies"]
 
 
