@@ -190,7 +190,7 @@ def plot_tta_factors(decomposition: dict) -> plt.Figure:
     """The 2-worker vs 2-thread time-to-98% ratio per seed and the three factors it is the product of."""
     rows = pd.DataFrame(decomposition["seeds"]).set_index("seed")
     view = rows[["samples", "compute_ratio", "sync", "ratio"]].rename(columns={
-        "samples": "samples (steps needed)", "compute_ratio": "compute (step without sync)",
+        "samples": "samples needed", "compute_ratio": "compute (per sample, without sync)",
         "sync": "sync (1 - sync share)", "ratio": "ratio = product"})
     fig, ax = plt.subplots(figsize=(8, 3.6))
     view.plot.bar(ax=ax, rot=0, width=0.8)
