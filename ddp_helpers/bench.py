@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .costmodel import AlphaBeta, tta_decomposition, tta_ratios
+from .costmodel import AlphaBeta, floor_us_per_sample, tta_decomposition, tta_ratios
 from .data import ensure_mnist, load_datasets, steps_per_epoch, train_indices
 from .dist import process_group
 from .engine import make_optimizer, train_one_epoch
@@ -76,21 +76,31 @@ class Case:
         return 64 if self.kind == "seed" else self.batch * self.world_size
 
 
+def floor_state(batch: int) -> tuple:
+    """What the compute floor steps on: the model, fused Adam and one fixed random batch."""
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5)
+    return model, optimizer, torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+
+
+def floor_step(model, optimizer, x, y) -> None:
+    """One compute-floor step: forward, backward and the optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
 def compute_floor(batch: int, threads: int, steps: int, warmup: int) -> dict:
     """Forward, backward and fused Adam on one fixed batch: no data loading, no sync."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(0)
-        model = MLP()
-        optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5)
-        x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+        state = floor_state(batch)
         times = []
         for i in range(warmup + steps):
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            floor_step(*state)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         return {"step_ms": {"total": 1000 * statistics.median(times), "compute": None}}
@@ -211,6 +221,9 @@ def _floor_job(rank: int, world_size: int, init_method: str, emit: Callable, bat
     emit("result", compute_floor(batch, threads, steps, warmup))
 
 
+SLOT_GAP_S = 0.3  # pause between two slots of floor_slots, so that one slot's steps end before the next begins
+
+
 @dataclass(frozen=True)
 class FloorSetup:
     """Who computes in one slot of :func:`floor_slots`: rank 0 alone, or both ranks at once."""
@@ -233,34 +246,27 @@ def _slots_job(rank: int, world_size: int, init_method: str, emit: Callable, set
         for setup in setups:  # every model, optimizer and batch built and warmed up before the first slot
             if (rank == 0 or setup.both) and (setup.batch, setup.threads) not in states:
                 torch.set_num_threads(setup.threads)
-                torch.manual_seed(0)
-                model = MLP()
-                optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5)
-                x, y = torch.randn(setup.batch, 784), torch.randint(0, 10, (setup.batch,))
+                state = floor_state(setup.batch)
                 for _ in range(warmup):
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    optimizer.step()
-                states[setup.batch, setup.threads] = model, optimizer, x, y
+                    floor_step(*state)
+                states[setup.batch, setup.threads] = state
         start = torch.tensor([time.time() + 0.5], dtype=torch.float64)
-        dist.broadcast(start, src=0)  # one clock for both: slot i starts at start + i * (seconds + gap)
-        gap, out = 0.3, []
+        dist.broadcast(start, src=0)  # one clock for both: slot i starts at start + i * (seconds + SLOT_GAP_S)
+        out = []
         for r in range(rounds):
             for i in range(len(setups)):
                 setup = setups[(i + r) % len(setups)]
-                slot_start = start.item() + (r * len(setups) + i) * (seconds + gap)
+                slot_start = start.item() + (r * len(setups) + i) * (seconds + SLOT_GAP_S)
                 while time.time() < slot_start:
                     time.sleep(0.0005)
                 if rank != 0 and not setup.both:
                     continue
                 torch.set_num_threads(setup.threads)
-                model, optimizer, x, y = states[setup.batch, setup.threads]
+                state = states[setup.batch, setup.threads]
                 times, n = [], 0
                 while time.time() < slot_start + seconds:
                     step_start = time.perf_counter()
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    optimizer.step()
+                    floor_step(*state)
                     n += 1
                     if n > 3:  # the first steps after a switch of threads and batch are not timed
                         times.append(time.perf_counter() - step_start)
@@ -270,7 +276,7 @@ def _slots_job(rank: int, world_size: int, init_method: str, emit: Callable, set
 
 def floor_slots(setups: list[FloorSetup], rounds: int, seconds: float, warmup: int = 10) -> dict[str, list[float]]:
     """Compute-floor step time of each set-up, one value per round (for a pair: its slower rank)."""
-    timeout = 120 + rounds * len(setups) * (seconds + 0.3)
+    timeout = 120 + rounds * len(setups) * (seconds + SLOT_GAP_S)
     got = run_workers(_slots_job, 2, (setups, rounds, seconds, warmup), launch_timeout_s=timeout)
     per_round: dict[tuple[int, str], float] = {}
     for rows in got.values():
@@ -281,18 +287,14 @@ def floor_slots(setups: list[FloorSetup], rounds: int, seconds: float, warmup: i
     return {s.name: [per_round[r, s.name] for r in range(rounds) if (r, s.name) in per_round] for s in setups}
 
 
-def headroom_setups(pair_batches=(128, 256), two_thread_batches=(256, 512)) -> list[FloorSetup]:
-    return ([FloorSetup(f"pair b{b}", b, both=True) for b in pair_batches]
-            + [FloorSetup(f"2 threads b{b}", b, threads=2) for b in two_thread_batches])
-
-
-def headroom_round(rounds: int, seconds: float) -> dict:
+def headroom_round(rounds: int, seconds: float, pair_batches=(128, 256), two_thread_batches=(256, 512)) -> dict:
     """Compute-floor step times (no data, no communication) of two 1-thread processes side by
     side and of one 2-thread process, at the batches the time-to-accuracy strategies use."""
-    times = floor_slots(headroom_setups(), rounds, seconds)
-    return {"pair_ms": {name.split(" b")[1]: statistics.median(v) for name, v in times.items() if name.startswith("pair")},
-            "two_threads_ms": {name.split(" b")[1]: statistics.median(v) for name, v in times.items()
-                               if name.startswith("2 threads")},
+    pairs = [FloorSetup(f"pair b{b}", b, both=True) for b in pair_batches]
+    singles = [FloorSetup(f"2 threads b{b}", b, threads=2) for b in two_thread_batches]
+    times = floor_slots(pairs + singles, rounds, seconds)
+    return {"pair_ms": {str(s.batch): statistics.median(times[s.name]) for s in pairs},
+            "two_threads_ms": {str(s.batch): statistics.median(times[s.name]) for s in singles},
             "rounds": rounds, "seconds_per_slot": seconds}
 
 
@@ -304,8 +306,8 @@ def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
     that ceiling if the two processes did not slow each other down at all."""
     rounds, seconds = (1, 0.5) if quick else (12, 2.0)
     batches = (32, 128, 256)
-    setups = [FloorSetup(f"{kind} b{b}", b * (2 if kind == "2 threads" else 1), threads=2 if kind == "2 threads" else 1,
-                         both=kind == "pair") for b in batches for kind in ("alone", "pair", "2 threads")]
+    setups = [setup for b in batches for setup in (FloorSetup(f"alone b{b}", b), FloorSetup(f"pair b{b}", b, both=True),
+                                                   FloorSetup(f"2 threads b{b}", 2 * b, threads=2))]
     times = floor_slots(setups, rounds, seconds)
     rows = []
     for b in batches:
@@ -583,9 +585,10 @@ def run_tta(quick: bool, log: Callable[[str], None], seeds: tuple[int, ...] = (0
                                                else f"not reached (best {got['best_val_accuracy']:.2%})"))
         headroom[str(seed)].append(headroom_round(rounds, seconds))
         for b, tb in ((128, 256), (256, 256), (256, 512)):
-            pair = [h["two_threads_ms"][str(tb)] / tb / (h["pair_ms"][str(b)] / (2 * b)) for h in headroom[str(seed)]]
+            before, after = (two_threads / pair for pair, two_threads in
+                             (floor_us_per_sample(h, b, tb) for h in headroom[str(seed)]))
             log(f"seed {seed}  compute only, per sample: pair b{b} vs 2-thread process b{tb}: "
-                f"{pair[0]:.2f}x before, {pair[1]:.2f}x after")
+                f"{before:.2f}x before, {after:.2f}x after")
     summary = []
     for name, rs in runs.items():
         secs = [r["seconds_to_target"] for r in rs if r["reached"]]

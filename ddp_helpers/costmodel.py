@@ -151,6 +151,13 @@ def _global_batch(cfg: dict) -> int:
     return cfg["batch_size"] * cfg["world_size"] * cfg["accumulation_steps"]
 
 
+def floor_us_per_sample(headroom: dict, pair_batch: int, two_thread_batch: int) -> tuple[float, float]:
+    """One headroom measurement as compute-only microseconds per sample: two 1-thread processes
+    side by side at ``pair_batch`` each, and one 2-thread process at ``two_thread_batch``."""
+    return (1000 * headroom["pair_ms"][str(pair_batch)] / (2 * pair_batch),
+            1000 * headroom["two_threads_ms"][str(two_thread_batch)] / two_thread_batch)
+
+
 def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
     """Why the best 2-worker strategy is as fast as it is against the best 2-thread process,
     seed by seed. Time to 98% is samples needed x seconds per sample, so the ratio factors
@@ -196,16 +203,15 @@ def tta_decomposition(record: dict, target_ratio: float = 1.2) -> dict:
         used = range(math.ceil(two["epochs_to_target"]))  # the epochs (partly) run before the target
         sync_fraction = (sum(two["sync_fraction"][i] * two["epoch_time_s"][i] for i in used)
                          / sum(two["epoch_time_s"][i] for i in used))
-        rounds = headroom[str(seed)]
-        floor_pair = statistics.mean(1000 * h["pair_ms"][pair_key] / (2 * two_cfg["batch_size"]) for h in rounds)
-        floor_2t = statistics.mean(1000 * h["two_threads_ms"][one_key] / one_cfg["batch_size"] for h in rounds)
+        floors = [floor_us_per_sample(h, two_cfg["batch_size"], one_cfg["batch_size"]) for h in headroom[str(seed)]]
+        floor_pair = statistics.mean(pair for pair, _ in floors)
+        floor_2t = statistics.mean(two_threads for _, two_threads in floors)
         factors = {"samples": samples_one / samples_two, "headroom": floor_2t / floor_pair,
                    "loop": (us_one / floor_2t) / (us_two * (1 - sync_fraction) / floor_pair), "sync": 1 - sync_fraction}
         rows.append({"seed": seed, "ratio": one["seconds_to_target"] / two["seconds_to_target"], **factors,
                      "compute_ratio": factors["headroom"] * factors["loop"],
-                     "needed_compute_ratio": target_ratio / (factors["samples"] * factors["sync"]), "headroom_rounds": [
-                         (h["two_threads_ms"][one_key] / one_cfg["batch_size"])
-                         / (h["pair_ms"][pair_key] / (2 * two_cfg["batch_size"])) for h in rounds],
+                     "needed_compute_ratio": target_ratio / (factors["samples"] * factors["sync"]),
+                     "headroom_rounds": [two_threads / pair for pair, two_threads in floors],
                      "us_per_sample_2_workers": us_two, "us_per_sample_2_threads": us_one,
                      "sync_ms_per_step": 1000 * two["seconds_to_target"] / steps_two * sync_fraction,
                      "floor_us_per_sample_pair": floor_pair, "floor_us_per_sample_2_threads": floor_2t})
