@@ -2,9 +2,10 @@ import faulthandler
 import sys
 
 from .cli import main
-from .launch import exit_now, under_torchrun
+from .dist import torchrun_env
+from .workers import exit_now
 
-if under_torchrun():  # one rank of a torchrun job: it ends the way a spawned worker does
+if torchrun_env() is not None:  # one rank of a torchrun job: it ends the way a spawned worker does
     faulthandler.enable()
     exit_now(main())
 sys.exit(main())

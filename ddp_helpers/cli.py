@@ -1,27 +1,29 @@
-"""The command line: ``python -m ddp_helpers train ...`` (also under torchrun)."""
+"""The command line: ``python -m ddp_helpers train ...`` (also as each rank of torchrun)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from .config import TrainConfig, config_fields
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field, with the field's own help text."""
+    """One --flag per TrainConfig field, with the field's own help text and choices. Flags
+    that are not given stay out of the namespace, so that they do not override --config."""
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help_text = f"{f.metadata['help']} (default: {default})"
+        common = dict(default=argparse.SUPPRESS, help=help_text)
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif isinstance(default, list):
-            parser.add_argument(flag, type=int, nargs="+", default=default, metavar="N", help=help_text)
+            parser.add_argument(flag, type=int, nargs="+", metavar="N", **common)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+            parser.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **common)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,50 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train and write a JSON record under --output-dir",
                            description="Train the MLP; --world-size 1 is the single-process baseline. "
                                        "Under torchrun the world size comes from torchrun.")
+    train.add_argument("--config", metavar="FILE", help="start from this TrainConfig JSON or run record (e.g. "
+                                                        "results/train_ws1.json); flags given here override it")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (the epoch rows still print)")
     _add_config_arguments(train)
-    train.add_argument("--no-progress", action="store_true", help="hide rank 0's per-step progress bar")
     return parser
 
 
-HEADER = (f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val loss':>9} {'val acc':>8} "
-          f"{'epoch s':>8} {'step ms':>8} | {'data':>5} {'comp':>5} {'sync':>5} {'opt':>5}")
-
-
-def format_row(row: dict[str, Any]) -> str:
-    ms = row["step_ms"]
-    return (f"{row['epoch']:>5} {row['lr']:>9.2e} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.2%} "
-            f"{row['val_loss']:>9.4f} {row['val_accuracy']:>8.2%} {row['epoch_time_s']:>8.2f} "
-            f"{ms['total']:>8.3f} | {ms['data']:>5.2f} {ms['compute']:>5.2f} {ms['sync']:>5.2f} "
-            f"{ms['optimizer']:>5.2f}")
+def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> TrainConfig:
+    """Defaults, then the --config file, then the flags given; torchrun's world size last."""
+    values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)})
+    if world_size is not None:
+        values["world_size"] = world_size
+    return TrainConfig.from_dict(values)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .launch import launch, run_torchrun, under_torchrun
+    from .dist import torchrun_env
+    from .launch import launch, run_torchrun
 
-    values = {f.name: getattr(args, f.name) for f in config_fields()}
-    torchrun = under_torchrun()
-    if torchrun:
-        import os
-
-        values["world_size"] = int(os.environ["WORLD_SIZE"])
-        is_main = int(os.environ["RANK"]) == 0
-    else:
-        is_main = True
-    cfg = TrainConfig.from_dict(values)
-
-    def show(row: dict[str, Any]) -> None:
-        print(format_row(row), flush=True)
-
+    env = torchrun_env()
+    cfg = resolve_config(args, env.world_size if env else None)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    is_main = env is None or env.rank == 0
     if is_main:
-        mode = "torchrun" if torchrun else ("single process" if cfg.world_size == 1 else "spawned workers")
+        mode = "torchrun" if env else ("single process" if cfg.world_size == 1 else "spawned workers")
         print(f"training: world_size={cfg.world_size} ({mode}), batch {cfg.batch_size}/worker, "
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
-        print(HEADER, flush=True)
-    progress = not args.no_progress and sys.stderr.isatty()
-    if torchrun:
-        result = run_torchrun(cfg, on_epoch_end=show, progress=progress)
+    journal = cfg.record_path.with_suffix(".epochs.jsonl")
+    live = True if not args.no_progress else "rows"
+    if env:
+        result = run_torchrun(cfg, env, live=live, journal=journal)
     else:
-        result = launch(cfg, on_epoch_end=show, progress=progress, quiet_workers=False)
+        result = launch(cfg, live=live, journal=journal, quiet_workers=False)
     if result is None:
         return 0
     path = result.save()
@@ -82,9 +77,10 @@ def train_command(args: argparse.Namespace) -> int:
     for note in rt["notes"]:
         print(f"note: {note}")
     print(f"final validation accuracy {summary['final_val_accuracy']:.2%}; median epoch "
-          f"{summary['median_epoch_time_s']:.2f} s; backend {rt['backend']}, {rt['threads_per_rank']} "
-          f"thread(s)/rank, {rt['optimizer']}, wall {rt['wall_time_s']:.1f} s")
-    print(f"record written to {path}")
+          f"{summary['median_epoch_time_s']:.2f} s; backend {rt['backend']}, device {rt['device']}, "
+          f"{rt['threads_per_rank']} thread(s)/rank ({rt['threads_rule']}), {rt['optimizer']}, "
+          f"CUDA graph {'on' if rt['cuda_graph'] else 'off'}, wall {rt['wall_time_s']:.1f} s")
+    print(f"record written to {path} (epoch rows as they came: {journal})")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
+DTYPES = ("float32", "float64")
 # Gradient-synchronisation strategies the engine knows (see ddp_helpers.sync).
 SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd", "local_sgd_overlap")
 FAULT_KINDS = ("raise", "exit", "hang")
@@ -44,6 +45,8 @@ class TrainConfig:
     lr_step: int = _field(3, "StepLR: multiply the learning rate by lr_gamma every lr_step epochs")
     lr_gamma: float = _field(0.5, "StepLR decay factor, in (0, 1]")
     seed: int = _field(0, "seed for weights, shuffling and dropout (each rank adds its rank for dropout)")
+    dtype: str = _field("float32", "precision of weights and data; float64 makes equivalence checks exact on any CPU",
+                        choices=DTYPES)
     warmup_steps: int = _field(0, "optimizer steps of linear learning-rate warm-up from lr/warmup_steps; 0 = none")
     accumulation_steps: int = _field(1, "micro-batches per optimizer step; gradients sync only on the last (no_sync)")
     local_sgd_every: int = _field(8, "local_sgd(_overlap): optimizer steps between parameter averages across ranks")
@@ -53,10 +56,19 @@ class TrainConfig:
                                      "end); time-to-accuracy resolves to this fraction of an epoch")
     # --- parallelism ---------------------------------------------------------------
     world_size: int = _field(2, "number of worker processes; 1 trains in a single process without DDP")
-    sync: str = _field("ddp", f"gradient synchronisation strategy, one of {SYNC_STRATEGIES}")
-    backend: str = _field("auto", f"process-group backend, one of {BACKENDS}; auto is nccl with enough GPUs, else gloo")
-    device: str = _field("auto", f"compute device, one of {DEVICES}; auto is cuda when the backend is nccl")
-    threads_per_rank: int = _field(0, "torch intra-op threads per worker; 0 means cores // world_size (at least 1)")
+    sync: str = _field("ddp", "gradient synchronisation strategy", choices=SYNC_STRATEGIES)
+    backend: str = _field("auto", "process-group backend; auto is nccl when this node has a GPU per local rank, "
+                                  "else gloo", choices=BACKENDS)
+    device: str = _field("auto", "compute device; auto is cuda for nccl and for a single process on a GPU machine",
+                         choices=DEVICES)
+    threads_per_rank: int = _field(0, "torch intra-op threads per worker; 0 means $OMP_NUM_THREADS if set, else "
+                                      "this node's cores // its ranks (at least 1)")
+    bucket_cap_mb: float = _field(25.0, "DDP: gradient bucket size in MB (this model's gradient is 2.27 MB)")
+    gradient_as_bucket_view: bool = _field(False, "DDP: gradients are views into the communication buckets (one "
+                                                 "copy of the gradient per step fewer)")
+    static_graph: bool = _field(False, "DDP: promise that the set of used parameters never changes")
+    cuda_graph: bool = _field(True, "single process on CUDA: capture forward, backward and optimizer step as one "
+                                    "CUDA graph (the last short batch and evaluation run eagerly)")
     master_addr: str = _field("127.0.0.1", "rendezvous address for the spawned workers")
     master_port: int = _field(0, "rendezvous TCP port; 0 picks a free one")
     timeout_s: float = _field(120.0, "seconds before a stuck collective or process-group setup fails")
@@ -64,7 +76,7 @@ class TrainConfig:
     # --- data ----------------------------------------------------------------------
     data_dir: str = _field("", "MNIST root; empty means $MNIST_DATA_DIR, else data/ in the project")
     download: bool = _field(True, "download MNIST when its files are missing (needs a network)")
-    dataset: str = _field("mnist", f"one of {DATASETS}; synthetic is random MNIST-shaped data for tests only")
+    dataset: str = _field("mnist", "synthetic is random MNIST-shaped data for tests only", choices=DATASETS)
     train_subset: int = _field(0, "use only the first N training samples; 0 means all 60,000")
     test_subset: int = _field(0, "use only the first N test samples; 0 means all 10,000")
     max_steps_per_epoch: int = _field(0, "stop each epoch after this many steps per worker; 0 means no limit")
@@ -78,7 +90,8 @@ class TrainConfig:
     fail_rank: int = _field(-1, "fault injection for tests and demos: the rank that fails; -1 disables it")
     fail_step: int = _field(0, "fault injection: the global step (0-based) at which fail_rank fails")
     fail_kind: str = _field("raise", "fault injection: 'raise' an exception, 'exit' hard with os._exit, or 'hang' "
-                                     "(sleep, so the other ranks' collective times out); fires on a first attempt only")
+                                     "(sleep, so the other ranks' collective times out); fires on a first attempt only",
+                            choices=FAULT_KINDS)
 
     def __post_init__(self) -> None:
         self.hidden_sizes = list(self.hidden_sizes)
@@ -116,11 +129,15 @@ class TrainConfig:
              "must be in [0, 1] (0 = train all epochs)")
         need(is_int(self.evals_per_epoch) and self.evals_per_epoch >= 1, "evals_per_epoch", "must be an integer >= 1")
         need(is_int(self.world_size) and self.world_size >= 1, "world_size", "must be an integer >= 1")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.sync in SYNC_STRATEGIES, "sync", f"must be one of {SYNC_STRATEGIES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(is_int(self.threads_per_rank) and self.threads_per_rank >= 0, "threads_per_rank",
-             "must be an integer >= 0 (0 = cores // world_size)")
+             "must be an integer >= 0 (0 = automatic)")
+        need(is_num(self.bucket_cap_mb) and self.bucket_cap_mb > 0, "bucket_cap_mb", "must be > 0")
+        for name in ("gradient_as_bucket_view", "static_graph", "cuda_graph"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
         need(isinstance(self.master_addr, str) and self.master_addr != "", "master_addr", "must be a host name or IP")
         need(is_int(self.master_port) and 0 <= self.master_port <= 65535, "master_port",
              "must be in [0, 65535] (0 = pick a free port)")
@@ -143,7 +160,9 @@ class TrainConfig:
         need(isinstance(self.resume, bool), "resume", "must be true or false")
         need(not self.resume or bool(self.checkpoint_dir), "resume", "needs checkpoint_dir to be set")
         if self.backend == "nccl" or self.device == "cuda":
-            _check_gpus(self)
+            from .dist import ranks_on_this_node  # local: keeps `import ddp_helpers.config` light
+
+            check_gpus(self.backend, self.device, ranks_on_this_node(self.world_size))
         if self.backend == "nccl" and self.device == "cpu":
             raise ValueError("TrainConfig.backend='nccl' needs device='cuda' (or 'auto'): NCCL only moves GPU tensors")
         return self
@@ -164,6 +183,12 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """A plain TrainConfig JSON file, or any record of a run (its ``config`` block)."""
+        values = json.loads(Path(path).read_text())
+        return cls.from_dict(values.get("config", values) if isinstance(values, dict) else values)
+
+    @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         return cls.from_dict(json.loads(text))
 
@@ -179,16 +204,17 @@ class TrainConfig:
         return Path(self.output_dir) / f"{self.run_name or self.default_run_name()}.json"
 
 
-def _check_gpus(cfg: TrainConfig) -> None:
+def check_gpus(backend: str, device: str, local_ranks: int) -> None:
+    """NCCL needs one GPU per rank on *this* node (a 2 x 8-GPU torchrun job has 8 local ranks, not 16)."""
     import torch  # local: keeps `import ddp_helpers.config` light
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cfg.backend == "nccl" and have < cfg.world_size:
+    if backend == "nccl" and have < local_ranks:
         raise ValueError(
-            f"TrainConfig.backend='nccl' needs one CUDA device per worker: world_size={cfg.world_size} "
+            f"TrainConfig.backend='nccl' needs one CUDA device per worker on this node: {local_ranks} local rank(s) "
             f"but {have} CUDA device(s) are visible. Use backend='gloo' (or 'auto') on this machine."
         )
-    if cfg.device == "cuda" and have == 0:
+    if device == "cuda" and have == 0:
         raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
 
 

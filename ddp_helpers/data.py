@@ -117,8 +117,9 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Split":
+        """On ``device``, images in ``dtype`` (float64 makes equivalence tests exact on any CPU)."""
+        return Split(self.images.to(device, dtype), self.labels.to(device))
 
     def head(self, n: int) -> "Split":
         """The first n samples (all of them when n is 0 or too large)."""
@@ -184,12 +185,16 @@ def eval_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
 
 def batches(split: Split, indices: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of the given indices in order; the last one may be short."""
+    indices = indices.to(split.images.device)  # once, not per batch: a per-batch copy to a GPU stalls it
     for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size].to(split.images.device, non_blocking=True)
+        idx = indices[start:start + batch_size]
         yield split.images.index_select(0, idx), split.labels.index_select(0, idx)
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def steps_per_epoch(n: int, world_size: int, batch_size: int) -> int:
-    """Optimizer steps each worker takes per epoch: ceil(ceil(n / W) / B)."""
-    per_worker = -(-n // world_size)
-    return -(-per_worker // batch_size)
+    """Steps each worker takes per epoch: ceil(ceil(n / W) / B)."""
+    return ceil_div(ceil_div(n, world_size), batch_size)

@@ -1,4 +1,16 @@
-"""Process-group plumbing: backend and device choice, ports, threads, setup and teardown."""
+"""The process group, from plain values: rank, world size, backend, device, threads, timeout.
+
+The idea fits in a few lines (nanoGPT's ``ddp_setup``)::
+
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store, timeout=...)
+    ...train...
+    dist.destroy_process_group()
+
+Everything else here makes those lines safe: every wait has a timeout, NCCL is told its
+device, the ranks leave together, and the choices (backend, device, threads) are made
+from what *this node* has, so that a multi-node torchrun job gets them right too.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +26,41 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
 
+# --- torchrun's environment, read in one place -------------------------------------------
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int   # ranks on this node
+    restart_count: int      # elastic restarts so far
+    run_id: str
+    master_addr: str
+    master_port: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """This process's place in a torchrun job, or None when it was not started by torchrun."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env and not ("RANK" in env and "LOCAL_RANK" in env):
+        return None
+    world = int(env["WORLD_SIZE"])
+    return TorchrunEnv(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+                       local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+                       restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                       run_id=env.get("TORCHELASTIC_RUN_ID", "run"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(env.get("MASTER_PORT", "0")))
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """How many ranks share this machine: torchrun's LOCAL_WORLD_SIZE, else all of them (spawn)."""
+    env = torchrun_env()
+    return env.local_world_size if env else world_size
+
+
+# --- choices made from this node's resources ------------------------------------------------
 
 def usable_cores() -> int:
     """CPU cores this process may run on (the affinity mask, not the machine's total)."""
@@ -25,28 +70,41 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_for(cfg: TrainConfig, world_size: int | None = None) -> int:
-    """Intra-op threads per rank: the configured number, else cores // world size (at least 1).
+def threads_for(requested: int, local_ranks: int) -> tuple[int, str]:
+    """Intra-op threads per rank, and the rule that gave them.
 
-    Two ranks with two threads each on two cores thrash: each rank gets its share.
+    An explicit request wins, then $OMP_NUM_THREADS, then this node's cores shared out
+    among its ranks: two ranks with two threads each on two cores thrash.
     """
-    return cfg.threads_per_rank or max(1, usable_cores() // (world_size or cfg.world_size))
+    if requested:
+        return requested, f"threads_per_rank={requested} (config)"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), f"OMP_NUM_THREADS={omp}"
+    cores = usable_cores()
+    return max(1, cores // local_ranks), f"{cores} usable cores // {local_ranks} rank(s) on this node"
 
 
-def pick_backend(cfg: TrainConfig, world_size: int | None = None) -> str:
-    """'nccl' when asked for, or on auto when CUDA has a device per worker; else 'gloo'."""
-    if cfg.backend != "auto":
-        return cfg.backend
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return "nccl" if gpus >= (world_size or cfg.world_size) and dist.is_nccl_available() else "gloo"
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def pick_device(cfg: TrainConfig, backend: str, local_rank: int) -> torch.device:
-    auto_cuda = backend == "nccl" or (backend == "none" and torch.cuda.is_available())
-    if cfg.device == "cuda" or (cfg.device == "auto" and auto_cuda):
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+def pick_backend(requested: str, local_ranks: int) -> str:
+    """'nccl' when asked for, or on auto when this node has a GPU per local rank; else 'gloo'."""
+    if requested != "auto":
+        return requested
+    return "nccl" if gpu_count() >= local_ranks and dist.is_nccl_available() else "gloo"
+
+
+def pick_device(requested: str, backend: str, local_rank: int) -> torch.device:
+    """The compute device: cuda for NCCL and, on auto, for a single process ('none') on a GPU machine."""
+    auto_cuda = backend == "nccl" or (backend == "none" and gpu_count() > 0)
+    if requested == "cuda" or (requested == "auto" and auto_cuda):
+        return torch.device("cuda", local_rank % max(1, gpu_count()))
     return torch.device("cpu")
 
+
+# --- ports ------------------------------------------------------------------------------------
 
 def find_free_port(addr: str = "127.0.0.1") -> int:
     """A TCP port the OS reports free right now (bind to port 0 and read it back)."""
@@ -67,61 +125,37 @@ def check_port_free(addr: str, port: int) -> None:
                           f"Fix: pass another --master-port, or 0 to pick a free one.") from exc
 
 
-def oversubscription_warning(world_size: int) -> str | None:
+def oversubscription_warning(local_ranks: int) -> str | None:
     cores = usable_cores()
-    if world_size > cores:
-        return (f"world_size={world_size} is larger than the {cores} usable CPU core(s): the ranks share "
-                f"cores (oversubscribed), so timings measure contention, not scaling.")
+    if local_ranks > cores:
+        return (f"{local_ranks} ranks on this node but {cores} usable CPU core(s): the ranks share cores "
+                f"(oversubscribed), so timings measure contention, not scaling.")
     return None
 
 
-@dataclass
-class RankContext:
-    """Who this process is in the run, and how to sum a tensor over all ranks."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str  # 'none' for the single-process baseline
-    device: torch.device
-    threads: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks (identity in a single process)."""
-        if self.world_size == 1:
-            return sums
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        return sums
-
-
-def torchrun_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The rendezvous store of a torchrun worker, with keys private to this restart attempt.
-
-    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
-    a restarted rank can read the address its peer had in the attempt that crashed, and
-    gloo's connect then fails with "Connection refused" (seen here, intermittently).
-    """
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0 and not agent_hosts_it,
-                          timeout=timedelta(seconds=timeout_s))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"ddp_helpers/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
-
+# --- rendezvous stores -------------------------------------------------------------------------
 
 def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The rendezvous store behind ``tcp://host:port`` (hosted by rank 0), as
-    ``init_process_group(init_method=...)`` would build it, but kept in our hands so that
-    the ranks can also use it to leave together."""
+    """The store behind ``tcp://host:port``, hosted by rank 0, kept in our hands so that the
+    ranks can also use it to leave together."""
     url = urlparse(init_method)
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise ValueError(f"init_method must look like tcp://HOST:PORT, got {init_method!r}")
     return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
                          timeout=timedelta(seconds=timeout_s))
+
+
+def torchrun_store(env: TorchrunEnv, timeout_s: float) -> dist.Store:
+    """The store of a torchrun worker, with keys private to this restart attempt.
+
+    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
+    a restarted rank can read the address its peer had in the attempt that crashed, and
+    gloo's connect then fails with "Connection refused" (seen here, intermittently).
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts_it, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"ddp_helpers/{env.run_id}/attempt_{env.restart_count}", store)
 
 
 def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
@@ -141,42 +175,61 @@ def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: flo
         store.set(f"exit/left/{rank}", "1")
 
 
-@contextmanager
-def process_group(cfg: TrainConfig, rank: int, world_size: int, local_rank: int,
-                  init_method: str | None = None, store: dist.Store | None = None) -> Iterator[RankContext]:
-    """Join the process group (with a timeout), yield the context, always leave it.
+# --- the context a rank trains in ----------------------------------------------------------------
 
-    Rendezvous through ``init_method`` (tcp:// for spawned workers) or an existing ``store``.
-    After a body that succeeded, the ranks leave together (:func:`leave_together`); after
+@dataclass
+class RankContext:
+    """Who this process is in the run, and how to sum a tensor over all ranks."""
+
+    rank: int
+    world_size: int
+    backend: str  # 'none' for the single-process baseline
+    device: torch.device
+    threads: int
+    threads_rule: str = ""
+    restart_count: int = 0  # torchrun's elastic restarts before this attempt
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks (identity in a single process)."""
+        if self.world_size > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return sums
+
+
+@contextmanager
+def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str = "gloo",
+                  device: torch.device = torch.device("cpu"), threads: int = 1, timeout_s: float = 120.0,
+                  threads_rule: str = "", restart_count: int = 0) -> Iterator[RankContext]:
+    """Join the process group (every wait bounded by ``timeout_s``), yield the context, always leave.
+
+    After a body that succeeded the ranks leave together (:func:`leave_together`); after
     one that raised, at once: the others may be gone.
     """
-    backend = pick_backend(cfg, world_size)
-    device = pick_device(cfg, backend, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    threads = threads_for(cfg, world_size)
     torch.set_num_threads(threads)
-    if store is None:
-        store = tcp_store(init_method, rank, world_size, cfg.timeout_s)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # gloo's note about the absent device_id is not actionable here
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=cfg.timeout_s),
-                                store=store)
+        warnings.simplefilter("ignore")  # gloo's note that no device_id was given: it needs none
+        dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
+                                timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)  # NCCL: no guessing, no hang
     try:
-        yield RankContext(rank, world_size, local_rank, backend, device, threads)
-        leave_together(store, rank, world_size, cfg.timeout_s)
+        yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count)
+        leave_together(store, rank, world_size, timeout_s)
     finally:
         dist.destroy_process_group()
 
 
 @contextmanager
-def single_process(cfg: TrainConfig) -> Iterator[RankContext]:
+def single_process(device: torch.device, threads: int, threads_rule: str = "") -> Iterator[RankContext]:
     """The baseline's context: no process group; threads set for the run and restored after."""
     previous = torch.get_num_threads()
-    threads = threads_for(cfg, 1)
     torch.set_num_threads(threads)
-    device = pick_device(cfg, "none", 0)
     try:
-        yield RankContext(0, 1, 0, "none", device, threads)
+        yield RankContext(0, 1, "none", device, threads, threads_rule)
     finally:
         torch.set_num_threads(previous)

@@ -1,14 +1,14 @@
 """The training step and the evaluation pass, shared by the baseline and every DDP variant.
 
-Nothing here knows how many processes there are: communication comes in through the
-sync strategy (gradients) and a ``reduce`` function (metric sums across ranks).
+Nothing here knows how many processes there are: gradients are agreed on by the sync
+strategy (``sync``), metric sums are added up across ranks by the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,143 +17,198 @@ from torch import nn
 from .data import Split, batches
 
 PHASES = ("data", "compute", "sync", "optimizer")
-Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def no_reduce(sums: torch.Tensor) -> torch.Tensor:
-    return sums
-
-
-def make_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float,
+def make_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float, capturable: bool = False,
                    ) -> tuple[torch.optim.Optimizer, str]:
-    """Adam in its fastest available form: fused (one kernel for all tensors), else foreach."""
+    """Adam in its fastest available form: fused (one kernel for all tensors), else foreach.
+    ``capturable`` keeps its step counter and learning rate on the device (CUDA graphs)."""
     params = list(params)
+    if capturable:
+        lr_tensor = torch.tensor(lr, device=params[0].device)
+        return torch.optim.Adam(params, lr=lr_tensor, weight_decay=weight_decay, fused=True, capturable=True), \
+            "fused, capturable"
     try:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True), "fused"
     except (RuntimeError, TypeError):  # older torch, or a device without a fused kernel
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True), "foreach"
 
 
+def set_lr(optimizer: torch.optim.Optimizer, rates: list[float]) -> None:
+    """Set each parameter group's learning rate (in place where it is a device tensor)."""
+    for group, rate in zip(optimizer.param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+
+
+def warmup_scale(warmup_steps: int) -> Callable[[int], float] | None:
+    """Linear warm-up: optimizer step n runs at (n + 1) / warmup_steps of the rate, up to 1."""
+    if not warmup_steps:
+        return None
+    return lambda step: min(1.0, (step + 1) / warmup_steps)
+
+
 class PhaseTimer:
-    """Wall-clock seconds per phase of a step. On CUDA it synchronises at phase ends,
-    which costs a little speed but makes the split honest."""
+    """Seconds per phase of the steps. On the CPU, wall clock between laps. On CUDA, events
+    recorded in stream order and read once at the end, so timing never stalls the GPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.events: list[tuple[str, torch.cuda.Event]] = []
         self._last = time.perf_counter()
+        if self.cuda:
+            self.events.append(("", self._record()))
+
+    @staticmethod
+    def _record() -> "torch.cuda.Event":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def lap(self, phase: str) -> float:
+        """Close the current phase; the host seconds it took (on CUDA: host time, for reference only)."""
         if self.cuda:
-            torch.cuda.synchronize()
+            self.events.append((phase, self._record()))
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
-        self.seconds[phase] += elapsed
+        if not self.cuda:
+            self.seconds[phase] += elapsed
         return elapsed
 
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Count ``seconds`` of ``source`` as ``target`` (DDP communicates inside backward).
+        On CUDA the host cannot see it: it stays in ``source``."""
+        if not self.cuda:
+            seconds = min(seconds, self.seconds[source])
+            self.seconds[source] -= seconds
+            self.seconds[target] += seconds
 
-def train_one_epoch(sync, optimizer: torch.optim.Optimizer, split: Split, indices: torch.Tensor,
-                    batch_size: int, *, reduce: Reduce = no_reduce, max_steps: int = 0,
-                    accumulation_steps: int = 1, lr_scale: Callable[[int], float] | None = None,
-                    before_step: Callable[[int], None] | None = None, step_offset: int = 0) -> dict:
-    """One pass over this rank's indices. Returns global loss/accuracy and the time split.
+    def totals(self) -> dict[str, float]:
+        if self.cuda and len(self.events) > 1:
+            self.events[-1][1].synchronize()
+            for (_, start), (phase, end) in zip(self.events, self.events[1:]):
+                self.seconds[phase] += start.elapsed_time(end) / 1000
+            self.events = self.events[-1:]
+        return dict(self.seconds)
 
-    ``sync`` decides how gradients (or weights) are agreed on; ``reduce`` sums the
-    metric counters over ranks. Every ``accumulation_steps`` micro-batches make one
-    optimizer step; the others run under ``sync.no_sync()``. ``lr_scale(step)`` scales
-    the learning rate per optimizer step (warm-up); ``before_step(micro_step)`` is a
-    hook for fault injection and progress. ``max_steps`` caps the micro-batches.
+
+class Tally:
+    """Loss and accuracy sums kept on the device, so that no step waits for the GPU."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.sums[0] += loss.detach().double() * y.shape[0]
+        self.sums[1] += (logits.argmax(1) == y).sum()
+        self.sums[2] += y.shape[0]
+
+    def take(self) -> torch.Tensor:
+        """The sums so far; the tally starts again from zero."""
+        out = self.sums.clone()
+        self.sums.zero_()
+        return out
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """Each item with a flag that says whether it is the last one."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+def eager_step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
+               timer: PhaseTimer, *, opens: bool = True, closes: bool = True, accumulate: int = 1) -> None:
+    """One micro-batch: forward and backward; on the last of a step, also sync and Adam."""
+    if opens:
+        sync.zero_grad()
+    with contextlib.nullcontext() if closes else sync.no_sync():
+        logits = sync.module(x)
+        loss = F.cross_entropy(logits, y)
+        (loss / accumulate).backward()              # DDP all-reduces inside backward...
+    tally.add(loss, logits, y)
+    timer.lap("compute")
+    timer.move(sync.pop_seconds(), "compute", "sync")  # ...and that part of it is synchronisation
+    if closes:
+        sync.after_backward()                       # an explicit all-reduce (the manual strategy)
+        timer.lap("sync")
+        optimizer.step()
+        timer.lap("optimizer")
+        sync.after_step()                           # local SGD averages the weights here
+        timer.lap("sync")
+
+
+def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                tally: Tally, *, accumulate: int = 1, lr_scale: Callable[[int], float] | None = None,
+                first_step: int = 0, before_step: Callable[[int], None] | None = None, graph=None) -> dict:
+    """Train on the given mini-batches; return how many steps were taken and the time per phase.
+
+    Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
+    them only. ``lr_scale(n)`` scales the rate of optimizer step n (warm-up);
+    ``before_step(step)`` runs first (fault injection, progress). ``graph`` (a
+    :class:`ddp_helpers.graphs.GraphedStep`) replays one captured step for each full batch.
     """
-    module = sync.module
-    module.train()
-    device = split.images.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n_batches = -(-len(indices) // batch_size)
-    if max_steps:
-        n_batches = min(n_batches, max_steps)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    seen = micro = optimizer_steps = 0
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    sync.pop_seconds()
-    for x, y in batches(split, indices, batch_size):
-        if micro >= n_batches:
-            break
+    sync.module.train()
+    timer = PhaseTimer(tally.sums.device)
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    done = optimizer_steps = 0
+    for (x, y), last_batch in with_last(steps):
         if before_step is not None:
-            before_step(step_offset + micro)
+            before_step(first_step + done)
         timer.lap("data")
-        first = micro % accumulation_steps == 0
-        last = (micro + 1) % accumulation_steps == 0 or micro + 1 == n_batches
-        if first:
-            sync.zero_grad()
-        with contextlib.nullcontext() if last else sync.no_sync():
-            logits = module(x)
-            loss = F.cross_entropy(logits, y)
-            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
-        with torch.no_grad():
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
-        fwd_bwd = timer.lap("compute")
-        in_backward = min(sync.pop_seconds(), fwd_bwd)  # DDP communicates inside backward
-        timer.seconds["compute"] -= in_backward
-        timer.seconds["sync"] += in_backward
-        if last:
-            sync.after_backward()
-            timer.lap("sync")
-            if lr_scale is not None:
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * lr_scale(step_offset // accumulation_steps + optimizer_steps)
-            optimizer.step()
-            timer.lap("optimizer")
-            sync.after_step()  # local SGD averages weights here
-            timer.lap("sync")
-            optimizer_steps += 1
-        seen += y.shape[0]
-        micro += 1
-    for group, base in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = base  # the epoch-level scheduler owns the base rate
-    sync.consolidate()  # local SGD: average the pending steps, so every rank ends with the same weights
+        opens, closes = done % accumulate == 0, (done + 1) % accumulate == 0 or last_batch
+        if closes and lr_scale is not None:
+            set_lr(optimizer, [lr * lr_scale(first_step // accumulate + optimizer_steps) for lr in base_lrs])
+        if graph is not None and graph.fits(x):
+            graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
+            timer.lap("compute")
+        else:
+            eager_step(sync, optimizer, x, y, tally, timer, opens=opens, closes=closes, accumulate=accumulate)
+        optimizer_steps += closes
+        done += 1
+    set_lr(optimizer, base_lrs)  # the epoch-level scheduler owns the base rate
+    sync.consolidate()  # local SGD: average the pending steps, so that every rank evaluates one model
     timer.lap("sync")
-    seconds = time.perf_counter() - start
-    totals = reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
-                                                                           dtype=torch.float64)]))
-    return {
-        "train_loss": float(totals[0] / totals[2]),
-        "train_accuracy": float(totals[1] / totals[2]),
-        "train_samples": int(totals[2]),
-        "steps": micro,
-        "optimizer_steps": optimizer_steps,
-        "epoch_time_s": seconds,
-        "phase_s": dict(timer.seconds),
-    }
+    return {"steps": done, "optimizer_steps": optimizer_steps, "phase_s": timer.totals()}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, indices: torch.Tensor, *, reduce: Reduce = no_reduce,
-             batch_size: int = 2000, return_predictions: bool = False) -> dict:
-    """Loss and accuracy over the given indices, summed over ranks by ``reduce``.
+def evaluate(model: nn.Module, split: Split, indices: torch.Tensor, batch_size: int = 2000,
+             return_predictions: bool = False) -> dict:
+    """This rank's loss sum, correct count and sample count over ``indices``.
 
-    With :func:`ddp_helpers.data.eval_indices` every test sample is counted exactly once.
+    Summed over ranks (with :func:`ddp_helpers.data.eval_indices`) every test sample
+    counts exactly once.
     """
     was_training = model.training
     model.eval()
-    device = split.images.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    sums = torch.zeros(3, dtype=torch.float64, device=split.images.device)  # loss sum, correct, count
     predictions = []
     for x, y in batches(split, indices, batch_size):
         logits = model(x)
-        pred = logits.argmax(1)
         sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (pred == y).sum()
+        sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += y.shape[0]
         if return_predictions:
-            predictions.append(pred.cpu())
+            predictions.append(logits.argmax(1).cpu())
     model.train(was_training)
-    local = {"loss_sum": float(sums[0]), "correct": int(sums[1]), "count": int(sums[2])}
-    totals = reduce(sums.clone())
-    out = {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2]),
-           "val_samples": int(totals[2]), "local": local}
+    out = {"sums": sums}
     if return_predictions:
         out["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
     return out
+
+
+def metrics(sums: torch.Tensor, prefix: str) -> dict:
+    """Mean loss and accuracy from (loss sum, correct, count)."""
+    loss_sum, correct, count = (float(v) for v in sums)
+    return {f"{prefix}_loss": loss_sum / count, f"{prefix}_accuracy": correct / count, f"{prefix}_samples": int(count)}

@@ -1,19 +1,92 @@
-"""Self-describing result records: what ran, where, with what, and what came out."""
+"""Self-describing records: what ran, where, with what, and what came out; and where they live."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .data import PROJECT_ROOT
+import torch
 
-RESULTS_DIR = PROJECT_ROOT / "results"
+from .config import TrainConfig
+from .model import MLP
 
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+
+
+@dataclass
+class RunResult:
+    """A finished run: its self-describing record and rank 0's final weights."""
+
+    record: dict[str, Any]
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.record["epochs"]
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.record["config"])
+
+    def model(self) -> torch.nn.Module:
+        """The trained MLP (on the CPU, in eval mode, in the run's precision)."""
+        cfg = self.config
+        model = MLP(cfg.hidden_sizes, cfg.dropout).to(getattr(torch, cfg.dtype))
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        return save_json(self.record, path or self.config.record_path)
+
+
+def run_result(cfg: TrainConfig, history: list[dict], runtime: dict, state_dict: dict[str, torch.Tensor],
+               wall_s: float, notes: list[str]) -> RunResult:
+    """The one place a run's record is put together (single process, spawned workers, torchrun)."""
+    times = [row["epoch_time_s"] for row in history]
+    record = {
+        "kind": "train",
+        "created": now_iso(),
+        "command": command_line(),
+        "config": cfg.to_dict(),
+        "environment": environment(),
+        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("resume", [])},
+        "epochs": history,
+        "summary": {
+            "final_val_accuracy": history[-1]["val_accuracy"],
+            "best_val_accuracy": max(row["val_accuracy"] for row in history),
+            "median_epoch_time_s": statistics.median(times),
+            "total_train_time_s": sum(times),
+            "median_step_ms": statistics.median(row["step_ms"]["total"] for row in history),
+        },
+    }
+    return RunResult(record, state_dict)
+
+
+def state_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# --- where it ran ------------------------------------------------------------------------------
 
 def cpu_model() -> str:
     try:
@@ -35,30 +108,20 @@ def memory_gib() -> float | None:
         return None
 
 
-def cpu_ticks() -> dict[str, int] | None:
-    """The machine's cumulative CPU time by state (Linux /proc/stat, in clock ticks)."""
+def gpu_driver() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
     try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
         return None
-    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), values))
-
-
-def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
-    """Where the machine's CPU time went between two :func:`cpu_ticks` readings. A large
-    ``steal`` share means the hypervisor gave our cores to someone else: timings then suffer."""
-    if not before or not after:
-        return None
-    delta = {k: after[k] - before[k] for k in before}
-    total = sum(delta.values()) or 1
-    return {k: round(v / total, 4) for k, v in delta.items() if k in ("user", "system", "idle", "steal")}
 
 
 def environment() -> dict[str, Any]:
-    """Versions and hardware, so a record can be understood on its own."""
+    """Versions and hardware, so that a record can be understood on its own."""
     import numpy
-    import torch
     import torchvision
 
     from .dist import usable_cores
@@ -71,17 +134,23 @@ def environment() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
+        "hostname": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_cores_usable": usable_cores(),
         "cpu_count": os.cpu_count(),
         "memory_gib": memory_gib(),
         "gpus": gpus,
         "cuda": torch.version.cuda if gpus else None,
+        "gpu_driver": gpu_driver() if gpus else None,
     }
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
 
 
 def save_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -96,7 +165,3 @@ def save_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def load_json(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
-
-
-def command_line() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv])

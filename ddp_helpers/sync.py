@@ -19,13 +19,14 @@ reported through ``pop_seconds`` so that the engine can move it from compute to 
 DistributedDataParallel with a timing communication hook. ``AllReduceSync`` does by
 hand what DDP does under the hood: one flat gradient buffer, one all-reduce, divide
 by the world size. ``fp16`` and ``powersgd`` are DDP with a compression hook;
-``LocalSGDSync`` trains each rank on its own and averages the weights every k steps;
-``OverlapLocalSGDSync`` does the same with the averaging running behind the training.
+the local SGD strategies (weights averaged every k steps instead of gradients every
+step) are in :mod:`ddp_helpers.local_sgd`.
 """
 
 
 import contextlib
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -43,13 +44,14 @@ class LocalSync:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
         self.optimizer = optimizer
+        self.set_to_none = True  # False once a CUDA graph holds the gradients' addresses
 
     @property
     def module(self) -> nn.Module:
         return self.model
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
 
     def no_sync(self):
         return contextlib.nullcontext()
@@ -91,11 +93,35 @@ def _timed(hook):
     return timed_hook
 
 
+class _TorchSeenByCpuBuckets:
+    """``torch`` as PowerSGD's hook should see it for CPU buckets: without CUDA.
+
+    The hook ends with ``if torch.cuda.is_available(): torch.cuda.synchronize(device)``,
+    with the bucket's device; for a CPU bucket on a machine that has a GPU, that raises
+    "Expected a cuda device, but got: cpu". CPU work needs no synchronising."""
+
+    cuda = types.SimpleNamespace(is_available=lambda: False)
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+# PowerSGD's hook with the view of torch above in its globals (its inner callbacks inherit them)
+_cpu_powersgd_hook = types.FunctionType(powersgd.powerSGD_hook.__code__,
+                                        {**vars(powersgd), "torch": _TorchSeenByCpuBuckets()},
+                                        "powerSGD_hook_for_cpu_buckets")
+
+
+def _powersgd_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    hook = _cpu_powersgd_hook if bucket.buffer().device.type == "cpu" else powersgd.powerSGD_hook
+    return hook(state, bucket)
+
+
 # name -> (hook, factory of the hook's state)
 DDP_HOOKS = {
     "ddp": (default_hooks.allreduce_hook, lambda: None),
     "fp16": (default_hooks.fp16_compress_hook, lambda: None),
-    "powersgd": (powersgd.powerSGD_hook,
+    "powersgd": (_powersgd_hook,
                  lambda: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
                                                 start_powerSGD_iter=2, use_error_feedback=True,
                                                 warm_start=True)),
@@ -105,19 +131,23 @@ DDP_HOOKS = {
 class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
-    The default bucket is 25 MB and this model's gradient is 2.27 MB, so all of it
-    lands in one bucket whose all-reduce starts when backward has produced the last
-    gradient: nothing overlaps, and the hook's wall time is the exposed communication.
-    ``hook`` picks what the bucket's communication is: the plain mean all-reduce,
-    fp16 compression, or PowerSGD low-rank compression (with error feedback).
+    At the default 25 MB bucket size this model's whole 2.27 MB gradient is one bucket
+    whose all-reduce starts when backward has produced the last gradient: nothing
+    overlaps, and the hook's wall time is the exposed communication. Smaller buckets
+    (``bucket_cap_mb``) let the first layers' all-reduce run while backward goes on.
+    ``hook`` picks what a bucket's communication is: the plain mean all-reduce, fp16
+    compression, or PowerSGD low-rank compression (with error feedback).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 hook: str = "ddp"):
+                 hook: str = "ddp", bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
+                 static_graph: bool = False):
         super().__init__(model, optimizer)
         self.name = hook
         device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb,
+                                           gradient_as_bucket_view=gradient_as_bucket_view,
+                                           static_graph=static_graph)
         fn, make_state = DDP_HOOKS[hook]
         self.state = _HookState(make_state())
         self.ddp.register_comm_hook(self.state, _timed(fn))
@@ -147,7 +177,7 @@ class AllReduceSync(LocalSync):
         with torch.no_grad():  # start from identical weights, as DDP's constructor does
             for p in params:
                 dist.broadcast(p, src=0)
-        self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+        self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
         offset = 0
         for p in params:  # autograd accumulates into an existing .grad in place
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
@@ -164,106 +194,16 @@ class AllReduceSync(LocalSync):
         self.flat.div_(self.world_size)
 
 
-class LocalSGDSync(LocalSync):
-    """Local SGD: every rank steps on its own gradients; every ``every`` optimizer steps
-    the ranks average their weights (one all-reduce of the flat parameter vector).
-    Adam's moment estimates stay local to each rank."""
-
-    name = "local_sgd"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
-        super().__init__(model, optimizer)
-        self.world_size, self.every, self.steps = dist.get_world_size(), every, 0
-        self.params = [p for p in model.parameters()]
-        with torch.no_grad():
-            for p in self.params:
-                dist.broadcast(p, src=0)
-
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.steps % self.every == 0:
-            self._average()
-
-    def consolidate(self) -> None:
-        """Average the steps taken since the last average, so that evaluation sees one model."""
-        if self.steps % self.every:
-            self._average()
-            self.steps = 0
-
-    @torch.no_grad()
-    def _average(self) -> None:
-        flat = self._flat()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        self._scatter(flat.div_(self.world_size), torch.Tensor.copy_)
-
-    def _flat(self) -> torch.Tensor:
-        """A copy of all weights as one vector (one message instead of one per tensor)."""
-        return torch.cat([p.reshape(-1) for p in self.params])
-
-    @torch.no_grad()
-    def _scatter(self, flat: torch.Tensor, apply) -> None:
-        """``apply(parameter, its slice of flat)`` for every parameter, in order."""
-        offset = 0
-        for p in self.params:
-            apply(p, flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-
-class OverlapLocalSGDSync(LocalSGDSync):
-    """Local SGD whose averaging runs in the background (the all-reduce is asynchronous).
-
-    Every ``every`` steps a rank sends a snapshot of its weights and keeps training. At the
-    next averaging point, ``every`` steps later, it collects the average of the snapshots
-    and keeps its own progress since it sent its snapshot:
-
-        w  <-  mean of the snapshots  +  (w - own snapshot)
-
-    A rank therefore waits only if the all-reduce is still unfinished ``every`` steps
-    later, instead of waiting for the slower rank at each average; the price is that
-    each average arrives one period late. ``consolidate`` collects the pending average,
-    then averages once more, blocking, so that every rank holds the same weights."""
-
-    name = "local_sgd_overlap"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
-        super().__init__(model, optimizer, every)
-        self.pending = None  # (all-reduce in flight, its buffer, this rank's snapshot)
-
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.steps % self.every == 0:
-            self._collect()
-            self._send()
-
-    def consolidate(self) -> None:
-        self._collect()
-        self._average()
-        self.steps = 0
-
-    @torch.no_grad()
-    def _send(self) -> None:
-        own = self._flat()
-        buffer = own.clone()
-        self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
-
-    @torch.no_grad()
-    def _collect(self) -> None:
-        if self.pending is None:
-            return
-        work, buffer, own = self.pending
-        self.pending = None
-        work.wait()  # bounded by the process group's timeout
-        correction = buffer.div_(self.world_size).sub_(own)  # mean of the snapshots - own snapshot
-        self._scatter(correction, torch.Tensor.add_)
-
-
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
-              device: torch.device, local_sgd_every: int = 8):
-    """The strategy object for a run; a single process always gets LocalSync."""
+              device: torch.device, local_sgd_every: int = 8, **ddp_options):
+    """The strategy object for a run; a single process always gets LocalSync.
+    ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph."""
+    from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
+
     if world_size == 1:
         return LocalSync(model, optimizer)
     if name in DDP_HOOKS:
-        return DDPSync(model, optimizer, device, hook=name)
+        return DDPSync(model, optimizer, device, hook=name, **ddp_options)
     if name == "allreduce":
         return AllReduceSync(model, optimizer)
     if name == "local_sgd":

@@ -23,12 +23,11 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
     rank r sets its weights to a_r, then adds its own progress d_r after the first average."""
     import torch
 
-    from ddp_helpers import TrainConfig
-    from ddp_helpers.dist import process_group
-    from ddp_helpers.sync import OverlapLocalSGDSync
+    from ddp_helpers.dist import process_group, tcp_store
+    from ddp_helpers.local_sgd import OverlapLocalSGDSync
 
     a, d = [[1.0, 2.0], [3.0, 6.0]][rank], [[0.5, 0.0], [0.0, -1.0]][rank]
-    with process_group(TrainConfig(world_size=world_size, timeout_s=30), rank, world_size, rank, init_method):
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
         model = torch.nn.Linear(2, 1, bias=False)
         sync = OverlapLocalSGDSync(model, torch.optim.SGD(model.parameters(), lr=0.1), every=2)
         with torch.no_grad():
@@ -43,4 +42,42 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
         collected = model.weight.tolist()[0]
         sync.consolidate()  # the pending average, then a blocking one: mean(a) + mean(d) on both ranks
         emit("result", {"unchanged": unchanged, "collected": collected, "final": model.weight.tolist()[0]})
-        torch.distributed.barrier()  # leave together (one gloo abort at exit was seen without it)
+
+
+def powersgd_with_cuda_available_job(rank, world_size, init_method, emit):
+    """A few PowerSGD steps on CPU tensors, with torch's PowerSGD hook believing that CUDA is
+    available, as it does on a GPU machine (the rest of torch sees this machine as it is)."""
+    import types
+
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as hook_module
+
+    from ddp_helpers import TrainConfig
+    from ddp_helpers.dist import process_group, tcp_store
+    from ddp_helpers.trainer import fit
+
+    class TorchOnAGpuMachine:
+        cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=torch.cuda.synchronize)
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    hook_module.torch = TorchOnAGpuMachine()
+    cfg = TrainConfig(world_size=world_size, sync="powersgd", backend="gloo", device="cpu", dataset="synthetic",
+                      train_subset=512, test_subset=64, epochs=1, max_steps_per_epoch=6, timeout_s=30)
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30) as ctx:
+        out = fit(cfg, ctx, lambda kind, payload: None)
+        emit("result", {"cuda_available": hook_module.torch.cuda.is_available(),
+                        "steps": out.history[0]["steps_per_worker"],
+                        "device": str(next(out.model.parameters()).device)})
+
+
+def killed_by_sigkill_job(rank, world_size, init_method, emit):
+    """Rank 1 is killed by a signal (as the kernel's out-of-memory killer would); rank 0 waits."""
+    import os
+    import signal
+    import time
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)

@@ -60,3 +60,85 @@ def test_nccl_without_enough_gpus_is_refused(monkeypatch):
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"batchsize": 64})
+
+
+# --- the rules that compare this node's resources with its ranks (torchrun's environment mocked) ---
+
+TWO_NODES_OF_EIGHT = {"TORCHELASTIC_RUN_ID": "job", "RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
+                      "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+
+
+@pytest.fixture
+def second_node_of_two(monkeypatch):
+    for key, value in TWO_NODES_OF_EIGHT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two):
+    from ddp_helpers.dist import torchrun_env
+
+    env = torchrun_env()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (11, 16, 3, 8)
+    assert (env.master_addr, env.master_port, env.restart_count) == ("10.0.0.1", 29500, 0)
+
+
+def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
+    from ddp_helpers.dist import pick_backend, pick_device, ranks_on_this_node
+
+    TrainConfig(backend="nccl", world_size=16)  # 8 local ranks, 8 GPUs: accepted
+    assert ranks_on_this_node(16) == 8
+    assert pick_backend("auto", ranks_on_this_node(16)) == "nccl"  # not a silent fallback to gloo
+    assert str(pick_device("auto", "nccl", 3)) == "cuda:3"
+
+
+def test_nccl_is_refused_when_this_node_has_fewer_gpus_than_ranks(second_node_of_two, monkeypatch, eight_gpus):
+    import torch
+
+    from ddp_helpers.dist import pick_backend
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match="8 local rank.*4 CUDA device"):
+        TrainConfig(backend="nccl", world_size=16)
+    assert pick_backend("auto", 8) == "gloo"
+
+
+def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two, monkeypatch):
+    from ddp_helpers import dist
+
+    monkeypatch.setattr(dist, "usable_cores", lambda: 64)
+    assert dist.threads_for(0, dist.ranks_on_this_node(16)) == (8, "64 usable cores // 8 rank(s) on this node")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert dist.threads_for(0, 8) == (2, "OMP_NUM_THREADS=2")
+    assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins
+
+
+def test_nccl_is_told_its_device(monkeypatch, eight_gpus):
+    """Passing device_id avoids NCCL's 'Guessing device ID based on global rank' warning and hang."""
+    import torch
+    import torch.distributed as dist
+
+    from ddp_helpers.dist import process_group
+
+    seen = {}
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr("ddp_helpers.dist.leave_together", lambda *a: None)
+    with process_group(3, 8, store=None, backend="nccl", device=torch.device("cuda", 3)):
+        pass
+    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 3)
+    with process_group(0, 2, store=None, backend="gloo"):
+        pass
+    assert seen["backend"] == "gloo" and seen["device_id"] is None

@@ -1,0 +1,107 @@
+"""Local SGD: each rank steps on its own gradients; every k steps the ranks average weights.
+
+One all-reduce of the weights every k steps instead of one of the gradients every step:
+k times fewer messages, at the price of replicas that drift apart between averages.
+Adam's moment estimates stay local to each rank.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .sync import LocalSync
+
+
+class LocalSGDSync(LocalSync):
+    """Local SGD: every rank steps on its own gradients; every ``every`` optimizer steps
+    the ranks average their weights (one all-reduce of the flat parameter vector).
+    Adam's moment estimates stay local to each rank."""
+
+    name = "local_sgd"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
+        super().__init__(model, optimizer)
+        self.world_size, self.every, self.steps = dist.get_world_size(), every, 0
+        self.params = [p for p in model.parameters()]
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p, src=0)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._average()
+
+    def consolidate(self) -> None:
+        """Average the steps taken since the last average, so that evaluation sees one model."""
+        if self.steps % self.every:
+            self._average()
+            self.steps = 0
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        flat = self._flat()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._scatter(flat.div_(self.world_size), torch.Tensor.copy_)
+
+    def _flat(self) -> torch.Tensor:
+        """A copy of all weights as one vector (one message instead of one per tensor)."""
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def _scatter(self, flat: torch.Tensor, apply) -> None:
+        """``apply(parameter, its slice of flat)`` for every parameter, in order."""
+        offset = 0
+        for p in self.params:
+            apply(p, flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+class OverlapLocalSGDSync(LocalSGDSync):
+    """Local SGD whose averaging runs in the background (the all-reduce is asynchronous).
+
+    Every ``every`` steps a rank sends a snapshot of its weights and keeps training. At the
+    next averaging point, ``every`` steps later, it collects the average of the snapshots
+    and keeps its own progress since it sent its snapshot:
+
+        w  <-  mean of the snapshots  +  (w - own snapshot)
+
+    A rank therefore waits only if the all-reduce is still unfinished ``every`` steps
+    later, instead of waiting for the slower rank at each average; the price is that
+    each average arrives one period late. ``consolidate`` collects the pending average,
+    then averages once more, blocking, so that every rank holds the same weights."""
+
+    name = "local_sgd_overlap"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
+        super().__init__(model, optimizer, every)
+        self.pending = None  # (all-reduce in flight, its buffer, this rank's snapshot)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._collect()
+            self._send()
+
+    def consolidate(self) -> None:
+        self._collect()
+        self._average()
+        self.steps = 0
+
+    @torch.no_grad()
+    def _send(self) -> None:
+        own = self._flat()
+        buffer = own.clone()
+        self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
+
+    @torch.no_grad()
+    def _collect(self) -> None:
+        if self.pending is None:
+            return
+        work, buffer, own = self.pending
+        self.pending = None
+        work.wait()  # bounded by the process group's timeout
+        correction = buffer.div_(self.world_size).sub_(own)  # mean of the snapshots - own snapshot
+        self._scatter(correction, torch.Tensor.add_)
+
+

@@ -1,0 +1,118 @@
+"""What the user sees while a run goes, in the parent process: a progress bar and each
+epoch's row as it arrives, in a terminal or a notebook cell; and a journal file that
+keeps every epoch's row, so that a crashed or interrupted run keeps its history.
+
+In a notebook the bar is plain text updated in place (an IPython display handle), so a
+saved notebook shows its last state as one readable line, not a widget placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .workers import Event
+
+HEADER = (f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val loss':>9} {'val acc':>8} "
+          f"{'epoch s':>8} {'step ms':>8} | {'data':>5} {'comp':>5} {'sync':>5} {'opt':>5}")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    ms = row["step_ms"]
+    return (f"{row['epoch']:>5} {row['lr']:>9.2e} {row['train_loss']:>10.4f} {row['train_accuracy']:>9.2%} "
+            f"{row['val_loss']:>9.4f} {row['val_accuracy']:>8.2%} {row['epoch_time_s']:>8.2f} "
+            f"{ms['total']:>8.3f} | {ms['data']:>5.2f} {ms['compute']:>5.2f} {ms['sync']:>5.2f} "
+            f"{ms['optimizer']:>5.2f}")
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+class LiveReport:
+    """An event handler: rank 0's progress as a bar, each epoch's row as a line.
+
+    ``rows``: print the rows (the header before the first one, so that an early error
+    is not preceded by an empty table). ``bar``: show a progress bar.
+    """
+
+    def __init__(self, rows: bool = True, bar: bool = True, out=None):
+        self.rows, self.out = rows, out or sys.stdout
+        self.notebook = bar and in_notebook()
+        self.terminal = bar and not self.notebook and sys.stderr.isatty()
+        self.started, self.header_done = time.monotonic(), False
+        self.handle = self.tqdm = None
+        self.last: dict | None = None
+
+    def __call__(self, event: Event) -> None:
+        if event.rank != 0:
+            return
+        if event.kind == "progress":
+            self.last = event.payload
+            self._draw(event.payload["step"], event.payload["total_steps"], event.payload["epoch"])
+        elif event.kind == "epoch":
+            row = event.payload
+            if self.last:  # the bar ends each epoch full
+                done = row["epoch"] * self.last["steps_in_epoch"]
+                self._draw(min(done, self.last["total_steps"]), self.last["total_steps"], row["epoch"])
+            if self.rows:
+                if not self.header_done:
+                    self._write(HEADER)
+                    self.header_done = True
+                self._write(format_row(row))
+
+    def _draw(self, step: int, total: int, epoch: int) -> None:
+        from tqdm import tqdm
+
+        prefix = f"epoch {epoch}"
+        if self.terminal:
+            if self.tqdm is None:
+                self.tqdm = tqdm(total=total, unit="step", file=sys.stderr, mininterval=0.5, leave=False)
+            self.tqdm.set_description(prefix, refresh=False)
+            self.tqdm.update(step - self.tqdm.n)
+        elif self.notebook:
+            text = tqdm.format_meter(step, total, time.monotonic() - self.started, ncols=88, prefix=prefix,
+                                     unit="step")
+            if self.handle is None:
+                from IPython.display import display
+
+                self.handle = display({"text/plain": text}, raw=True, display_id=True)
+            else:
+                self.handle.update({"text/plain": text}, raw=True)
+
+    def _write(self, line: str) -> None:
+        if self.tqdm is not None:
+            self.tqdm.write(line, file=self.out)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+
+
+class Journal:
+    """An event handler that appends each epoch's row to a JSON-lines file as it arrives."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")  # one run per journal
+
+    def __call__(self, event: Event) -> None:
+        if event.rank == 0 and event.kind == "epoch":
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(event.payload) + "\n")
+
+
+def read_journal(path: str | Path) -> list[dict]:
+    """The epoch rows a journal holds (those of a run that crashed too)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,255 @@
+"""Spawned worker processes: start them, hear from them, stop them, and name the one that failed.
+
+``run_workers(job, W)`` starts W processes running ``job(rank, W, init_method, emit, *args)``.
+Everything a worker says travels over one queue as ``(rank, kind, payload)``: ``started``
+(its pid), ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result``, and ``error``
+(the exception, as text). The parent is the only process that prints.
+
+When a rank fails, the others are stopped and :class:`WorkerError` names the rank that
+caused it. That is not always the rank that raised: a rank that stops making progress
+(hung, or frozen from outside with SIGSTOP) makes its peers' collectives time out. So an
+error that is only about a peer (a timeout, a closed connection) is traced to the rank
+that went silent, with its last heartbeat and its Python stack (faulthandler, on SIGUSR1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .dist import check_port_free, find_free_port
+
+STOP_GRACE_S = 5.0
+BLAME_GRACE_S = 2.0   # healthy ranks that wait for the same silent peer time out within this of each other
+STACK_WAIT_S = 3.0
+ABOUT_A_PEER = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer")
+
+
+@dataclass
+class Event:
+    rank: int
+    kind: str
+    payload: Any
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; every worker has been stopped."""
+
+    def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
+        self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
+        self.detected_at = time.time()
+        self.fault: dict | None = None  # set by launch when the failure was an injected fault
+        super().__init__(f"rank {rank} failed: {reason}. All {len(pids)} workers were stopped."
+                         + (f"\n{details}" if details else ""))
+
+
+def headline(exc: BaseException) -> str:
+    """'SomeError: first line', from the innermost error when torch wraps one in another
+    ('... Got the following error when running the callback: DistBackendError: ...')."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    marker = "when running the callback: "
+    return text.split(marker, 1)[1] if marker in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+# --- inside a worker ---------------------------------------------------------------------------
+
+def exit_now(code: int) -> None:
+    """End a worker whose work is done and delivered, skipping interpreter teardown (during
+    which C++ threads of the communication library may still be alive)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
+                  events: Any, quiet: bool) -> None:
+    try:  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if quiet:  # keep worker output (and C++ library logs) out of notebook cells
+        log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    faulthandler.enable()  # a fatal signal leaves every thread's Python stack in the log
+    stack_file = open(os.path.join(workdir, f"stack{rank}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)  # the parent asks for a stack
+
+    def emit(kind: str, payload: Any) -> None:
+        events.put((rank, kind, payload))  # a SimpleQueue writes synchronously: nothing is lost at exit
+
+    emit("started", {"pid": os.getpid()})
+    try:
+        job(rank, world_size, init_method, emit, *args)
+    except BaseException as exc:
+        traceback.print_exc()
+        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc()})
+        exit_now(1)
+    exit_now(0)
+
+
+# --- in the parent ------------------------------------------------------------------------------
+
+def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
+                master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
+                on_event: Callable[[Event], None] | None = None) -> dict[int, Any]:
+    """Spawn ``world_size`` processes running ``job(rank, world_size, init_method, emit, *args)``
+    (a module-level function: spawn imports it by name) and return the ``result`` payloads by rank.
+
+    ``on_event`` sees every event as it arrives. A failure, a run longer than
+    ``launch_timeout_s`` or a Ctrl-C stops every worker before this raises.
+    """
+    if master_port:
+        check_port_free(master_addr, master_port)
+    attempts = 1 if master_port else 3
+    for attempt in range(1, attempts + 1):
+        init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
+        try:
+            return _Run(job, world_size, args, init_method, quiet, on_event).wait(launch_timeout_s)
+        except WorkerError as exc:
+            # a port found free can be taken by someone else before rank 0's store binds it
+            if attempt == attempts or "EADDRINUSE" not in exc.details + exc.reason:
+                raise
+
+
+class _Run:
+    """One attempt: the processes, what they said, and how it ended."""
+
+    def __init__(self, job: Callable, world_size: int, args: tuple, init_method: str, quiet: bool,
+                 on_event: Callable[[Event], None] | None):
+        self.workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
+        ctx = mp.get_context("spawn")
+        self.events = ctx.SimpleQueue()
+        self.procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
+                                  args=(rank, world_size, job, args, init_method, str(self.workdir), self.events,
+                                        quiet))
+                      for rank in range(world_size)]
+        self.on_event = on_event
+        self.results: dict[int, Any] = {}
+        self.errors: dict[int, dict] = {}
+        self.heard: dict[int, dict] = {}  # rank -> its last progress payload
+
+    def drain(self) -> None:
+        while not self.events.empty():
+            event = Event(*self.events.get())
+            if event.kind == "result":
+                self.results[event.rank] = event.payload
+            elif event.kind == "error":
+                self.errors[event.rank] = event.payload
+            elif event.kind == "progress":
+                self.heard[event.rank] = event.payload
+            if self.on_event is not None:
+                self.on_event(event)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def wait(self, launch_timeout_s: float) -> dict[int, Any]:
+        try:
+            for p in self.procs:
+                p.start()
+            waiting = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+            deadline = time.monotonic() + launch_timeout_s
+            while waiting:
+                self.drain()
+                for sentinel in mp.connection.wait(list(waiting), timeout=0.2):
+                    rank = waiting.pop(sentinel)
+                    self.procs[rank].join()
+                    if self.procs[rank].exitcode != 0:
+                        self.drain()  # before stopping the others: no message is left half-written
+                        raise self.failure(rank)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the run took longer than launch_timeout_s={launch_timeout_s:g} s; "
+                                       f"all {len(self.procs)} workers were stopped")
+            self.drain()  # a worker's queue is flushed into the pipe before it exits
+            return self.results
+        finally:
+            stop(self.procs)
+            self.events.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- who is to blame ---------------------------------------------------------------------
+
+    def _failed(self) -> dict[int, int]:
+        return {rank: p.exitcode for rank, p in enumerate(self.procs) if p.exitcode not in (None, 0)}
+
+    def _about_a_peer(self, rank: int) -> bool:
+        error = self.errors.get(rank)
+        return error is not None and any(word in error["headline"].lower() for word in ABOUT_A_PEER)
+
+    def failure(self, first: int) -> WorkerError:
+        """The error for a run in which rank ``first`` was the first seen to fail."""
+        own = [rank for rank in sorted(self._failed()) if not self._about_a_peer(rank)]
+        if own:  # a rank that failed by itself (an exception, an exit, a signal) comes first
+            return self._own_failure(own[0])
+        deadline = time.monotonic() + BLAME_GRACE_S
+        while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
+            time.sleep(0.1)  # let the other waiting ranks time out too: the silent one will not
+            self.drain()
+        silent = [rank for rank, p in enumerate(self.procs) if p.is_alive() and rank not in self.errors]
+        if not silent:
+            return self._own_failure(first)
+        culprit = min(silent, key=lambda rank: self.heard.get(rank, {}).get("time", 0.0))
+        last = self.heard.get(culprit)
+        where = (f"last heard from at step {last['step']} (epoch {last['epoch']}), {time.time() - last['time']:.1f} s "
+                 "ago" if last else "never reported progress")
+        stack = self._stack(culprit)
+        return WorkerError(culprit, f"stopped making progress: {where}; rank {first} timed out waiting for it "
+                                    f"({self.errors[first]['headline']})", self.pids,
+                           f"Python stack of rank {culprit} when it was stopped:\n{stack}")
+
+    def _own_failure(self, rank: int) -> WorkerError:
+        if rank in self.errors:
+            return WorkerError(rank, self.errors[rank]["headline"], self.pids, self.errors[rank]["traceback"].rstrip())
+        code = self.procs[rank].exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        log = self.workdir / f"rank{rank}.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+        return WorkerError(rank, f"the process {how} without a Python exception", self.pids, tail)
+
+    def _stack(self, rank: int) -> str:
+        """Every thread's Python stack of a live rank (it may be frozen: SIGCONT lets the handler run)."""
+        pid, path = self.procs[rank].pid, self.workdir / f"stack{rank}.txt"
+        try:
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return "(the process is gone)"
+        deadline = time.monotonic() + STACK_WAIT_S
+        while time.monotonic() < deadline and not (path.exists() and path.stat().st_size):
+            time.sleep(0.05)
+        time.sleep(0.1)  # let the handler finish writing
+        return path.read_text(errors="replace").rstrip() if path.exists() else "(no stack was written)"
+
+
+def stop(procs: list) -> None:
+    """SIGTERM every live worker (SIGCONT too: a frozen one would not act on it), then SIGKILL
+    what is left after a grace period; reap all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        if p.pid is None:
+            continue
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
