@@ -117,7 +117,9 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
     use_graph, graph_note = graph_supported(ctx.device, ctx.world_size, cfg.accumulation_steps)
     use_graph = use_graph and cfg.cuda_graph
-    optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=use_graph)
+    # on CUDA the same (capturable) Adam with or without the graph: the graph changes only how the step is launched
+    optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay,
+                                               capturable=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     history: list[dict[str, Any]] = []
     start_epoch = global_step = 0
@@ -130,6 +132,9 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
             torch.set_rng_state(state["rng"][ctx.rank])
+            if ctx.device.type == "cuda":  # a loaded learning rate comes back as a CPU tensor
+                for group in optimizer.param_groups:
+                    group["lr"] = torch.tensor(float(group["lr"]), device=ctx.device)
         else:
             notes.append(f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch")
     sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,

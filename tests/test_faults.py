@@ -16,8 +16,8 @@ from ddp_helpers.checkpoint import (CheckpointError, checkpoint_path, latest_goo
 from ddp_helpers.dist import check_port_free, find_free_port
 from processes import no_process_left
 
-SMALL = dict(dataset="mnist", train_subset=2048, test_subset=1000, epochs=3, seed=11, timeout_s=60,
-             launch_timeout_s=240)
+SMALL = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=1000, epochs=3, seed=11,
+             timeout_s=60, launch_timeout_s=240)
 
 
 def tiny_state(epoch, lr=1e-3):

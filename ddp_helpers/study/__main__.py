@@ -1,0 +1,51 @@
+"""``python -m ddp_helpers.study {part,...,all} [--quick] [--out FOLDER]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from ..results import RESULTS_DIR, save_json
+from .records import cpu_shares, cpu_ticks
+
+# part -> (module, function, what it measures); "all" runs the CPU parts in this order
+PARTS = {
+    "allreduce": ("comm", "run_allreduce", "gloo all-reduce time against message size, fitted to alpha + beta * bytes"),
+    "syncstep": ("comm", "run_syncstep", "a W=2 step that synchronises 4 bytes; each DDP hook's own computation"),
+    "cores": ("floors", "run_cores", "compute only: one process, two at once, one with two threads"),
+    "throughput": ("throughput", "run_throughput", "step time and its split for every strategy, and the "
+                                                   "original design's implementation"),
+    "knobs": ("knobs", "run_knobs", "DDP's bucket_cap_mb, gradient_as_bucket_view and static_graph side by side"),
+    "tta": ("tta", "run_tta", "time to 98% validation accuracy: 3 single-process against 3 two-worker settings"),
+    "gpu": ("gpu", "run_gpu", "one GPU: our loop against the CUDA-graph floor of the same step (needs a GPU)"),
+}
+CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parts_help = "\n".join(f"  {name:<11} {what}" for name, (_, _, what) in PARTS.items())
+    parser = argparse.ArgumentParser(prog="python -m ddp_helpers.study", formatter_class=argparse.RawTextHelpFormatter,
+                                     description=f"The scaling study. Parts:\n{parts_help}\n  all         "
+                                                 f"the CPU parts in order (about 40 minutes on 2 cores)")
+    parser.add_argument("part", choices=[*PARTS, "all"])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds: few steps, a data subset")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the study_<part>.json records")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    for part in CPU_PARTS if args.part == "all" else [args.part]:
+        module, function, _ = PARTS[part]
+        run = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        before = cpu_ticks()
+        record = run(args.quick, lambda line: print(line, flush=True))
+        if record is None:
+            continue
+        record["cpu_time_shares"] = cpu_shares(before, cpu_ticks())  # steal > 0: the host took our cores
+        suffix = "_quick" if args.quick else ""
+        print(f"wrote {save_json(record, out / f'study_{part}{suffix}.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

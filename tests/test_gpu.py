@@ -1,0 +1,40 @@
+"""The CUDA path. Skipped where there is no GPU (CI never has one); run on a lent GPU machine."""
+
+import pytest
+import torch
+
+from ddp_helpers import TrainConfig, launch, run_single_process
+from processes import max_difference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+EXACT = dict(dropout=0.0, dtype="float64", device="cuda", lr_step=1)
+
+
+@cuda
+@pytest.mark.parametrize("train_subset", [2048, 1000])  # 1000: each epoch ends with a short batch, run eagerly
+def test_the_captured_step_computes_what_the_eager_step_computes(mnist, train_subset):
+    cfg = TrainConfig(world_size=1, epochs=2, train_subset=train_subset, test_subset=500, **EXACT)
+    graphed = run_single_process(cfg, data=mnist, live=False)
+    eager = run_single_process(cfg.replace(cuda_graph=False), data=mnist, live=False)
+    assert graphed.record["runtime"]["cuda_graph"] and not eager.record["runtime"]["cuda_graph"]
+    assert max_difference(graphed.state_dict, eager.state_dict) < 1e-9
+    for a, b in zip(graphed.history, eager.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9) and a["lr"] == b["lr"]
+
+
+@cuda
+def test_the_default_run_on_a_gpu_captures_its_step_and_learns(mnist):
+    result = run_single_process(TrainConfig(world_size=1, epochs=1, train_subset=8192, test_subset=1000),
+                                data=mnist, live=False)
+    rt = result.record["runtime"]
+    assert rt["device"].startswith("cuda") and rt["cuda_graph"] and rt["optimizer"] == "Adam (fused, capturable)"
+    assert result.history[-1]["val_accuracy"] > 0.9
+    assert result.record["environment"]["gpus"] and result.record["environment"]["cuda"]
+
+
+@cuda
+def test_two_ranks_share_one_gpu_over_gloo():
+    result = launch(TrainConfig(world_size=2, backend="gloo", device="cuda", dataset="synthetic", train_subset=1024,
+                                test_subset=128, epochs=1, timeout_s=60, launch_timeout_s=240), live=False)
+    rt = result.record["runtime"]
+    assert (rt["backend"], rt["device"], rt["cuda_graph"]) == ("gloo", "cuda:0", False)
