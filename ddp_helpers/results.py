@@ -119,6 +119,19 @@ def gpu_driver() -> str | None:
         return None
 
 
+def code_version() -> str | None:
+    """The git commit of this code (with "+changes" when the working tree differs), if in a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ddp_helpers"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+changes" if dirty else "")) if sha else None
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, so that a record can be understood on its own."""
     import numpy
@@ -142,6 +155,7 @@ def environment() -> dict[str, Any]:
         "gpus": gpus,
         "cuda": torch.version.cuda if gpus else None,
         "gpu_driver": gpu_driver() if gpus else None,
+        "code": code_version(),
     }
 
 

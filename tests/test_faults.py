@@ -230,7 +230,8 @@ def test_two_torchrun_nodes_rendezvous_over_c10d(tmp_path):
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
               f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "ddp_helpers", "train", "--dataset", "synthetic",
               "--train-subset", "512", "--test-subset", "64", "--epochs", "1", "--no-progress",
-              "--output-dir", str(tmp_path), "--run-name", "two_nodes"]
+              "--backend", "gloo", "--device", "cpu",  # two "nodes" on one machine: on a GPU machine they
+              "--output-dir", str(tmp_path), "--run-name", "two_nodes"]  # would both pick its one GPU for NCCL
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--node-rank", str(i), *common],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [n.communicate(timeout=240) for n in nodes]

@@ -28,7 +28,7 @@ def test_the_default_run_on_a_gpu_captures_its_step_and_learns(mnist):
                                 data=mnist, live=False)
     rt = result.record["runtime"]
     assert rt["device"].startswith("cuda") and rt["cuda_graph"] and rt["optimizer"] == "Adam (fused, capturable)"
-    assert result.history[-1]["val_accuracy"] > 0.9
+    assert result.history[-1]["val_accuracy"] > 0.5  # far better than chance after one short epoch
     assert result.record["environment"]["gpus"] and result.record["environment"]["cuda"]
 
 

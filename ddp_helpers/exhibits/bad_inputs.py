@@ -13,10 +13,10 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import latest_good_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import RAW_FILES, ensure_mnist, raw_folder
-from .launch import launch
+from ..checkpoint import latest_good_checkpoint, save_checkpoint
+from ..config import TrainConfig
+from ..data import RAW_FILES, ensure_mnist, raw_folder
+from ..launch import launch
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:
@@ -86,14 +86,18 @@ def bad_input_cases(folder: Path, mnist_root: Path) -> list[Case]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             s.listen()
-            return launch(TrainConfig(world_size=2, master_port=s.getsockname()[1], **tiny))
+            return launch(TrainConfig(world_size=2, master_port=s.getsockname()[1], **tiny), live=False)
 
     def resume_past_a_corrupt_checkpoint():
         state, notes = latest_good_checkpoint(folder / "ckpt_corrupt", TrainConfig().to_dict())
-        return f"resumes from the good epoch-{state['epoch']} checkpoint; note: {notes[0][:150]}"
+        return f"resumes from the good epoch-{state['epoch']} checkpoint; note: {notes[0]}"
 
     def oversubscribed():
-        return "ran; " + "; ".join(launch(TrainConfig(world_size=3, **tiny)).record["runtime"]["notes"])
+        return "ran; " + "; ".join(launch(TrainConfig(world_size=3, **tiny), live=False).record["runtime"]["notes"])
+
+    def unwritable_checkpoint_dir():
+        (folder / "a_file").write_text("not a folder")
+        return launch(TrainConfig(world_size=2, checkpoint_dir=str(folder / "a_file" / "ckpt"), **tiny), live=False)
 
     return [
         ("world_size=0", nothing, lambda: TrainConfig(world_size=0)),
@@ -115,6 +119,7 @@ def bad_input_cases(folder: Path, mnist_root: Path) -> list[Case]:
         ("newest checkpoint truncated", checkpoints("ckpt_corrupt", 1e-3, True), resume_past_a_corrupt_checkpoint),
         ("checkpoint of a different run (lr differs)", checkpoints("ckpt_other_run", 1e-3, False),
          lambda: latest_good_checkpoint(folder / "ckpt_other_run", TrainConfig(lr=5e-3).to_dict())),
+        ("checkpoint_dir under a file (cannot be created)", nothing, unwritable_checkpoint_dir),
         ("world_size=3 on 2 cores", nothing, oversubscribed),
     ]
 
@@ -129,9 +134,10 @@ def try_bad_inputs(folder: str | Path, mnist_root: str | Path | None = None) -> 
         before = _digest(protected)
         try:
             result = action()
-            outcome, error, message = "accepted", "", str(result)[:300]
+            outcome, error, message = "accepted", "", str(result)
         except Exception as exc:  # the point is to see exactly what a user sees
-            outcome, error, message = "refused", type(exc).__name__, str(exc).splitlines()[0][:300]
-        rows.append({"input": description, "outcome": outcome, "error": error, "message": message,
-                     "files intact": (_digest(protected) == before) if protected else None})
+            outcome, error, message = "refused", type(exc).__name__, str(exc).splitlines()[0]
+        rows.append({"input": description, "outcome": outcome, "error": error,
+                     "message": message.replace(str(folder), "<tmp>"),
+                     "files intact": ("yes" if _digest(protected) == before else "NO") if protected else "no files"})
     return rows

@@ -1,4 +1,4 @@
-"""Small live demonstrations for the notebooks: spawned jobs that show one idea each."""
+"""A live demonstration for notebook 01: two spawned processes all-reduce a tensor."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
-from .dist import process_group
-from .launch import run_workers
+from ..dist import process_group, tcp_store
+from ..workers import run_workers
 
 
 def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, values: list[list[float]]) -> None:
-    with process_group(TrainConfig(world_size=world_size, timeout_s=30), rank, world_size, rank, init_method):
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
         tensor = torch.tensor(values[rank])
         before = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -22,7 +21,5 @@ def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable,
 
 def allreduce_demo(values: list[list[float]], timeout_s: float = 120) -> dict[int, dict]:
     """Spawn one gloo rank per row of ``values``; each all-reduces (sums) its row.
-
-    Returns, per rank, the tensor it held before and after the collective.
-    """
+    Returns, per rank, the tensor it held before and after the collective."""
     return run_workers(_allreduce_job, len(values), (values,), launch_timeout_s=timeout_s)

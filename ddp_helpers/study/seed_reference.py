@@ -1,4 +1,4 @@
-"""The original design's training loop, kept only as a benchmark reference.
+"""The original design's training loop ("design-style"), kept only as a benchmark reference.
 
 It is what the seed document describes and what such code usually looks like: a
 torchvision dataset with per-sample PIL -> tensor -> normalise transforms, a
@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .model import MLP
+from ..model import MLP
 
 
-def seed_style_job(rank: int, world_size: int, init_method: str, emit: Callable, data_root: str,
-                   warmup_steps: int, timed_steps: int, timeout_s: float = 120) -> None:
-    """Train seed-style for warmup + timed steps; rank 0 reports per-step times."""
+def design_style_job(rank: int, world_size: int, init_method: str, emit: Callable, data_root: str,
+                     warmup_steps: int, timed_steps: int, timeout_s: float = 120) -> None:
+    """Train design-style for warmup + timed steps; rank 0 reports the timed steps' seconds."""
     from torchvision import datasets, transforms
 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
@@ -37,21 +37,19 @@ def seed_style_job(rank: int, world_size: int, init_method: str, emit: Callable,
         torch.manual_seed(0)
         model = DistributedDataParallel(MLP())
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-        times = []
-        last = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
+            if step == warmup_steps:
+                start = time.perf_counter()
+            if step == warmup_steps + timed_steps:
+                break
             optimizer.zero_grad()
             loss = F.cross_entropy(model(images), labels)
             loss.backward()
             optimizer.step()
             _ = loss.item()
-            now = time.perf_counter()
-            if step >= warmup_steps:
-                times.append(now - last)
-            last = now
-            if len(times) >= timed_steps:
-                break
+        seconds = time.perf_counter() - start
         if rank == 0:
-            emit("result", {"step_s": times, "steps_per_epoch": len(loader), "threads": torch.get_num_threads()})
+            emit("result", {"step_ms": 1000 * seconds / timed_steps, "steps_per_epoch": len(loader),
+                            "threads": torch.get_num_threads()})
     finally:
         dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""The notebooks' charts and tables of training runs. Each function returns a Figure or DataFrame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from ..data import MNIST_MEAN, MNIST_STD
+from ..engine import PHASES
+
+Runs = dict[str, list[dict]]  # label -> per-epoch history
+
+
+def history_frame(history: list[dict]) -> pd.DataFrame:
+    """One row per epoch with the metrics, times and per-step split (ms) as columns."""
+    rows = []
+    for row in history:
+        flat = {k: v for k, v in row.items() if k != "step_ms"}
+        flat.update({f"{phase}_ms": ms for phase, ms in row["step_ms"].items()})
+        rows.append(flat)
+    return pd.DataFrame(rows).set_index("epoch")
+
+
+def epoch_table(history: list[dict]) -> pd.DataFrame:
+    """The per-epoch table shown in the notebooks: accuracies in %, times in s and ms."""
+    df = history_frame(history)
+    table = pd.DataFrame({
+        "lr": df["lr"],
+        "train loss": df["train_loss"].round(4),
+        "train acc %": (100 * df["train_accuracy"]).round(2),
+        "val loss": df["val_loss"].round(4),
+        "val acc %": (100 * df["val_accuracy"]).round(2),
+        "epoch s": df["epoch_time_s"].round(2),
+        "step ms": df["total_ms"].round(3),
+    })
+    return table
+
+
+def plot_training_curves(runs: Runs, target: float = 98.0) -> plt.Figure:
+    """Loss and validation accuracy per epoch, one colour per run; legends below the axes."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for (label, history), color in zip(runs.items(), sns.color_palette("deep")):
+        df = history_frame(history)
+        ax_loss.plot(df.index, df["train_loss"], "-o", color=color, label=f"{label}: training")
+        ax_loss.plot(df.index, df["val_loss"], "--s", color=color, label=f"{label}: validation")
+        ax_acc.plot(df.index, 100 * df["val_accuracy"], "-o", color=color, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax_acc.axhline(target, color="grey", lw=0.8, ls=":")
+    ax_acc.annotate(f"{target:g}%", (1, target), xytext=(2, 2), textcoords="offset points", fontsize=8,
+                    color="grey", xycoords=("axes fraction", "data"), ha="right")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epoch_times(runs: Runs) -> plt.Figure:
+    """Training seconds per epoch (evaluation excluded), grouped bars per run; legend outside."""
+    frames = [history_frame(h).assign(run=label) for label, h in runs.items()]
+    df = pd.concat(frames).reset_index()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    sns.barplot(data=df, x="epoch", y="epoch_time_s", hue="run", ax=ax)
+    ax.set(ylabel="training time per epoch (s)", title="Time per epoch")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_breakdown(runs: Runs) -> plt.Figure:
+    """Median per-step milliseconds by phase, one stacked bar per run."""
+    medians = pd.DataFrame({label: history_frame(h)[[f"{p}_ms" for p in PHASES]].median()
+                            for label, h in runs.items()}).T
+    return plot_phase_bars(medians, "milliseconds per step (median over epochs)")
+
+
+def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
+                    title: str = "Where a training step's time goes") -> plt.Figure:
+    """Stacked horizontal bars: one row per label, columns '<phase>_ms'."""
+    labels = list(phases.index)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
+    left = np.zeros(len(labels))
+    widest = phases[[f"{p}_ms" for p in PHASES]].sum(axis=1).max()
+    for phase, color in zip(PHASES, sns.color_palette("deep")):
+        values = phases[f"{phase}_ms"].to_numpy(dtype=float)
+        ax.barh(labels, values, left=left, color=color, label=phase)
+        for y, (x0, v) in enumerate(zip(left, values)):
+            if v > 0.07 * widest:
+                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+        left += values
+    for y, total in enumerate(left):
+        ax.text(total + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=8)
+    ax.set(xlabel=xlabel, xlim=(0, widest * 1.17))
+    ax.set_title(title, pad=22)
+    ax.invert_yaxis()
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(labels: Sequence[int], predictions: Sequence[int]) -> plt.Figure:
+    matrix = pd.crosstab(pd.Series(labels, name="true digit"), pd.Series(predictions, name="predicted digit"))
+    fig, ax = plt.subplots(figsize=(6.2, 5))
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, annot_kws={"fontsize": 7})
+    ax.set_title("Confusion matrix on the 10,000 test images")
+    fig.tight_layout()
+    return fig
+
+
+def image_of(flat_normalised) -> np.ndarray:
+    """Undo the normalisation of one 784-vector for display."""
+    return (np.asarray(flat_normalised).reshape(28, 28) * MNIST_STD + MNIST_MEAN).clip(0, 1)
+
+
+def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = "") -> plt.Figure:
+    rows = -(-len(titles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.25 * columns, 1.45 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text in zip(axes.flat, images, titles):
+        ax.imshow(image_of(image), cmap="gray_r")
+        ax.set_title(text, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_shard_assignment(shards: Sequence[Sequence[int]], n_show: int = 24) -> plt.Figure:
+    """The first n_show positions of an epoch's shuffled order: which rank gets each sample."""
+    world = len(shards)
+    palette = sns.color_palette("deep", world)
+    fig, ax = plt.subplots(figsize=(12, 1.9))
+    for pos in range(n_show):
+        rank = pos % world
+        ax.add_patch(plt.Rectangle((pos, 0), 0.92, 1, color=palette[rank]))
+        ax.text(pos + 0.46, 0.5, str(shards[rank][pos // world]), ha="center", va="center", fontsize=7,
+                color="white", rotation=90)
+    ax.set(xlim=(0, n_show), ylim=(0, 1), yticks=[], xlabel="position in the epoch's shuffled order "
+           "(the number in each cell is the training-sample index)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[r]) for r in range(world)]
+    ax.legend(handles, [f"rank {r}" for r in range(world)], ncol=world, fontsize=8, loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, folder: str | Path, name: str) -> Path:
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path

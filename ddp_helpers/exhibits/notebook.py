@@ -1,0 +1,84 @@
+"""What every notebook does first, and the small tables and code views they share."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+
+from ..config import TrainConfig
+from ..results import RESULTS_DIR, code_version
+
+
+@dataclass
+class Setup:
+    smoke: bool  # CI's quick run (DDP_NOTEBOOK_SMOKE=1): a data subset, and nothing written to results/
+    out: Path    # where the notebook writes its records and charts
+
+
+def setup() -> Setup:
+    """Plotting defaults, and where this run's outputs go."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    pd.set_option("display.precision", 4)
+    pd.set_option("display.max_colwidth", None)
+    smoke = os.environ.get("DDP_NOTEBOOK_SMOKE") == "1"
+    return Setup(smoke, Path(tempfile.mkdtemp(prefix="nb_smoke_")) if smoke else RESULTS_DIR)
+
+
+def host_line(record: dict, label: str = "Measured on") -> str:
+    """One line naming where and when a record was made, from the record itself."""
+    env = record["environment"]
+    gpus = ", ".join(env.get("gpus") or []) or "no GPU"
+    memory = f"{env['memory_gib']:.0f} GiB RAM" if env.get("memory_gib") else "RAM unknown"
+    code = env.get("code") or "unknown commit"
+    return (f"{label}: {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, {memory}, {gpus}; "
+            f"Python {env['python']}, torch {env['torch']}; {record['created'][:16].replace('T', ' ')} UTC; "
+            f"code {code}. Rendered from commit {code_version() or 'unknown'}.")
+
+
+def environment_table(record: dict) -> pd.DataFrame:
+    env, rt = record["environment"], record.get("runtime", {})
+    rows = {"Python": env["python"], "torch / torchvision": f"{env['torch']} / {env['torchvision']}",
+            "CPU": env["cpu_model"], "usable cores": env["cpu_cores_usable"], "RAM (GiB)": env["memory_gib"],
+            "GPU": ", ".join(env["gpus"]) or "none", "CUDA / driver": f"{env['cuda']} / {env.get('gpu_driver')}"
+            if env["gpus"] else "-", "platform": env["platform"]}
+    if rt:
+        rows.update({"backend": rt["backend"], "device": rt["device"],
+                     "threads per rank (rule)": f"{rt['threads_per_rank']} ({rt.get('threads_rule', '')})"})
+    return pd.DataFrame({"value": rows}).rename_axis("")
+
+
+HYPERPARAMETERS = {"hidden_sizes": "hidden layers", "dropout": "dropout", "batch_size": "batch size per worker",
+                   "epochs": "epochs", "lr": "Adam learning rate", "weight_decay": "weight decay",
+                   "lr_step": "StepLR step (epochs)", "lr_gamma": "StepLR factor"}
+
+
+def hyperparameter_table(cfg: TrainConfig) -> pd.DataFrame:
+    return pd.DataFrame({"value": {label: str(getattr(cfg, name)) for name, label in HYPERPARAMETERS.items()}})
+
+
+def source(*objects, start: str | None = None, lines: int | None = None) -> str:
+    """The source of functions or classes from the package, optionally from the line that
+    starts with ``start`` and at most ``lines`` lines (to show the part that matters)."""
+    parts = []
+    for obj in objects:
+        text = textwrap.dedent(inspect.getsource(obj))
+        if start is not None:
+            text = text[text.index(start):]
+        if lines is not None:
+            text = "\n".join(text.splitlines()[:lines])
+        parts.append(text.rstrip())
+    return "\n\n".join(parts)
+
+
+def show_source(*objects, **kwargs):
+    """Display package source as highlighted code in a notebook."""
+    from IPython.display import Code
+
+    return Code(source(*objects, **kwargs), language="python")

@@ -1,0 +1,123 @@
+"""The study's charts: each takes a record (or a table made from one) and returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .comm import GRAD_BYTES
+
+
+def _legend_below(ax, ncol: int = 2) -> None:
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
+
+
+def plot_allreduce(record: dict) -> plt.Figure:
+    """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for (w, data), color in zip(record["world_sizes"].items(), sns.color_palette("deep")):
+        sizes = np.array([int(k) for k in data["seconds"]])
+        label = f"{w} ranks" + (" (4 ranks on 2 cores: oversubscribed)" if data["oversubscribed"] else "")
+        ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color, label=label)
+        grid = np.geomspace(sizes.min(), sizes.max(), 50)
+        ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), "-", color=color, lw=1,
+                  label=f"fit, {w} ranks: {1e6 * data['alpha_s']:.0f} µs + {1e9 * data['beta_s_per_byte']:.2f} ns/byte")
+    ax.axvline(GRAD_BYTES, color="grey", ls=":", lw=1)
+    ax.annotate("our gradient\n(2.27 MB)", (GRAD_BYTES, ax.get_ylim()[1]), xytext=(-4, -4), textcoords="offset points",
+                ha="right", va="top", fontsize=8, color="grey")
+    ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
+    """Cost model against measurement; cases whose batch the inputs were carried to are hatched."""
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(table)))
+    y = np.arange(len(table))
+    blue, orange = sns.color_palette("deep")[:2]
+    hatch = ["" if measured else "//" for measured in table["batch measured"]]
+    ax.barh(y - 0.2, table["predicted ms"], height=0.4, color=blue, hatch=hatch, label="predicted")
+    ax.barh(y + 0.2, table["measured ms"], height=0.4, color=orange, label="measured")
+    top = float(table[["predicted ms", "measured ms"]].max().max())
+    for yi, (p, m, err) in enumerate(zip(table["predicted ms"], table["measured ms"], table["error %"])):
+        ax.text(max(p, m) + 0.01 * top, yi, f"{err:+.0f}%", va="center", fontsize=8)
+    ax.set_yticks(y, table.index)
+    ax.invert_yaxis()
+    ax.set(xlabel="milliseconds per step, 2 workers (hatched: batch not measured for the inputs)",
+           title="Cost model against measurement", xlim=(0, top * 1.15))
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_speedup(projection: pd.DataFrame, measured: float | None = None) -> plt.Figure:
+    """Projected throughput speedup against workers, per link; the one measured point here."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for (link, df), color in zip(projection.groupby("link", sort=False), sns.color_palette("deep")):
+        ax.plot(df.workers, df.speedup, "-o", color=color, label=f"projected: {link}")
+    workers = sorted(projection.workers.unique())
+    ax.plot(workers, workers, ":", color="grey", lw=1, label="ideal (linear)")
+    if measured is not None:
+        ax.plot([2], [measured], "s", color="black", ms=8, label="measured here (2 workers, 2 vCPUs)")
+    ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker (samples per second)",
+           title="Data-parallel speedup at batch 32 per worker")
+    ax.set_xticks(workers, [str(w) for w in workers])
+    ax.set_yticks([0.5, 1, 2, 4, 8, 16, 32, 64], ["0.5", "1", "2", "4", "8", "16", "32", "64"])
+    ax.minorticks_off()
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
+    """Validation accuracy against training seconds for the six settings of one seed."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    palette = sns.color_palette("deep")
+    for i, (name, runs) in enumerate(tta["runs"].items()):
+        points = next(r for r in runs if r["seed"] == seed)["points"]
+        two = name.startswith("2 workers")
+        ax.plot([p["train_s"] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", ms=3,
+                ls="--" if two else "-", color=palette[i // 2], label=name)
+    ax.axhline(100 * tta["method"]["target"], color="grey", ls=":", lw=1)
+    ax.annotate("target 98%", (ax.get_xlim()[1], 98), xytext=(-4, 3), textcoords="offset points", ha="right",
+                fontsize=8, color="grey")
+    ax.set(xlabel="training seconds (evaluation excluded)", ylabel="validation accuracy (%)",
+           title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(95, 99))
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tta_factors(pairs: dict) -> plt.Figure:
+    """Per pair of settings: the time ratio and the three factors it is the product of (mean of seeds)."""
+    rows = {pair: pd.DataFrame(p["per_seed"])[["samples", "compute", "sync", "ratio"]].mean()
+            for pair, p in pairs.items()}
+    view = pd.DataFrame(rows).T.rename(columns={"samples": "samples needed", "compute": "time per sample, no sync",
+                                                "sync": "1 - sync share", "ratio": "ratio = product"})
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    view.plot.bar(ax=ax, rot=0, width=0.8)
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set(xlabel="", ylabel="1 process, 2 threads / 2 workers", ylim=(0, 1.6),
+           title="Time to 98%: where two workers gain (above 1) and lose (below 1)")
+    _legend_below(ax, ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+def plot_knobs(record: dict) -> plt.Figure:
+    """Each DDP setting's step time relative to the default, per round (dots) and median (bar)."""
+    rows = record["rows"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(rows)))
+    for y, row in enumerate(rows):
+        ax.barh(y, row["vs_default_median"], color=sns.color_palette("deep")[0], alpha=0.5)
+        ax.plot(row["vs_default_rounds"], [y] * len(row["vs_default_rounds"]), "o", color="black", ms=3)
+    ax.axvline(1.0, color="grey", ls=":", lw=1)
+    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
+    ax.invert_yaxis()
+    ax.set(xlabel="step time / default's in the same round (below 1 = faster; dots: rounds)",
+           title="DDP's knobs at the design's settings", xlim=(0.7, 1.3))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,140 @@
+"""What communication costs here: the gloo all-reduce against message size (``allreduce``),
+and a training step that synchronises every step but sends almost nothing (``syncstep``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import TrainConfig
+from ..data import batches, load_datasets, train_indices
+from ..dist import process_group, tcp_store
+from ..engine import Tally, make_optimizer, train_steps
+from ..model import MLP, gradient_bytes
+from ..sync import DDP_HOOKS, DDPSync, LocalSync
+from ..workers import run_workers
+from .records import record
+
+GRAD_BYTES = gradient_bytes(MLP())
+
+
+def fit_alpha_beta(sizes, seconds) -> tuple[float, float]:
+    """t = alpha + beta * bytes, least squares on *relative* error (weights 1/t), so that small
+    messages count as much as large ones."""
+    t = np.asarray(seconds, float)
+    beta, alpha = np.polyfit(np.asarray(sizes, float), t, 1, w=1 / t)
+    return float(alpha), float(beta)
+
+
+def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
+                   repeats: int) -> None:
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+        out = {}
+        for size in sizes:
+            tensor = torch.ones(max(1, size // 4))
+            for _ in range(5):
+                dist.all_reduce(tensor)
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(tensor)
+                times.append(time.perf_counter() - start)
+            out[size] = statistics.median(times)
+        if rank == 0:
+            emit("result", out)
+
+
+def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
+    sizes = sorted({*(2**k for k in range(10, 24, 3 if quick else 1)), GRAD_BYTES})
+    repeats, runs = (10 if quick else 40), {}
+    for world_size in (2, 4):
+        medians = run_workers(_allreduce_job, world_size, (sizes, repeats), launch_timeout_s=600)[0]
+        alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
+        runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha,
+                                 "beta_s_per_byte": beta, "oversubscribed": world_size > 2}
+        log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the {GRAD_BYTES / 1e6:.2f} MB "
+            f"gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
+    return record("study_allreduce", quick, {"repeats": repeats, "statistic": "median", "backend": "gloo",
+                                             "fit": "t = alpha + beta * bytes, least squares on relative error"},
+                  gradient_bytes=GRAD_BYTES, sizes_bytes=sizes, world_sizes=runs)
+
+
+class ProbeSync(LocalSync):
+    """Study-only strategy: all-reduces one float per step and no gradients, so that a W=2 step
+    pays the whole per-step synchronisation (waiting for the slower rank, one message's fixed
+    cost) but almost no bytes. Not a way to train: the replicas drift apart."""
+
+    name = "probe"
+
+    def __init__(self, model, optimizer):
+        super().__init__(model, optimizer)
+        self.flag = torch.zeros(1)
+
+    def after_backward(self):
+        dist.all_reduce(self.flag)  # timed by the engine as the step's sync phase
+
+
+def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Callable, train, warmup: int,
+                steps: int) -> float:
+    """Milliseconds per step of a fresh model trained through the shared engine with the strategy."""
+    torch.manual_seed(cfg.seed)
+    model = MLP(cfg.hidden_sizes, cfg.dropout)
+    optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    sync, tally = make_strategy(model, optimizer), Tally(torch.device("cpu"))
+    indices = train_indices(len(train), rank, world_size, 0, cfg.seed)
+    b = cfg.batch_size
+    train_steps(sync, optimizer, batches(train, indices[:warmup * b], b), tally)
+    start = time.perf_counter()
+    train_steps(sync, optimizer, batches(train, indices[warmup * b:(warmup + steps) * b], b), tally)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
+               steps: int) -> None:
+    cfg = TrainConfig.from_dict(cfg_dict)
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+        train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
+        ms = timed_steps(cfg, rank, world_size, ProbeSync, train, warmup, steps)
+        if rank == 0:
+            emit("result", ms)
+
+
+def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
+              steps: int) -> None:
+    """One rank alone: the step plain and through each DDP hook. An all-reduce of one rank moves
+    nothing, so the difference is the hook's own computation (bucket copies, fp16 casts,
+    PowerSGD's matrix products)."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+        train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
+        out = {"local": timed_steps(cfg, rank, world_size, LocalSync, train, warmup, steps)}
+        for hook in DDP_HOOKS:
+            out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, h=hook: DDPSync(
+                model, opt, torch.device("cpu"), hook=h), train, warmup, steps)
+        emit("result", out)
+
+
+def run_syncstep(quick: bool, log: Callable[[str], None]) -> dict:
+    """W=2 steps that synchronise 4 bytes, at b32 and b128; and each hook's computation at b32."""
+    repeats, warmup, steps = (1, 20, 20) if quick else (3, 300, 300)
+    subset, probe = (4096 if quick else 0), {}
+    for batch in (32, 128):
+        cfg = TrainConfig(world_size=2, batch_size=batch, train_subset=subset)
+        probe[str(batch)] = statistics.median(run_workers(_probe_job, 2, (cfg.to_dict(), warmup, steps))[0]
+                                              for _ in range(repeats))
+        log(f"b{batch}: a W=2 step that synchronises 4 bytes per step: {probe[str(batch)]:.2f} ms")
+    cfg = TrainConfig(world_size=1, threads_per_rank=1, train_subset=subset)
+    hooks = [run_workers(_hook_job, 1, (cfg.to_dict(), warmup, steps))[0] for _ in range(repeats)]
+    hook_ms = {name: statistics.median(h[name] for h in hooks) for name in hooks[0]}
+    log("b32, one rank, 1 thread, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in hook_ms.items()))
+    return record("study_syncstep", quick, {
+        "repeats": repeats, "warmup_steps": warmup, "timed_steps": steps, "statistic": "median of repeats",
+        "what": "our step on 2 gloo ranks, 1 thread each, all-reducing one float per step instead of the gradient; "
+                "and one rank alone through each DDP hook (the hooks' own computation)"},
+        probe_step_ms=probe, hook_step_ms_b32=hook_ms)
