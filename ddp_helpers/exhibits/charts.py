@@ -41,8 +41,9 @@ def epoch_table(history: list[dict]) -> pd.DataFrame:
     return table
 
 
-def plot_training_curves(runs: Runs, target: float = 98.0) -> plt.Figure:
-    """Loss and validation accuracy per epoch, one colour per run; legends below the axes."""
+def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, str] | None = None) -> plt.Figure:
+    """Loss and validation accuracy per epoch, one colour per run; legends below the axes.
+    ``marks``: {epoch position: label} drawn as vertical lines (a crash, say)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.4))
     for (label, history), color in zip(runs.items(), sns.color_palette("deep")):
         df = history_frame(history)
@@ -55,6 +56,10 @@ def plot_training_curves(runs: Runs, target: float = 98.0) -> plt.Figure:
     ax_acc.annotate(f"{target:g}%", (1, target), xytext=(2, 2), textcoords="offset points", fontsize=8,
                     color="grey", xycoords=("axes fraction", "data"), ha="right")
     for ax in (ax_loss, ax_acc):
+        for x, text in (marks or {}).items():
+            ax.axvline(x, color="crimson", lw=1, ls="--")
+            ax.annotate(text, (x, 1), xytext=(3, -3), textcoords="offset points", xycoords=("data", "axes fraction"),
+                        fontsize=8, color="crimson", va="top")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
