@@ -1,10 +1,12 @@
 """Checkpoints: atomic saves by rank 0, safe loading, resume from the latest good one.
 
-A checkpoint holds everything needed to continue a run exactly: model, optimizer and
-scheduler state, the epoch and step counters, the history so far, the RNG state of
-every rank, and the config. Files are written to a temporary name, fsynced and
-renamed, so a crash mid-save leaves the previous checkpoint untouched; only the last
-``keep`` are kept. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+A checkpoint holds what continuing a run needs: model, optimizer and scheduler state,
+the epoch and step counters, the history so far, the RNG states of every rank (CPU and,
+on a GPU, CUDA) and the config. On the CPU a resumed DDP run ends bit-identical to an
+uninterrupted one; PowerSGD's error feedback and the other ranks' Adam moments under local
+SGD are not saved, so those strategies resume close to, not exactly on, their trajectory.
+Files are written to a temporary name, fsynced and renamed, so a crash mid-save leaves the
+previous checkpoint untouched. Loading uses ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ FORMAT = 1
 NAME = re.compile(r"^ckpt_epoch(\d{4})\.pt$")
 # Fields that define the trajectory of a run: a checkpoint from a run that differs in
 # any of them cannot be continued as if nothing had happened.
-MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "seed",
+MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "seed", "dtype",
               "world_size", "sync", "warmup_steps", "accumulation_steps", "local_sgd_every", "dataset",
               "train_subset", "test_subset", "max_steps_per_epoch")
 
@@ -62,10 +64,11 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(folder: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint of a finished epoch and delete all but the newest ``keep``."""
+    """Write the checkpoint of a finished epoch and delete older ones beyond the newest ``keep``."""
     path = checkpoint_path(folder, state["epoch"])
     atomic_save({"format": FORMAT, **state}, path)
-    for old in list_checkpoints(folder)[keep:]:
+    older = [p for p in list_checkpoints(folder) if int(NAME.match(p.name).group(1)) <= state["epoch"]]
+    for old in older[keep:]:
         old.unlink(missing_ok=True)
     return path
 
@@ -75,6 +78,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # cannot read the file at all (permissions, I/O): not a reason to start from scratch
     except Exception as exc:  # truncated zip, bad pickle, foreign object, ...
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); it is corrupt or truncated") from exc

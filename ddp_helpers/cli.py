@@ -7,7 +7,10 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from .checkpoint import CheckpointError
 from .config import TrainConfig, config_fields
+from .data import MNISTDataError
+from .workers import WorkerError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +19,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
+        rule = f" {f.metadata['rule']};" if "rule" in f.metadata else ""
+        help_text = f"{f.metadata['help']} ({rule} default: {default})".replace("( ", "(")
         common = dict(default=argparse.SUPPRESS, help=help_text)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
@@ -65,7 +69,7 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"training: world_size={cfg.world_size} ({mode}), batch {cfg.batch_size}/worker, "
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
-    live = True if not args.no_progress else "rows"
+    live = "rows" if args.no_progress else True
     if env:
         result = run_torchrun(cfg, env, live=live, journal=journal)
     else:
@@ -88,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return train_command(args)
-    except (ValueError, OSError, RuntimeError, TimeoutError) as exc:
+    except (ValueError, OSError, MNISTDataError, CheckpointError, WorkerError) as exc:  # the user's to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

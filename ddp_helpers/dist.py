@@ -89,11 +89,23 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def pick_backend(requested: str, local_ranks: int) -> str:
-    """'nccl' when asked for, or on auto when this node has a GPU per local rank; else 'gloo'."""
+def pick_backend(requested: str, local_ranks: int, device: str = "auto") -> str:
+    """'nccl' when asked for, or on auto when this node has a GPU per local rank and the device
+    is not the CPU; else 'gloo'."""
     if requested != "auto":
         return requested
-    return "nccl" if gpu_count() >= local_ranks and dist.is_nccl_available() else "gloo"
+    gpus_for_all = gpu_count() >= local_ranks and dist.is_nccl_available()
+    return "nccl" if gpus_for_all and device != "cpu" else "gloo"
+
+
+def check_devices(backend: str, device: str, local_ranks: int) -> None:
+    """NCCL needs one GPU per rank on *this* node (a 2 x 8-GPU torchrun job has 8 local ranks, not 16)."""
+    have = gpu_count()
+    if backend == "nccl" and have < local_ranks:
+        raise ValueError(f"TrainConfig.backend='nccl' needs one CUDA device per worker on this node: {local_ranks} "
+                         f"local rank(s) but {have} CUDA device(s) are visible. Use backend='gloo' (or 'auto').")
+    if device == "cuda" and have == 0:
+        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
 
 
 def pick_device(requested: str, backend: str, local_rank: int) -> torch.device:

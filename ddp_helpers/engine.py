@@ -68,19 +68,19 @@ class PhaseTimer:
         event.record()
         return event
 
-    def lap(self, phase: str) -> float:
-        """Close the current phase; the host seconds it took (on CUDA: host time, for reference only)."""
+    def lap(self, phase: str) -> None:
+        """Close the current phase and count its time."""
         if self.cuda:
             self.events.append((phase, self._record()))
+            return
         now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
-        if not self.cuda:
-            self.seconds[phase] += elapsed
-        return elapsed
+        self.seconds[phase] += now - self._last
+        self._last = now
 
     def move(self, seconds: float, source: str, target: str) -> None:
-        """Count ``seconds`` of ``source`` as ``target`` (DDP communicates inside backward).
-        On CUDA the host cannot see it: it stays in ``source``."""
+        """Count ``seconds`` of ``source`` as ``target``: DDP communicates inside backward. Exact with
+        one bucket (the default here); with smaller buckets part of it overlaps backward and this
+        counts the overlapped part as synchronisation. On CUDA the host cannot see it: it stays put."""
         if not self.cuda:
             seconds = min(seconds, self.seconds[source])
             self.seconds[source] -= seconds
@@ -128,18 +128,19 @@ def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
 
 
 def eager_step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
-               timer: PhaseTimer, *, opens: bool = True, closes: bool = True, accumulate: int = 1) -> None:
-    """One micro-batch: forward and backward; on the last of a step, also sync and Adam."""
-    if opens:
+               timer: PhaseTimer, *, starts_step: bool = True, ends_step: bool = True, accumulate: int = 1) -> None:
+    """One micro-batch: forward and backward; on the last micro-batch of a step, also sync and Adam.
+    (A short last group of micro-batches is still divided by ``accumulate``.)"""
+    if starts_step:
         sync.zero_grad()
-    with contextlib.nullcontext() if closes else sync.no_sync():
+    with contextlib.nullcontext() if ends_step else sync.no_sync():
         logits = sync.module(x)
         loss = F.cross_entropy(logits, y)
         (loss / accumulate).backward()              # DDP all-reduces inside backward...
     tally.add(loss, logits, y)
     timer.lap("compute")
     timer.move(sync.pop_seconds(), "compute", "sync")  # ...and that part of it is synchronisation
-    if closes:
+    if ends_step:
         sync.after_backward()                       # an explicit all-reduce (the manual strategy)
         timer.lap("sync")
         optimizer.step()
@@ -154,27 +155,30 @@ def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[to
     """Train on the given mini-batches; return how many steps were taken and the time per phase.
 
     Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
-    them only. ``lr_scale(n)`` scales the rate of optimizer step n (warm-up);
-    ``before_step(step)`` runs first (fault injection, progress). ``graph`` (a
-    :class:`ddp_helpers.graphs.GraphedStep`) replays one captured step for each full batch.
+    them only. ``first_step`` is the run's count of micro-batches so far; ``lr_scale(n)``
+    scales the rate of optimizer step n (warm-up); ``before_step(step)`` runs first (progress,
+    fault injection). ``graph`` (a :class:`ddp_helpers.graphs.GraphedStep`) replays one
+    captured step for each full batch.
     """
     sync.module.train()
     timer = PhaseTimer(tally.sums.device)
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
     done = optimizer_steps = 0
+    first_optimizer_step = first_step // accumulate
     for (x, y), last_batch in with_last(steps):
         if before_step is not None:
             before_step(first_step + done)
         timer.lap("data")
-        opens, closes = done % accumulate == 0, (done + 1) % accumulate == 0 or last_batch
-        if closes and lr_scale is not None:
-            set_lr(optimizer, [lr * lr_scale(first_step // accumulate + optimizer_steps) for lr in base_lrs])
+        starts_step, ends_step = done % accumulate == 0, (done + 1) % accumulate == 0 or last_batch
+        if ends_step and lr_scale is not None:
+            set_lr(optimizer, [lr * lr_scale(first_optimizer_step + optimizer_steps) for lr in base_lrs])
         if graph is not None and graph.fits(x):
             graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
             timer.lap("compute")
         else:
-            eager_step(sync, optimizer, x, y, tally, timer, opens=opens, closes=closes, accumulate=accumulate)
-        optimizer_steps += closes
+            eager_step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
+                       accumulate=accumulate)
+        optimizer_steps += ends_step
         done += 1
     set_lr(optimizer, base_lrs)  # the epoch-level scheduler owns the base rate
     sync.consolidate()  # local SGD: average the pending steps, so that every rank evaluates one model
@@ -192,17 +196,14 @@ def evaluate(model: nn.Module, split: Split, indices: torch.Tensor, batch_size: 
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=split.images.device)  # loss sum, correct, count
-    predictions = []
+    tally, predictions = Tally(split.images.device), []
     for x, y in batches(split, indices, batch_size):
         logits = model(x)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += y.shape[0]
+        tally.add(F.cross_entropy(logits, y), logits, y)
         if return_predictions:
             predictions.append(logits.argmax(1).cpu())
     model.train(was_training)
-    out = {"sums": sums}
+    out = {"sums": tally.sums}
     if return_predictions:
         out["predictions"] = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
     return out

@@ -5,8 +5,9 @@ the GPU waits for the host most of the time. Captured once, the step (zero the g
 forward, loss, backward, fused Adam, the loss and accuracy sums) is one launch. The
 recipe is PyTorch's "whole network capture": static input buffers, a capturable
 optimizer, warm-up on a side stream before capture. The warm-up steps really update the
-weights and Adam's moments, so both are put back afterwards: training starts where the
-eager path starts.
+weights, Adam's state, the metric sums and the random generator, so all of them are put
+back afterwards, in place (the graph holds their addresses): training starts where the
+eager path starts, a resumed run included.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class GraphedStep:
         self.model, self.optimizer, self.tally = model, optimizer, tally
         self.x, self.y = example_x.clone(), example_y.clone()
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        tallied = tally.sums.clone()
+        moments = {p: {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+                   for p, state in optimizer.state.items()}  # empty for a new run, restored ones on resume
+        tallied, rng = tally.sums.clone(), torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -49,11 +52,14 @@ class GraphedStep:
         with torch.no_grad():  # undo the warm-up: the same start as the eager path
             for key, value in model.state_dict().items():
                 value.copy_(weights[key])
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and param in moments:
+                        value.copy_(moments[param][key])
+                    elif isinstance(value, torch.Tensor):
                         value.zero_()
             tally.sums.copy_(tallied)
+        torch.cuda.set_rng_state(rng)
 
     def _step(self) -> None:
         self.optimizer.zero_grad(set_to_none=False)

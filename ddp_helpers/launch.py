@@ -2,24 +2,28 @@
 
 ``launch(config)`` is the one entry point for notebooks and scripts. For world size > 1 it
 spawns one process per rank, each running :func:`train_job`: join the process group, run
-``fit``, send rank 0's result back. Whatever the mode, the same events reach the same
-handlers in the parent: a live report (bar and epoch rows), an optional journal file, and
-the caller's own ``on_event``. All three modes end in :func:`ddp_helpers.results.run_result`.
+``fit``, send rank 0's result back. Workers call ``emit(kind, payload)``; the parent turns
+each message into an :class:`~ddp_helpers.workers.Event` and passes it to the same handlers
+whatever the mode: a live report (bar and epoch rows), an optional journal file, and the
+caller's ``on_event``. All three modes end in :func:`ddp_helpers.results.run_result`.
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch.distributed as dist
+
+from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .data import Split, ensure_mnist
-from .dist import (TorchrunEnv, oversubscription_warning, pick_backend, pick_device, process_group, single_process,
-                   tcp_store, threads_for, torchrun_store)
-from .report import Journal, LiveReport, in_notebook
+from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
+                   process_group, single_process, tcp_store, threads_for, torchrun_store)
+from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
 from .trainer import fit
 from .workers import Event, WorkerError, run_workers
@@ -27,43 +31,58 @@ from .workers import Event, WorkerError, run_workers
 Handler = Callable[[Event], None]
 
 
-def check_writable(folder: str, what: str) -> None:
-    """Fail before any work is spent when ``folder`` cannot be created or written."""
-    path = Path(folder)
+def check_checkpoint_dir(cfg: TrainConfig) -> None:
+    """Before any work: the folder can be created and written, and a new run does not start on
+    top of another run's checkpoints (which it would prune, and a later --resume would pick up)."""
+    path = Path(cfg.checkpoint_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise OSError(f"{what} {folder!r} cannot be used ({exc.strerror or exc}). "
+        raise OSError(f"--checkpoint-dir {cfg.checkpoint_dir!r} cannot be used ({exc.strerror or exc}). "
                       f"Fix: pass a folder that can be created and written.") from None
+    if not cfg.resume and list_checkpoints(path):
+        raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} already holds checkpoints. Fix: pass --resume to "
+                         f"continue that run, or use an empty folder for a new one.")
 
 
-def prepare(cfg: TrainConfig) -> TrainConfig:
-    """Validate, check that outputs can be written, and fetch/check the data once, in the parent."""
+def prepare(cfg: TrainConfig, local_ranks: int, fetch_data: bool = True) -> TrainConfig:
+    """Everything that can fail before a worker starts: values, devices, folders, the data."""
     cfg.validate()
+    check_devices(cfg.backend, cfg.device, local_ranks)
     if cfg.checkpoint_dir:
-        check_writable(cfg.checkpoint_dir, "--checkpoint-dir")
-    if cfg.dataset == "mnist":
+        check_checkpoint_dir(cfg)
+    if fetch_data and cfg.dataset == "mnist":
         ensure_mnist(cfg.data_dir, cfg.download)
     return cfg
 
 
-def _handlers(on_event: Handler | None, live: bool | str, journal: str | Path | None) -> tuple[Handler, list]:
-    """One function that passes each event to the live report, the journal and the caller.
+@contextmanager
+def reporting(on_event: Handler | None, live: bool | str, journal: str | Path | None, resume: bool = False
+              ) -> Iterator[Handler]:
+    """One handler that passes each event to the live report, the journal and the caller.
     ``live``: "auto" = bar and rows in a notebook or terminal, nothing elsewhere; True = rows
     always, bar when interactive; "rows" = rows only; False = nothing."""
-    interactive = in_notebook() or sys.stderr.isatty()
-    report = None
-    if live == "rows" or live is True or (live == "auto" and interactive):
-        report = LiveReport(rows=True, bar=live != "rows")
-    handlers = [h for h in (report, Journal(journal) if journal else None, on_event) if h is not None]
+    report = LiveReport.for_mode(live)
+    handlers = [h for h in (report, Journal(journal, append=resume) if journal else None, on_event) if h]
+    try:
+        yield lambda event: [handler(event) for handler in handlers]
+    finally:
+        if report is not None:
+            report.close()
 
-    def dispatch(event: Event) -> None:
-        for handler in handlers:
-            handler(event)
 
-    return dispatch, [report] if report else []
+@contextmanager
+def rank_context(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, local_ranks: int, store,
+                 restart_count: int = 0) -> Iterator[RankContext]:
+    """A rank's process group, with the backend, device and threads chosen for this node."""
+    backend = pick_backend(cfg.backend, local_ranks, cfg.device)
+    threads, rule = threads_for(cfg.threads_per_rank, local_ranks)
+    with process_group(rank, world_size, store, backend=backend, device=pick_device(cfg.device, backend, local_rank),
+                       threads=threads, timeout_s=cfg.timeout_s, threads_rule=rule,
+                       restart_count=restart_count) as ctx:
+        yield ctx
 
 
 def run_single_process(cfg: TrainConfig, data: tuple[Split, Split] | None = None, on_event: Handler | None = None,
@@ -71,27 +90,20 @@ def run_single_process(cfg: TrainConfig, data: tuple[Split, Split] | None = None
     """The baseline: the same ``fit`` in this process, no process group, no DDP."""
     if cfg.world_size != 1:
         raise ValueError(f"run_single_process needs world_size=1, got {cfg.world_size}; use launch()")
-    cfg = prepare(cfg) if data is None else cfg.validate()
-    dispatch, reports = _handlers(on_event, live, journal)
+    prepare(cfg, 1, fetch_data=data is None)
     threads, rule = threads_for(cfg.threads_per_rank, 1)
     start = time.perf_counter()
-    try:
+    with reporting(on_event, live, journal, cfg.resume) as handle:
         with single_process(pick_device(cfg.device, "none", 0), threads, rule) as ctx:
-            out = fit(cfg, ctx, lambda kind, payload: dispatch(Event(0, kind, payload)), data=data)
-    finally:
-        for report in reports:
-            report.close()
+            out = fit(cfg, ctx, lambda kind, payload: handle(Event(0, kind, payload)), data=data)
     return run_result(cfg, out.history, out.runtime, cpu_state(out.model), time.perf_counter() - start, [])
 
 
 def train_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict) -> None:
     """One spawned rank of a training run; rank 0 sends the result."""
     cfg = TrainConfig.from_dict(cfg_dict)
-    backend = pick_backend(cfg.backend, world_size)
-    threads, rule = threads_for(cfg.threads_per_rank, world_size)
     store = tcp_store(init_method, rank, world_size, cfg.timeout_s)
-    with process_group(rank, world_size, store, backend=backend, device=pick_device(cfg.device, backend, rank),
-                       threads=threads, timeout_s=cfg.timeout_s, threads_rule=rule) as ctx:
+    with rank_context(cfg, rank, world_size, rank, world_size, store) as ctx:
         out = fit(cfg, ctx, emit)
         if ctx.is_main:
             emit("result", {"history": out.history, "runtime": out.runtime, "state": state_bytes(cpu_state(out.model))})
@@ -103,33 +115,30 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
 
     ``on_event(event)`` sees every event (``progress``, ``epoch``, ...) as it arrives.
     ``live``: "auto" shows a progress bar and each epoch's row in a notebook or terminal
-    (nothing elsewhere); False shows nothing. ``journal``: a file that receives each epoch's row as
-    it arrives. ``quiet_workers`` sends worker output to log files instead of this output.
+    (nothing elsewhere); False shows nothing. ``journal``: a file that receives each epoch's
+    row as it arrives. ``quiet_workers`` sends worker output to log files instead of this
+    output. Spawned runs are stopped after ``launch_timeout_s``.
     """
     if cfg.world_size == 1:
         return run_single_process(cfg, on_event=on_event, live=live, journal=journal)
-    cfg = prepare(cfg)
+    prepare(cfg, cfg.world_size)
     notes = [n for n in [oversubscription_warning(cfg.world_size)] if n]
     faults: list[dict] = []
-    dispatch, reports = _handlers(on_event, live, journal)
-
-    def handle(event: Event) -> None:
-        if event.kind == "fault":
-            faults.append(event.payload)
-        dispatch(event)
-
     start = time.perf_counter()
-    try:
-        results = run_workers(train_job, cfg.world_size, (cfg.to_dict(),), master_addr=cfg.master_addr,
-                              master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
-                              quiet=quiet_workers, on_event=handle)
-    except WorkerError as exc:
-        if faults:
-            exc.fault = {**faults[0], "detect_s": exc.detected_at - faults[0]["time"]}
-        raise
-    finally:
-        for report in reports:
-            report.close()
+    with reporting(on_event, live, journal, cfg.resume) as handle:
+        def on_worker_event(event: Event) -> None:
+            if event.kind == "fault":
+                faults.append(event.payload)
+            handle(event)
+
+        try:
+            results = run_workers(train_job, cfg.world_size, (cfg.to_dict(),), master_addr=cfg.master_addr,
+                                  master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
+                                  quiet=quiet_workers, on_event=on_worker_event)
+        except WorkerError as exc:
+            if faults:
+                exc.fault = {**faults[0], "report_s": exc.detected_at - faults[0]["time"]}
+            raise
     if 0 not in results:
         raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
     done = results[0]
@@ -139,30 +148,25 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
 
 def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = None, *, live: bool | str = "auto",
                  journal: str | Path | None = None) -> RunResult | None:
-    """Run this process as one rank of a torchrun job; the result on global rank 0, else None."""
+    """Run this process as one rank of a torchrun job; the result on global rank 0, else None.
+    Multi-node resume needs ``checkpoint_dir`` on a filesystem every node sees."""
     cfg = cfg.replace(world_size=env.world_size)
-    if cfg.checkpoint_dir:
-        check_writable(cfg.checkpoint_dir, "--checkpoint-dir")
-    if cfg.dataset == "mnist" and env.local_rank == 0:  # one download per machine; the others wait below
-        ensure_mnist(cfg.data_dir, cfg.download)
-    dispatch, reports = _handlers(on_event, live, journal) if env.rank == 0 else (lambda event: None, [])
-    backend = pick_backend(cfg.backend, env.local_world_size)
-    threads, rule = threads_for(cfg.threads_per_rank, env.local_world_size)
+    # one download per machine (the others wait in the barrier below); the checkpoint folder is
+    # checked by every rank, a restarted attempt continues the run (resume)
+    prepare(cfg.replace(resume=cfg.resume or env.restart_count > 0), env.local_world_size,
+            fetch_data=env.local_rank == 0)
     start = time.perf_counter()
     store = torchrun_store(env, cfg.timeout_s)
     try:
-        with process_group(env.rank, env.world_size, store, backend=backend,
-                           device=pick_device(cfg.device, backend, env.local_rank), threads=threads,
-                           timeout_s=cfg.timeout_s, threads_rule=rule, restart_count=env.restart_count) as ctx:
-            if cfg.dataset == "mnist":
-                import torch.distributed as dist
-
-                dist.barrier()
-            out = fit(cfg, ctx, lambda kind, payload: dispatch(Event(env.rank, kind, payload)))
+        with reporting(on_event if env.rank == 0 else None, live if env.rank == 0 else False,
+                       journal if env.rank == 0 else None, cfg.resume) as handle:
+            with rank_context(cfg, env.rank, env.world_size, env.local_rank, env.local_world_size, store,
+                              env.restart_count) as ctx:
+                if cfg.dataset == "mnist":
+                    dist.barrier()
+                out = fit(cfg, ctx, lambda kind, payload: handle(Event(env.rank, kind, payload)))
     finally:
         del store  # close the store client now, not during interpreter teardown
-        for report in reports:
-            report.close()
     if env.rank != 0:
         return None
     notes = [n for n in [oversubscription_warning(env.local_world_size)] if n]

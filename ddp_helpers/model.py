@@ -28,13 +28,3 @@ class MLP(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def gradient_bytes(model: nn.Module) -> int:
-    """Bytes of one full gradient: what every step's all-reduce moves."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def weight_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """(outputs, inputs) of each weight matrix, in order: what PowerSGD compresses."""
-    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]

@@ -52,6 +52,16 @@ class LiveReport:
         self.handle = self.tqdm = None
         self.last: dict | None = None
 
+    @classmethod
+    def for_mode(cls, live: bool | str) -> "LiveReport | None":
+        """"auto": bar and rows in a notebook or a terminal, nothing elsewhere; True: rows always and
+        a bar where one can be shown; "rows": rows only; False: nothing."""
+        if live == "rows":
+            return cls(rows=True, bar=False)
+        if live is True or (live == "auto" and (in_notebook() or sys.stderr.isatty())):
+            return cls(rows=True, bar=True)
+        return None
+
     def __call__(self, event: Event) -> None:
         if event.rank != 0:
             return
@@ -102,10 +112,11 @@ class LiveReport:
 class Journal:
     """An event handler that appends each epoch's row to a JSON-lines file as it arrives."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")  # one run per journal
+        if not append:  # a new run starts a new journal; a resumed one (or a torchrun restart) adds to it
+            self.path.write_text("")
 
     def __call__(self, event: Event) -> None:
         if event.rank == 0 and event.kind == "epoch":

@@ -59,7 +59,7 @@ def run_result(cfg: TrainConfig, history: list[dict], runtime: dict, state_dict:
         "command": command_line(),
         "config": cfg.to_dict(),
         "environment": environment(),
-        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("resume", [])},
+        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("notes", [])},
         "epochs": history,
         "summary": {
             "final_val_accuracy": history[-1]["val_accuracy"],

@@ -1,10 +1,10 @@
 """The epoch loop: one function that every run goes through, on one rank or many.
 
 ``fit`` builds the model, optimizer, scheduler and sync strategy (restoring them from a
-checkpoint on resume), then alternates training and evaluation, writes a checkpoint after
-each epoch when asked to, and reports what happens through ``emit(kind, payload)``:
-``progress`` about twice a second (the live bar, and the heartbeat that tells the
-launcher which rank stopped), ``epoch`` after each epoch, ``fault`` for an injected one.
+checkpoint on resume), then runs the epochs: training between evaluation points, a
+checkpoint after each epoch when asked to. It reports through ``emit(kind, payload)``:
+``progress`` about twice a second (the live bar, and the heartbeat that tells the launcher
+which rank stopped), ``epoch`` after each epoch, ``fault`` for an injected one.
 """
 
 from __future__ import annotations
@@ -38,36 +38,25 @@ class FitOutput:
     model: torch.nn.Module
 
 
-def fault_injector(cfg: TrainConfig, rank: int, restart_count: int, emit: Emit) -> Callable[[int], None] | None:
-    """A before-step hook that makes one rank fail on purpose (tests and demos).
-    Under torchrun it fires on the first attempt only, so that an elastic restart can finish."""
-    if cfg.fail_rank != rank or restart_count > 0:
-        return None
+def before_step_hook(cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int, steps: int) -> Callable[[int], None]:
+    """Runs before every step: a ``progress`` event every half second, and the injected fault
+    (tests and demos: ``fail_rank`` fails at ``fail_step``; under torchrun on the first attempt
+    only, so that an elastic restart can finish)."""
+    fault = cfg.fail_rank == ctx.rank and ctx.restart_count == 0
+    last = [0.0]
 
-    def maybe_fail(step: int) -> None:
-        if step == cfg.fail_step:
-            emit("fault", {"rank": rank, "step": step, "kind": cfg.fail_kind, "time": time.time()})
+    def before_step(step: int) -> None:
+        if fault and step == cfg.fail_step:
+            emit("fault", {"rank": ctx.rank, "step": step, "kind": cfg.fail_kind, "time": time.time()})
             if cfg.fail_kind == "exit":
                 os._exit(17)
             if cfg.fail_kind == "hang":
                 time.sleep(10 * cfg.timeout_s + 3600)
-            raise RuntimeError(f"injected fault: rank {rank} failed at step {step}")
-
-    return maybe_fail
-
-
-def heartbeat(emit: Emit, epoch: int, steps_in_epoch: int, total_steps: int, fault) -> Callable[[int], None]:
-    """The before-step hook: an injected fault if any, and a ``progress`` event every half second."""
-    last = [0.0]
-
-    def before_step(step: int) -> None:
-        if fault is not None:
-            fault(step)
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S:
-            last[0] = now
-            emit("progress", {"step": step, "epoch": epoch, "steps_in_epoch": steps_in_epoch,
-                              "total_steps": total_steps, "pid": os.getpid(), "time": time.time()})
+            raise RuntimeError(f"injected fault: rank {ctx.rank} failed at step {step}")
+        if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.monotonic()
+            emit("progress", {"step": step, "epoch": epoch, "steps_in_epoch": steps, "total_steps": cfg.epochs * steps,
+                              "pid": os.getpid(), "time": time.time()})
 
     return before_step
 
@@ -79,25 +68,20 @@ def eval_points(steps: int, evals: int, accumulation_steps: int = 1) -> list[int
     return sorted({p for p in points if 0 < p < steps} | {steps})
 
 
-def epoch_row(epoch: int, lr: float, train: dict, val: dict, phase_s: dict, train_s: float, eval_s: float,
-              steps: int, optimizer_steps: int, evals: list[dict]) -> dict:
-    """One row of the history: metrics, times and the per-step time split in ms."""
-    step_ms = {p: 1000 * phase_s[p] / max(steps, 1) for p in PHASES}
-    step_ms["total"] = 1000 * train_s / max(steps, 1)
-    return {"epoch": epoch, "lr": lr, **train, **val, "epoch_time_s": train_s, "eval_time_s": eval_s,
-            "steps_per_worker": steps, "optimizer_steps": optimizer_steps,
-            "samples_per_s": train["train_samples"] / train_s, "step_ms": step_ms,
-            "sync_fraction": phase_s["sync"] / train_s, "evals": evals}
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
-def _save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch: int, global_step: int,
-          history: list[dict]) -> None:
-    """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG state."""
-    rng = torch.get_rng_state()
-    states: list[Any] = [rng]
+def save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch: int, global_step: int,
+         history: list[dict]) -> None:
+    """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG states."""
+    states: list[Any] = [rng_states(ctx.device)]
     if ctx.world_size > 1:
         states = [None] * ctx.world_size
-        torch.distributed.all_gather_object(states, rng)
+        torch.distributed.all_gather_object(states, rng_states(ctx.device))
     if ctx.is_main:
         save_checkpoint(cfg.checkpoint_dir, {
             "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
@@ -105,76 +89,85 @@ def _save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch
             "rng": states, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
 
 
+def restore(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler) -> tuple[int, int, list, list[str]]:
+    """Load the newest good checkpoint, if any: (start epoch, global step, history, notes)."""
+    state, notes = latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
+    if state is None:
+        return 0, 0, [], notes + [f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch"]
+    model.load_state_dict(state["model"])
+    groups = [dict(group) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])  # replaces whole groups: keep this run's implementation
+    for group, mine in zip(optimizer.param_groups, groups):
+        for key in ("fused", "foreach", "capturable"):
+            group[key] = mine[key]
+        if isinstance(mine["lr"], torch.Tensor):  # a device tensor for the capturable Adam
+            group["lr"] = mine["lr"].fill_(float(group["lr"]))
+        else:
+            group["lr"] = float(group["lr"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ctx.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    return state["epoch"], state["global_step"], state["history"], notes
+
+
 def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split] | None = None) -> FitOutput:
     """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
     dtype = getattr(torch, cfg.dtype)
-    train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset,
-                                                    cfg.test_subset, cfg.seed)
+    train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset,
+                                                    cfg.seed)
     train_split = train_split.head(cfg.train_subset).to(ctx.device, dtype)  # subsets apply to passed-in data too
     test_split = test_split.head(cfg.test_subset).to(ctx.device, dtype)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in the baseline
     model = MLP(cfg.hidden_sizes, cfg.dropout).to(ctx.device, dtype)
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
-    use_graph, graph_note = graph_supported(ctx.device, ctx.world_size, cfg.accumulation_steps)
-    use_graph = use_graph and cfg.cuda_graph
     # on CUDA the same (capturable) Adam with or without the graph: the graph changes only how the step is launched
     optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay,
                                                capturable=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    history: list[dict[str, Any]] = []
-    start_epoch = global_step = 0
-    notes: list[str] = []
-    if cfg.resume:
-        state, notes = latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
-        if state is not None:  # restore before the sync strategy broadcasts rank 0's weights
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, global_step, history = state["epoch"], state["global_step"], state["history"]
-            torch.set_rng_state(state["rng"][ctx.rank])
-            if ctx.device.type == "cuda":  # a loaded learning rate comes back as a CPU tensor
-                for group in optimizer.param_groups:
-                    group["lr"] = torch.tensor(float(group["lr"]), device=ctx.device)
-        else:
-            notes.append(f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch")
-    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,
+    start_epoch, global_step, history, notes = (restore(cfg, ctx, model, optimizer, scheduler) if cfg.resume
+                                                else (0, 0, [], []))
+    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
                      bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-                     static_graph=cfg.static_graph)
-    tally, graph = Tally(ctx.device), None
-    fault = fault_injector(cfg, ctx.rank, ctx.restart_count, emit)
+                     static_graph=cfg.static_graph)  # DDP broadcasts rank 0's (restored) weights
     steps = steps_per_epoch(len(train_split), ctx.world_size, cfg.batch_size)
     steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+    tally, graph = Tally(ctx.device), None
+    can_graph, graph_note = graph_supported(ctx.device, ctx.world_size, cfg.accumulation_steps)
+    if cfg.cuda_graph and can_graph:
+        x, y = next(batches(train_split, torch.arange(cfg.batch_size), cfg.batch_size))
+        graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False  # the graph holds the grads
     for epoch in range(start_epoch, cfg.epochs):
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)[:steps * cfg.batch_size]
-        if use_graph and graph is None:
-            x, y = next(batches(train_split, indices[:cfg.batch_size], cfg.batch_size))
-            graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False
-        before_step = heartbeat(emit, epoch + 1, steps, cfg.epochs * steps, fault)
         lr = float(optimizer.param_groups[0]["lr"])
+        before_step = before_step_hook(cfg, ctx, emit, epoch + 1, steps)
         eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size)
-        phase_s, evals, eval_s, train_s, done, optimizer_steps = dict.fromkeys(PHASES, 0.0), [], 0.0, 0.0, 0, 0
+        phase_s, evals, done, optimizer_steps, train_s, eval_s = dict.fromkeys(PHASES, 0.0), [], 0, 0, 0.0, 0.0
         for end in eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps):
-            start = time.perf_counter()
-            part = train_steps(sync, optimizer, batches(train_split, indices[done * cfg.batch_size:end * cfg.batch_size],
-                                                        cfg.batch_size), tally,
+            start, chunk = time.perf_counter(), indices[done * cfg.batch_size:end * cfg.batch_size]
+            part = train_steps(sync, optimizer, batches(train_split, chunk, cfg.batch_size), tally,
                                accumulate=cfg.accumulation_steps, lr_scale=warmup_scale(cfg.warmup_steps),
                                first_step=global_step + done, before_step=before_step, graph=graph)
             train_s += time.perf_counter() - start
-            done, optimizer_steps = end, optimizer_steps + part["optimizer_steps"]
             phase_s = {p: phase_s[p] + part["phase_s"][p] for p in PHASES}
+            done, optimizer_steps = end, optimizer_steps + part["optimizer_steps"]
             start = time.perf_counter()
             val = metrics(ctx.reduce(evaluate(model, test_split, eval_idx)["sums"]), "val")
             eval_s += time.perf_counter() - start
-            evals.append({"epoch_fraction": done / steps, "train_time_s": train_s,
-                          "val_accuracy": val["val_accuracy"], "val_loss": val["val_loss"]})
+            evals.append({"epoch_fraction": done / steps, "train_time_s": train_s, "val_accuracy": val["val_accuracy"],
+                          "val_loss": val["val_loss"]})
         train = metrics(ctx.reduce(tally.take()), "train")
         global_step += done
-        row = epoch_row(epoch + 1, lr, train, val, phase_s, train_s, eval_s, done, optimizer_steps, evals)
+        step_ms = {p: 1000 * phase_s[p] / done for p in PHASES} | {"total": 1000 * train_s / done}
+        history.append({"epoch": epoch + 1, "lr": lr, **train, **val, "epoch_time_s": train_s, "eval_time_s": eval_s,
+                        "steps_per_worker": done, "optimizer_steps": optimizer_steps,
+                        "samples_per_s": train["train_samples"] / train_s, "step_ms": step_ms,
+                        "sync_fraction": phase_s["sync"] / train_s, "evals": evals})
         scheduler.step()
-        history.append(row)
         if cfg.checkpoint_dir:
-            _save(cfg, ctx, model, optimizer, scheduler, epoch + 1, global_step, history)
-        emit("epoch", row)
+            save(cfg, ctx, model, optimizer, scheduler, epoch + 1, global_step, history)
+        emit("epoch", history[-1])
         if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in evals) >= cfg.stop_at_accuracy:
             break  # every rank sees the same all-reduced accuracies, so all stop together
     runtime = {
@@ -183,6 +176,6 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         "optimizer": f"Adam ({optimizer_impl})", "cuda_graph": graph is not None,
         "cuda_graph_note": graph_note if cfg.cuda_graph else "off (config)",
         "parameters": count_parameters(model), "train_samples": len(train_split), "test_samples": len(test_split),
-        "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps, "resume": notes,
+        "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps, "notes": notes,
     }
     return FitOutput(history, runtime, model)

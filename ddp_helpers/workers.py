@@ -1,9 +1,11 @@
 """Spawned worker processes: start them, hear from them, stop them, and name the one that failed.
 
 ``run_workers(job, W)`` starts W processes running ``job(rank, W, init_method, emit, *args)``.
-Everything a worker says travels over one queue as ``(rank, kind, payload)``: ``started``
-(its pid), ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result``, and ``error``
-(the exception, as text). The parent is the only process that prints.
+Everything a worker says travels to the parent over its own pipe as ``(kind, payload)``:
+``started`` (its pid), ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result`` and
+``error`` (the exception, as text). One pipe per rank, so that no lock is shared: a rank
+killed in the middle of a message cannot block the others. Workers print only to their
+log files (or, with ``quiet=False``, to the terminal); the parent shows the rest.
 
 When a rank fails, the others are stopped and :class:`WorkerError` names the rank that
 caused it. That is not always the rank that raised: a rank that stops making progress
@@ -74,7 +76,7 @@ def exit_now(code: int) -> None:
 
 
 def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
-                  events: Any, quiet: bool) -> None:
+                  pipe: Any, quiet: bool) -> None:
     try:  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -88,7 +90,7 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)  # the parent asks for a stack
 
     def emit(kind: str, payload: Any) -> None:
-        events.put((rank, kind, payload))  # a SimpleQueue writes synchronously: nothing is lost at exit
+        pipe.send((kind, payload))  # written synchronously: nothing is lost at exit
 
     emit("started", {"pid": os.getpid()})
     try:
@@ -131,27 +133,41 @@ class _Run:
                  on_event: Callable[[Event], None] | None):
         self.workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
         ctx = mp.get_context("spawn")
-        self.events = ctx.SimpleQueue()
+        pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]  # (parent's reading end, worker's writing end)
+        self.readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
+        self.writers = [writer for _, writer in pipes]
         self.procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
-                                  args=(rank, world_size, job, args, init_method, str(self.workdir), self.events,
-                                        quiet))
-                      for rank in range(world_size)]
+                                  args=(rank, world_size, job, args, init_method, str(self.workdir), writer, quiet))
+                      for rank, writer in enumerate(self.writers)]
         self.on_event = on_event
         self.results: dict[int, Any] = {}
         self.errors: dict[int, dict] = {}
         self.heard: dict[int, dict] = {}  # rank -> its last progress payload
 
-    def drain(self) -> None:
-        while not self.events.empty():
-            event = Event(*self.events.get())
-            if event.kind == "result":
-                self.results[event.rank] = event.payload
-            elif event.kind == "error":
-                self.errors[event.rank] = event.payload
-            elif event.kind == "progress":
-                self.heard[event.rank] = event.payload
-            if self.on_event is not None:
-                self.on_event(event)
+    def receive(self, reader) -> None:
+        """Every message waiting in one rank's pipe; a pipe whose writer died is closed."""
+        rank = self.readers[reader]
+        try:
+            while reader.poll():
+                kind, payload = reader.recv()
+                self.dispatch(Event(rank, kind, payload))
+        except (EOFError, OSError):  # the rank ended (perhaps in the middle of a message)
+            del self.readers[reader]
+            reader.close()
+
+    def dispatch(self, event: Event) -> None:
+        if event.kind == "result":
+            self.results[event.rank] = event.payload
+        elif event.kind == "error":
+            self.errors[event.rank] = event.payload
+        elif event.kind == "progress":
+            self.heard[event.rank] = event.payload
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def drain(self, timeout: float = 0.0) -> None:
+        for reader in mp.connection.wait(list(self.readers), timeout=timeout):
+            self.receive(reader)
 
     @property
     def pids(self) -> list[int]:
@@ -161,24 +177,29 @@ class _Run:
         try:
             for p in self.procs:
                 p.start()
+            for writer in self.writers:
+                writer.close()  # the workers hold the writing ends: a dead worker's pipe reads as closed
             waiting = {p.sentinel: rank for rank, p in enumerate(self.procs)}
             deadline = time.monotonic() + launch_timeout_s
             while waiting:
-                self.drain()
-                for sentinel in mp.connection.wait(list(waiting), timeout=0.2):
-                    rank = waiting.pop(sentinel)
+                for ready in mp.connection.wait([*waiting, *self.readers], timeout=1.0):
+                    if ready in self.readers:
+                        self.receive(ready)
+                        continue
+                    rank = waiting.pop(ready)
                     self.procs[rank].join()
+                    self.drain()  # what it sent before it ended
                     if self.procs[rank].exitcode != 0:
-                        self.drain()  # before stopping the others: no message is left half-written
                         raise self.failure(rank)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the run took longer than launch_timeout_s={launch_timeout_s:g} s; "
                                        f"all {len(self.procs)} workers were stopped")
-            self.drain()  # a worker's queue is flushed into the pipe before it exits
+            self.drain()
             return self.results
         finally:
             stop(self.procs)
-            self.events.close()
+            for reader in list(self.readers):
+                reader.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- who is to blame ---------------------------------------------------------------------
@@ -187,18 +208,26 @@ class _Run:
         return {rank: p.exitcode for rank, p in enumerate(self.procs) if p.exitcode not in (None, 0)}
 
     def _about_a_peer(self, rank: int) -> bool:
+        """Whether a failed rank's error is only about a peer (it waited, or lost the connection).
+        NCCL's watchdog ends a rank whose collective timed out with SIGABRT and no Python error."""
         error = self.errors.get(rank)
-        return error is not None and any(word in error["headline"].lower() for word in ABOUT_A_PEER)
+        if error is not None:
+            return any(word in error["headline"].lower() for word in ABOUT_A_PEER)
+        log = self.workdir / f"rank{rank}.log"
+        return self.procs[rank].exitcode == -signal.SIGABRT and log.exists() and \
+            any(word in log.read_text(errors="replace").lower() for word in ("watchdog", "timeout", "timed out"))
+
+    def _own_failures(self) -> list[int]:
+        return [rank for rank in sorted(self._failed()) if not self._about_a_peer(rank)]
 
     def failure(self, first: int) -> WorkerError:
         """The error for a run in which rank ``first`` was the first seen to fail."""
-        own = [rank for rank in sorted(self._failed()) if not self._about_a_peer(rank)]
+        deadline = time.monotonic() + BLAME_GRACE_S
+        while not self._own_failures() and time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
+            self.drain(timeout=0.1)  # let the other ranks fail too: one that failed by itself may just be late
+        own = self._own_failures()
         if own:  # a rank that failed by itself (an exception, an exit, a signal) comes first
             return self._own_failure(own[0])
-        deadline = time.monotonic() + BLAME_GRACE_S
-        while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
-            time.sleep(0.1)  # let the other waiting ranks time out too: the silent one will not
-            self.drain()
         silent = [rank for rank, p in enumerate(self.procs) if p.is_alive() and rank not in self.errors]
         if not silent:
             return self._own_failure(first)
@@ -252,4 +281,4 @@ def stop(procs: list) -> None:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
-            p.join()
+            p.join(STOP_GRACE_S)

@@ -51,10 +51,12 @@ def test_bad_values_raise_value_error_naming_field_and_range(field, value, words
 def test_nccl_without_enough_gpus_is_refused(monkeypatch):
     import torch
 
+    from ddp_helpers.launch import prepare
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="nccl.*CUDA device"):
-        TrainConfig(backend="nccl", world_size=2)
+        prepare(TrainConfig(backend="nccl", world_size=2), local_ranks=2)  # when a run starts, on this machine
 
 
 def test_unknown_fields_are_refused():
@@ -94,9 +96,9 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
 
 
 def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
-    from ddp_helpers.dist import pick_backend, pick_device, ranks_on_this_node
+    from ddp_helpers.dist import check_devices, pick_backend, pick_device, ranks_on_this_node
 
-    TrainConfig(backend="nccl", world_size=16)  # 8 local ranks, 8 GPUs: accepted
+    check_devices("nccl", "auto", ranks_on_this_node(16))  # 8 local ranks, 8 GPUs: accepted
     assert ranks_on_this_node(16) == 8
     assert pick_backend("auto", ranks_on_this_node(16)) == "nccl"  # not a silent fallback to gloo
     assert str(pick_device("auto", "nccl", 3)) == "cuda:3"
@@ -105,12 +107,18 @@ def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
 def test_nccl_is_refused_when_this_node_has_fewer_gpus_than_ranks(second_node_of_two, monkeypatch, eight_gpus):
     import torch
 
-    from ddp_helpers.dist import pick_backend
+    from ddp_helpers.dist import check_devices, pick_backend, ranks_on_this_node
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="8 local rank.*4 CUDA device"):
-        TrainConfig(backend="nccl", world_size=16)
+        check_devices("nccl", "auto", ranks_on_this_node(16))
     assert pick_backend("auto", 8) == "gloo"
+
+
+def test_auto_backend_is_gloo_when_the_device_is_the_cpu(eight_gpus):
+    from ddp_helpers.dist import pick_backend
+
+    assert pick_backend("auto", 2, "auto") == "nccl" and pick_backend("auto", 2, "cpu") == "gloo"
 
 
 def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two, monkeypatch):

@@ -48,6 +48,20 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_epoch0004.pt", "ckpt_epoch0003.pt"]
 
 
+def test_a_new_run_never_prunes_its_own_checkpoint_for_newer_ones(tmp_path):
+    for epoch in (5, 4):  # left by another run
+        save_checkpoint(tmp_path, tiny_state(epoch), keep=2)
+    save_checkpoint(tmp_path, tiny_state(1), keep=2)
+    assert checkpoint_path(tmp_path, 1).exists() and checkpoint_path(tmp_path, 5).exists()
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_any_work(tmp_path):
+    save_checkpoint(tmp_path, tiny_state(3), keep=2)
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        launch(TrainConfig(world_size=2, dataset="synthetic", checkpoint_dir=str(tmp_path)), live=False)
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 3)]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_good_one_used(tmp_path, damage):
     save_checkpoint(tmp_path, tiny_state(1), keep=3)

@@ -38,3 +38,15 @@ def test_two_ranks_share_one_gpu_over_gloo():
                                 test_subset=128, epochs=1, timeout_s=60, launch_timeout_s=240), live=False)
     rt = result.record["runtime"]
     assert (rt["backend"], rt["device"], rt["cuda_graph"]) == ("gloo", "cuda:0", False)
+
+
+@cuda
+def test_a_resumed_graphed_run_continues_exactly(mnist, tmp_path):
+    """The graph's warm-up must put back the restored Adam state and RNG, not reset them."""
+    cfg = TrainConfig(world_size=1, epochs=2, train_subset=2048, test_subset=500, checkpoint_dir=str(tmp_path / "a"),
+                      **EXACT)
+    whole = run_single_process(cfg, data=mnist, live=False)
+    run_single_process(cfg.replace(epochs=1, checkpoint_dir=str(tmp_path / "b")), data=mnist, live=False)
+    resumed = run_single_process(cfg.replace(checkpoint_dir=str(tmp_path / "b"), resume=True), data=mnist, live=False)
+    assert resumed.record["runtime"]["cuda_graph"] and any("resumed from" in n for n in resumed.record["runtime"]["notes"])
+    assert max_difference(whole.state_dict, resumed.state_dict) < 1e-9

@@ -82,7 +82,7 @@ def test_early_stop_at_target_accuracy(mnist):
 
 
 def test_overlapped_local_sgd_applies_each_average_one_period_late_and_keeps_local_progress():
-    from ddp_helpers.launch import run_workers
+    from ddp_helpers.workers import run_workers
     from processes import overlap_local_sgd_job
 
     got = run_workers(overlap_local_sgd_job, 2, launch_timeout_s=120)

@@ -42,7 +42,8 @@ def execute_notebook(path: Path, timeout_s: int = 3600) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddp_helpers.exhibits.reproduce", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ddp_helpers.exhibits.reproduce",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", action="store_true", help="also re-run the study first (about 40 minutes)")
     args = parser.parse_args(argv)
     os.environ.pop("DDP_NOTEBOOK_SMOKE", None)  # full runs only

@@ -23,7 +23,8 @@ def plot_allreduce(record: dict) -> plt.Figure:
         ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color, label=label)
         grid = np.geomspace(sizes.min(), sizes.max(), 50)
         ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), "-", color=color, lw=1,
-                  label=f"fit, {w} ranks: {1e6 * data['alpha_s']:.0f} µs + {1e9 * data['beta_s_per_byte']:.2f} ns/byte")
+                  label=f"fit, {w} ranks: {1e6 * data['alpha_s']:.0f} µs + "
+                        f"{1e9 * data['beta_s_per_byte']:.2f} ns/byte")
     ax.axvline(GRAD_BYTES, color="grey", ls=":", lw=1)
     ax.annotate("our gradient\n(2.27 MB)", (GRAD_BYTES, ax.get_ylim()[1]), xytext=(-4, -4), textcoords="offset points",
                 ha="right", va="top", fontsize=8, color="grey")

@@ -15,10 +15,21 @@ from ..config import TrainConfig
 from ..data import batches, load_datasets, train_indices
 from ..dist import process_group, tcp_store
 from ..engine import Tally, make_optimizer, train_steps
-from ..model import MLP, gradient_bytes
+from ..model import MLP
 from ..sync import DDP_HOOKS, DDPSync, LocalSync
 from ..workers import run_workers
 from .records import record
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of one full gradient: what every step's all-reduce moves."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def weight_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(outputs, inputs) of each weight matrix, in order: what PowerSGD compresses."""
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
 
 GRAD_BYTES = gradient_bytes(MLP())
 
@@ -58,8 +69,8 @@ def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
         alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
         runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha,
                                  "beta_s_per_byte": beta, "oversubscribed": world_size > 2}
-        log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the {GRAD_BYTES / 1e6:.2f} MB "
-            f"gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
+        log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the "
+            f"{GRAD_BYTES / 1e6:.2f} MB gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
     return record("study_allreduce", quick, {"repeats": repeats, "statistic": "median", "backend": "gloo",
                                              "fit": "t = alpha + beta * bytes, least squares on relative error"},
                   gradient_bytes=GRAD_BYTES, sizes_bytes=sizes, world_sizes=runs)
@@ -87,8 +98,10 @@ def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Cal
     model = MLP(cfg.hidden_sizes, cfg.dropout)
     optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
     sync, tally = make_strategy(model, optimizer), Tally(torch.device("cpu"))
-    indices = train_indices(len(train), rank, world_size, 0, cfg.seed)
-    b = cfg.batch_size
+    b, epochs = cfg.batch_size, 1
+    while epochs * (len(train) // world_size) < (warmup + steps) * b:  # enough epochs' shards for every step
+        epochs += 1
+    indices = torch.cat([train_indices(len(train), rank, world_size, epoch, cfg.seed) for epoch in range(epochs)])
     train_steps(sync, optimizer, batches(train, indices[:warmup * b], b), tally)
     start = time.perf_counter()
     train_steps(sync, optimizer, batches(train, indices[warmup * b:(warmup + steps) * b], b), tally)

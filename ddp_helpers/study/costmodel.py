@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..model import MLP, gradient_bytes, weight_shapes
+from ..model import MLP
+from .comm import gradient_bytes, weight_shapes
 
 LOCAL, PAIRS = {32: "w1_1t_b32", 128: "w1_1t_b128"}, {32: "pair_b32", 128: "pair_b128"}
 ALONE = {32: "floor_1t_b32", 128: "floor_1t_b128"}
@@ -125,6 +126,7 @@ def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], lin
     for name, (latency, bandwidth) in links.items():
         for w in world_sizes:
             comm = ring_allreduce_s(nbytes, w, latency, bandwidth) / steps_per_sync
-            rows.append({"link": name, "workers": w, "comm ms": 1000 * comm, "speedup": w * compute_s / (compute_s + comm),
+            rows.append({"link": name, "workers": w, "comm ms": 1000 * comm,
+                         "speedup": w * compute_s / (compute_s + comm),
                          "efficiency %": 100 * compute_s / (compute_s + comm)})
     return pd.DataFrame(rows)

@@ -128,7 +128,8 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
             log(f"round {r + 1}/{repeats}  {case.label:<42} {measured[case.id][-1]['ms']:8.3f} ms/step")
     rows = {c.id: summarise(c, measured[c.id]) for c in all_cases}
     pairs = {"design_w2_vs_ddp_w2_epoch": ("design_w2", "ddp_b32"),
-             "loop_vs_floor_w1_2t_step": ("w1_2t_b32", "floor_2t_b32"), "ddp_w2_vs_w1_2t_epoch": ("ddp_b32", "w1_2t_b32")}
+             "loop_vs_floor_w1_2t_step": ("w1_2t_b32", "floor_2t_b32"),
+             "ddp_w2_vs_w1_2t_epoch": ("ddp_b32", "w1_2t_b32")}
     comparisons = {name: ratio(rows, a, b) for name, (a, b) in pairs.items() if a in rows and b in rows}
     return record("study_throughput", quick, {
         "rounds": repeats, "warmup_steps": steps, "timed_steps": steps,

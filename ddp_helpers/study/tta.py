@@ -94,9 +94,11 @@ def run_tta(quick: bool, log: Callable[[str], None]) -> dict:
                    "sync_fraction": [r["sync_fraction"] for r in hist]}
             runs[name].append(got)
             log(f"seed {seed}  {name:<44} " + (f"98% at epoch {got['epochs_to_target']:.2f}, "
-                                               f"{got['seconds_to_target']:.1f} s" if got["reached"] else "not reached"))
+                                               f"{got['seconds_to_target']:.1f} s" if got["reached"]
+                                               else "not reached"))
     summary = {name: {"config": configs[name].to_dict(), "reached": sum(r["reached"] for r in rs), "seeds": len(rs),
-                      "seconds": spread([r["seconds_to_target"] for r in rs]) if all(r["reached"] for r in rs) else None}
+                      "seconds": spread([r["seconds_to_target"] for r in rs]) if all(r["reached"] for r in rs)
+                      else None}
                for name, rs in runs.items()}
     pairs = {}
     for pair in PAIRS:
