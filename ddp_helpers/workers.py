@@ -185,6 +185,7 @@ class _Run:
                 for ready in mp.connection.wait([*waiting, *self.readers], timeout=1.0):
                     if ready in self.readers:
                         self.receive(ready)
+                    if ready not in waiting:  # a pipe (or one closed by an earlier drain in this loop)
                         continue
                     rank = waiting.pop(ready)
                     self.procs[rank].join()
