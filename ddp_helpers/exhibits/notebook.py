@@ -27,6 +27,7 @@ def setup() -> Setup:
     sns.set_theme(style="whitegrid", context="notebook")
     pd.set_option("display.precision", 4)
     pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.width", 180)
     smoke = os.environ.get("DDP_NOTEBOOK_SMOKE") == "1"
     return Setup(smoke, Path(tempfile.mkdtemp(prefix="nb_smoke_")) if smoke else RESULTS_DIR)
 
