@@ -19,5 +19,5 @@ python3 -m ddp_helpers.study gpu --out "$OUT" 2>&1 | tee -a "$log"
 step "main job: python -m ddp_helpers train --world-size 1 --epochs 5"
 python3 -m ddp_helpers train --world-size 1 --epochs 5 --output-dir "$OUT" --run-name train_ws1_gpu --no-progress 2>&1 | tee -a "$log"
 step "multi-process test files"
-"${PYTEST[@]}" --durations=5 tests/test_distributed.py tests/test_faults.py tests/test_strategies.py 2>&1 | tee -a "$log"
+"${PYTEST[@]}" --durations=5 ${TEST_FILES:-tests/test_distributed.py tests/test_faults.py tests/test_strategies.py} 2>&1 | tee -a "$log"
 step done
