@@ -81,8 +81,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except OSError:
         raise  # cannot read the file at all (permissions, I/O): not a reason to start from scratch
     except Exception as exc:  # truncated zip, bad pickle, foreign object, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); it is corrupt or truncated") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({type(exc).__name__}); "
+                              f"it is corrupt or truncated") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of this project (format {FORMAT})")
     return state

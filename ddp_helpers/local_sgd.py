@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .sync import LocalSync
+from .sync import LocalSync, broadcast_parameters
 
 
 class LocalSGDSync(LocalSync):
@@ -22,10 +22,8 @@ class LocalSGDSync(LocalSync):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
         super().__init__(model, optimizer)
         self.world_size, self.every, self.steps = dist.get_world_size(), every, 0
-        self.params = [p for p in model.parameters()]
-        with torch.no_grad():
-            for p in self.params:
-                dist.broadcast(p, src=0)
+        self.params = list(model.parameters())
+        broadcast_parameters(self.params)
 
     def after_step(self) -> None:
         self.steps += 1

@@ -4,7 +4,8 @@ The training engine calls the same methods on every strategy, so a new strategy
 is a new class here and nothing else changes:
 
     module             the nn.Module to run forward/backward through
-    zero_grad()        clear gradients before the next step
+    zero_grad()        clear gradients before the next step (in place when ``set_to_none`` is False:
+                       a CUDA graph holds the gradients' addresses)
     no_sync()          context for micro-batches whose gradients must not be synced yet
     after_backward()   explicit gradient communication after backward (if any)
     after_step()       communication after the optimizer step (if any)
@@ -34,6 +35,13 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
+
+
+def broadcast_parameters(params) -> None:
+    """Start every rank from rank 0's weights (what DDP's constructor does)."""
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p, src=0)
 
 
 class LocalSync:
@@ -174,9 +182,7 @@ class AllReduceSync(LocalSync):
         super().__init__(model, optimizer)
         self.world_size = dist.get_world_size()
         params = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():  # start from identical weights, as DDP's constructor does
-            for p in params:
-                dist.broadcast(p, src=0)
+        broadcast_parameters(params)
         self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
         offset = 0
         for p in params:  # autograd accumulates into an existing .grad in place

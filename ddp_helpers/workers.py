@@ -234,12 +234,11 @@ class _Run:
             return self._own_failure(first)
         culprit = min(silent, key=lambda rank: self.heard.get(rank, {}).get("time", 0.0))
         last = self.heard.get(culprit)
-        where = (f"last heard from at step {last['step']} (epoch {last['epoch']}), {time.time() - last['time']:.1f} s "
-                 "ago" if last else "never reported progress")
-        stack = self._stack(culprit)
-        return WorkerError(culprit, f"stopped making progress: {where}; rank {first} timed out waiting for it "
-                                    f"({self.errors[first]['headline']})", self.pids,
-                           f"Python stack of rank {culprit} when it was stopped:\n{stack}")
+        where = (f"its last heartbeat was at step {last['step']} of epoch {last['epoch']}, "
+                 f"{time.time() - last['time']:.1f} s ago" if last else "it never sent a heartbeat")
+        return WorkerError(culprit, f"stopped making progress ({where}); rank {first} timed out waiting for it",
+                           self.pids, f"rank {first}: {self.errors[first]['headline']}\n\n"
+                                      f"Python stack of rank {culprit} when it was stopped:\n{self._stack(culprit)}")
 
     def _own_failure(self, rank: int) -> WorkerError:
         if rank in self.errors:

@@ -140,7 +140,7 @@ def test_a_worker_frozen_from_outside_is_named_and_nothing_is_left_running():
     with pytest.raises(WorkerError) as info:
         launch(cfg, on_event=freeze_rank_1)
     assert frozen and info.value.rank == 1
-    assert "stopped making progress: last heard from at step" in str(info.value)
+    assert "stopped making progress (its last heartbeat was at step" in str(info.value)
     assert "Python stack of rank 1" in str(info.value)
     assert no_process_left(info.value.pids)
 

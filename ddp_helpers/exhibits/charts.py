@@ -53,8 +53,8 @@ def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, st
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_acc.axhline(target, color="grey", lw=0.8, ls=":")
-    ax_acc.annotate(f"{target:g}%", (1, target), xytext=(2, 2), textcoords="offset points", fontsize=8,
-                    color="grey", xycoords=("axes fraction", "data"), ha="right")
+    ax_acc.annotate(f"{target:g}%", (0, target), xytext=(4, 3), textcoords="offset points", fontsize=8,
+                    color="grey", xycoords=("axes fraction", "data"), ha="left")
     for ax in (ax_loss, ax_acc):
         for x, text in (marks or {}).items():
             ax.axvline(x, color="crimson", lw=1, ls="--")
@@ -79,29 +79,35 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
 
 
 def plot_step_breakdown(runs: Runs) -> plt.Figure:
-    """Median per-step milliseconds by phase, one stacked bar per run."""
-    medians = pd.DataFrame({label: history_frame(h)[[f"{p}_ms" for p in PHASES]].median()
-                            for label, h in runs.items()}).T
-    return plot_phase_bars(medians, "milliseconds per step (median over epochs)")
+    """Per-step milliseconds by phase (medians over epochs), one stacked bar per run, labelled
+    with the median step time itself."""
+    frames = {label: history_frame(h) for label, h in runs.items()}
+    medians = pd.DataFrame({label: df[[f"{p}_ms" for p in PHASES]].median() for label, df in frames.items()}).T
+    totals = pd.Series({label: df["total_ms"].median() for label, df in frames.items()})
+    return plot_phase_bars(medians, "milliseconds per step (median over epochs)", totals=totals)
 
 
 def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
-                    title: str = "Where a training step's time goes") -> plt.Figure:
-    """Stacked horizontal bars: one row per label, columns '<phase>_ms'."""
+                    title: str = "Where a training step's time goes", totals: pd.Series | None = None) -> plt.Figure:
+    """Stacked horizontal bars: one row per label, columns '<phase>_ms'; ``totals`` labels each
+    bar (the phases' medians need not add up to the median step). Empty phases are left out."""
     labels = list(phases.index)
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))
     widest = phases[[f"{p}_ms" for p in PHASES]].sum(axis=1).max()
     for phase, color in zip(PHASES, sns.color_palette("deep")):
         values = phases[f"{phase}_ms"].to_numpy(dtype=float)
+        if values.max() < 0.005 * widest:
+            continue  # nothing to show (a single process synchronises nothing)
         ax.barh(labels, values, left=left, color=color, label=phase)
         for y, (x0, v) in enumerate(zip(left, values)):
             if v > 0.07 * widest:
                 ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
         left += values
-    for y, total in enumerate(left):
-        ax.text(total + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=8)
-    ax.set(xlabel=xlabel, xlim=(0, widest * 1.17))
+    for y, (label, end) in enumerate(zip(labels, left)):
+        total = end if totals is None else totals[label]
+        ax.text(end + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=8)
+    ax.set(xlabel=xlabel, xlim=(0, widest * 1.25))
     ax.set_title(title, pad=22)
     ax.invert_yaxis()
     ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
@@ -141,12 +147,14 @@ def plot_shard_assignment(shards: Sequence[Sequence[int]], n_show: int = 24) -> 
     """The first n_show positions of an epoch's shuffled order: which rank gets each sample."""
     world = len(shards)
     palette = sns.color_palette("deep", world)
-    fig, ax = plt.subplots(figsize=(12, 1.9))
+    fig, ax = plt.subplots(figsize=(12, 2.3))
     for pos in range(n_show):
         rank = pos % world
         ax.add_patch(plt.Rectangle((pos, 0), 0.92, 1, color=palette[rank]))
-        ax.text(pos + 0.46, 0.5, str(shards[rank][pos // world]), ha="center", va="center", fontsize=7,
+        ax.text(pos + 0.46, 0.5, str(shards[rank][pos // world]), ha="center", va="center", fontsize=8.5,
                 color="white", rotation=90)
+    ax.set_title(f"Epoch 0, the first {n_show} positions: rank r takes positions r, r + {world}, r + {2 * world}, ...",
+                 fontsize=10, pad=24)
     ax.set(xlim=(0, n_show), ylim=(0, 1), yticks=[], xlabel="position in the epoch's shuffled order "
            "(the number in each cell is the training-sample index)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[r]) for r in range(world)]

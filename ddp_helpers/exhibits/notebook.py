@@ -52,7 +52,7 @@ def environment_table(record: dict) -> pd.DataFrame:
     if rt:
         rows.update({"backend": rt["backend"], "device": rt["device"],
                      "threads per rank (rule)": f"{rt['threads_per_rank']} ({rt.get('threads_rule', '')})"})
-    return pd.DataFrame({"value": rows}).rename_axis("")
+    return pd.DataFrame({"value": rows}).rename_axis(None)
 
 
 HYPERPARAMETERS = {"hidden_sizes": "hidden layers", "dropout": "dropout", "batch_size": "batch size per worker",
@@ -70,8 +70,9 @@ def source(*objects, start: str | None = None, lines: int | None = None) -> str:
     parts = []
     for obj in objects:
         text = textwrap.dedent(inspect.getsource(obj))
-        if start is not None:
-            text = text[text.index(start):]
+        if start is not None:  # from the beginning of the line that holds ``start``
+            text = text[text.rfind("\n", 0, text.index(start.strip())) + 1:]
+            text = textwrap.dedent(text)
         if lines is not None:
             text = "\n".join(text.splitlines()[:lines])
         parts.append(text.rstrip())

@@ -101,7 +101,7 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     view.plot.bar(ax=ax, rot=0, width=0.8)
     ax.axhline(1.0, color="grey", ls=":", lw=1)
-    ax.set(xlabel="", ylabel="1 process, 2 threads / 2 workers", ylim=(0, 1.6),
+    ax.set(xlabel="", ylabel="single process ÷ two workers\n(> 1 favours two workers)", ylim=(0, 1.6),
            title="Time to 98%: where two workers gain (above 1) and lose (below 1)")
     _legend_below(ax, ncol=4)
     fig.tight_layout()
@@ -112,8 +112,8 @@ def plot_knobs(record: dict) -> plt.Figure:
     """Each DDP setting's step time relative to the default, per round (dots) and median (bar)."""
     rows = record["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(rows)))
-    for y, row in enumerate(rows):
-        ax.barh(y, row["vs_default_median"], color=sns.color_palette("deep")[0], alpha=0.5)
+    for y, row in enumerate(rows):  # bars grow from 1 (the default) to the median ratio
+        ax.barh(y, row["vs_default_median"] - 1, left=1, color=sns.color_palette("deep")[0], alpha=0.5)
         ax.plot(row["vs_default_rounds"], [y] * len(row["vs_default_rounds"]), "o", color="black", ms=3)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
