@@ -28,6 +28,7 @@ RAW_FILES = {
     "t10k-images-idx3-ubyte": (2051, (10000, 28, 28), "2646ac647ad5339dbf082846283269ea"),
     "t10k-labels-idx1-ubyte": (2049, (10000,), "27ae3e4e09519cfbb04c329615203637"),
 }
+TRAIN_SAMPLES = RAW_FILES["train-labels-idx1-ubyte"][1][0]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

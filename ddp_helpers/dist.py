@@ -54,12 +54,6 @@ def torchrun_env() -> TorchrunEnv | None:
                        master_port=int(env.get("MASTER_PORT", "0")))
 
 
-def ranks_on_this_node(world_size: int) -> int:
-    """How many ranks share this machine: torchrun's LOCAL_WORLD_SIZE, else all of them (spawn)."""
-    env = torchrun_env()
-    return env.local_world_size if env else world_size
-
-
 # --- choices made from this node's resources ------------------------------------------------
 
 def usable_cores() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -18,9 +19,10 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .data import PROJECT_ROOT
 from .model import MLP
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+RESULTS_DIR = PROJECT_ROOT / "results"
 
 
 @dataclass
@@ -108,6 +110,7 @@ def memory_gib() -> float | None:
         return None
 
 
+@functools.cache
 def gpu_driver() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
@@ -121,12 +124,11 @@ def gpu_driver() -> str | None:
 
 def code_version() -> str | None:
     """The git commit of this code (with "+changes" when the working tree differs), if in a checkout."""
-    root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ddp_helpers"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("+changes" if dirty else "")) if sha else None

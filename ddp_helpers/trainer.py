@@ -138,11 +138,11 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
     if cfg.cuda_graph and can_graph:
         x, y = next(batches(train_split, torch.arange(cfg.batch_size), cfg.batch_size))
         graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False  # the graph holds the grads
+    eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size).to(test_split.images.device)
     for epoch in range(start_epoch, cfg.epochs):
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)[:steps * cfg.batch_size]
         lr = float(optimizer.param_groups[0]["lr"])
         before_step = before_step_hook(cfg, ctx, emit, epoch + 1, steps)
-        eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size)
         phase_s, evals, done, optimizer_steps, train_s, eval_s = dict.fromkeys(PHASES, 0.0), [], 0, 0, 0.0, 0.0
         for end in eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps):
             start, chunk = time.perf_counter(), indices[done * cfg.batch_size:end * cfg.batch_size]

@@ -96,22 +96,22 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
 
 
 def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
-    from ddp_helpers.dist import check_devices, pick_backend, pick_device, ranks_on_this_node
+    from ddp_helpers.dist import check_devices, pick_backend, pick_device, torchrun_env
 
-    check_devices("nccl", "auto", ranks_on_this_node(16))  # 8 local ranks, 8 GPUs: accepted
-    assert ranks_on_this_node(16) == 8
-    assert pick_backend("auto", ranks_on_this_node(16)) == "nccl"  # not a silent fallback to gloo
+    check_devices("nccl", "auto", torchrun_env().local_world_size)  # 8 local ranks, 8 GPUs: accepted
+    assert torchrun_env().local_world_size == 8
+    assert pick_backend("auto", torchrun_env().local_world_size) == "nccl"  # not a silent fallback to gloo
     assert str(pick_device("auto", "nccl", 3)) == "cuda:3"
 
 
 def test_nccl_is_refused_when_this_node_has_fewer_gpus_than_ranks(second_node_of_two, monkeypatch, eight_gpus):
     import torch
 
-    from ddp_helpers.dist import check_devices, pick_backend, ranks_on_this_node
+    from ddp_helpers.dist import check_devices, pick_backend, torchrun_env
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="8 local rank.*4 CUDA device"):
-        check_devices("nccl", "auto", ranks_on_this_node(16))
+        check_devices("nccl", "auto", torchrun_env().local_world_size)
     assert pick_backend("auto", 8) == "gloo"
 
 
@@ -125,7 +125,7 @@ def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two,
     from ddp_helpers import dist
 
     monkeypatch.setattr(dist, "usable_cores", lambda: 64)
-    assert dist.threads_for(0, dist.ranks_on_this_node(16)) == (8, "64 usable cores // 8 rank(s) on this node")
+    assert dist.threads_for(0, dist.torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert dist.threads_for(0, 8) == (2, "OMP_NUM_THREADS=2")
     assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..data import MNIST_MEAN, MNIST_STD
+from ..data import MNIST_MEAN, MNIST_STD, ceil_div
 from ..engine import PHASES
 
 Runs = dict[str, list[dict]]  # label -> per-epoch history
@@ -24,21 +24,6 @@ def history_frame(history: list[dict]) -> pd.DataFrame:
         flat.update({f"{phase}_ms": ms for phase, ms in row["step_ms"].items()})
         rows.append(flat)
     return pd.DataFrame(rows).set_index("epoch")
-
-
-def epoch_table(history: list[dict]) -> pd.DataFrame:
-    """The per-epoch table shown in the notebooks: accuracies in %, times in s and ms."""
-    df = history_frame(history)
-    table = pd.DataFrame({
-        "lr": df["lr"],
-        "train loss": df["train_loss"].round(4),
-        "train acc %": (100 * df["train_accuracy"]).round(2),
-        "val loss": df["val_loss"].round(4),
-        "val acc %": (100 * df["val_accuracy"]).round(2),
-        "epoch s": df["epoch_time_s"].round(2),
-        "step ms": df["total_ms"].round(3),
-    })
-    return table
 
 
 def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, str] | None = None) -> plt.Figure:
@@ -130,7 +115,7 @@ def image_of(flat_normalised) -> np.ndarray:
 
 
 def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = "") -> plt.Figure:
-    rows = -(-len(titles) // columns)
+    rows = ceil_div(len(titles), columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.25 * columns, 1.45 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..data import PROJECT_ROOT
 from ..results import RESULTS_DIR
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
 
 def run(command: list[str]) -> None:

@@ -32,6 +32,7 @@ def weight_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
 
 
 GRAD_BYTES = gradient_bytes(MLP())
+WEIGHT_SHAPES = weight_shapes(MLP())
 
 
 def fit_alpha_beta(sizes, seconds) -> tuple[float, float]:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..model import MLP
-from .comm import gradient_bytes, weight_shapes
+from .comm import GRAD_BYTES, WEIGHT_SHAPES
 
 LOCAL, PAIRS = {32: "w1_1t_b32", 128: "w1_1t_b128"}, {32: "pair_b32", 128: "pair_b128"}
 ALONE = {32: "floor_1t_b32", 128: "floor_1t_b128"}
@@ -32,15 +31,13 @@ ALONE = {32: "floor_1t_b32", 128: "floor_1t_b128"}
 
 def strategy_bytes(sync: str, powersgd_rank: int = 4) -> tuple[float, int]:
     """(bytes, messages) one communication round of a strategy all-reduces, from the model itself."""
-    model = MLP()
     if sync in ("ddp", "allreduce", "local_sgd", "local_sgd_overlap"):
-        return gradient_bytes(model), 1  # gradients, or as many weights
+        return GRAD_BYTES, 1  # gradients, or as many weights
     if sync == "fp16":
-        return gradient_bytes(model) / 2, 1
+        return GRAD_BYTES / 2, 1
     if sync == "powersgd":  # biases uncompressed, then P (out x r) and Q (in x r) per weight matrix
-        shapes = weight_shapes(model)
-        biases = 4 * sum(out for out, _ in shapes)
-        return biases + 4 * powersgd_rank * sum(out + inp for out, inp in shapes), 3
+        biases = 4 * sum(out for out, _ in WEIGHT_SHAPES)
+        return biases + 4 * powersgd_rank * sum(out + inp for out, inp in WEIGHT_SHAPES), 3
     raise ValueError(sync)
 
 

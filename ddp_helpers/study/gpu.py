@@ -14,14 +14,12 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
-from ..data import steps_per_epoch
+from ..data import TRAIN_SAMPLES, steps_per_epoch
 from ..engine import Tally, make_optimizer
 from ..graphs import GraphedStep
-from ..launch import launch, run_single_process
+from ..launch import launch
 from ..model import MLP
 from .records import record
-
-TRAIN_SAMPLES = 60_000
 
 
 def _timed(fn: Callable[[], None], steps: int) -> float:
@@ -72,7 +70,7 @@ def run_gpu(quick: bool, log: Callable[[str], None]) -> dict | None:
                                                    device="cuda"),
     }
     for name, cfg in configs.items():
-        result = run_single_process(cfg, live=False) if cfg.world_size == 1 else launch(cfg, live=False)
+        result = launch(cfg, live=False)
         runs[name] = {"config": cfg.to_dict(), "runtime": result.record["runtime"], "epochs": result.history,
                       "summary": result.record["summary"]}
         log(f"{name:<34} median epoch {result.record['summary']['median_epoch_time_s']:.3f} s, "

@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import TrainConfig
-from ..data import ensure_mnist, steps_per_epoch
-from ..launch import launch, run_single_process
+from ..data import TRAIN_SAMPLES, ensure_mnist, steps_per_epoch
+from ..launch import launch
 from ..workers import run_workers
 from .floors import compute_floor
 from .records import record
 from .seed_reference import design_style_job
-
-TRAIN_SAMPLES = 60_000
 
 
 @dataclass
@@ -90,7 +88,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
         out = run_workers(design_style_job, 2, (data_root, steps, steps), launch_timeout_s=900)[0]
         return {"ms": out["step_ms"], "threads": out["threads"]}
     cfg = case.cfg.replace(epochs=2, max_steps_per_epoch=steps, test_subset=500, lr_step=10)  # epoch 1 warms up
-    result = run_single_process(cfg, live=False) if cfg.world_size == 1 else launch(cfg, live=False)
+    result = launch(cfg, live=False)
     row = result.history[-1]
     return {"ms": row["step_ms"]["total"], "split_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
             "threads": result.record["runtime"]["threads_per_rank"]}

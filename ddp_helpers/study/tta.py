@@ -9,6 +9,7 @@ the epoch in which a validation pass first reaches the target.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from typing import Callable
@@ -62,7 +63,7 @@ def decompose(single: dict, two: dict, single_cfg: dict, two_cfg: dict) -> dict:
     def samples(run, cfg):
         return run["epochs_to_target"] * run["steps_per_epoch"] * cfg["batch_size"] * cfg["world_size"]
 
-    used = range(int(-(-two["epochs_to_target"] // 1)))  # the epochs (partly) run before the target
+    used = range(math.ceil(two["epochs_to_target"]))  # the epochs (partly) run before the target
     sync = (sum(two["sync_fraction"][i] * two["epoch_time_s"][i] for i in used)
             / sum(two["epoch_time_s"][i] for i in used))
     per_sample = {k: run["seconds_to_target"] / samples(run, cfg)
