@@ -163,7 +163,7 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with some fields changed."""
+        """A copy with some fields changed (``validate`` checks it)."""
         return dataclasses.replace(self, **changes)
 
     def default_run_name(self) -> str:

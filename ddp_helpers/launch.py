@@ -146,15 +146,20 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
                       time.perf_counter() - start, notes)
 
 
+def attempt_config(cfg: TrainConfig, env: TorchrunEnv) -> TrainConfig:
+    """This torchrun attempt's config: torchrun's world size, and a restarted attempt continues
+    from the run's checkpoints where it keeps any (else it starts over)."""
+    restarted = env.restart_count > 0 and bool(cfg.checkpoint_dir)
+    return cfg.replace(world_size=env.world_size, resume=cfg.resume or restarted)
+
+
 def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = None, *, live: bool | str = "auto",
                  journal: str | Path | None = None) -> RunResult | None:
     """Run this process as one rank of a torchrun job; the result on global rank 0, else None.
     Multi-node resume needs ``checkpoint_dir`` on a filesystem every node sees."""
-    cfg = cfg.replace(world_size=env.world_size)
-    # one download per machine (the others wait in the barrier below); the checkpoint folder is
-    # checked by every rank, a restarted attempt continues the run (resume)
-    prepare(cfg.replace(resume=cfg.resume or env.restart_count > 0), env.local_world_size,
-            fetch_data=env.local_rank == 0)
+    cfg = attempt_config(cfg, env)
+    # one download per machine (the others wait in the barrier below); every rank checks the checkpoint folder
+    prepare(cfg, env.local_world_size, fetch_data=env.local_rank == 0)
     start = time.perf_counter()
     store = torchrun_store(env, cfg.timeout_s)
     try:

@@ -95,6 +95,20 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
     assert (env.master_addr, env.master_port, env.restart_count) == ("10.0.0.1", 29500, 0)
 
 
+def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoints(second_node_of_two, monkeypatch,
+                                                                                  tmp_path):
+    from ddp_helpers.dist import torchrun_env
+    from ddp_helpers.launch import attempt_config
+
+    first = attempt_config(TrainConfig(dataset="synthetic"), torchrun_env())
+    assert first.world_size == 16 and not first.resume
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    over = attempt_config(TrainConfig(dataset="synthetic"), torchrun_env())
+    assert not over.resume and over.validate()  # no checkpoints: start over (was: "resume needs checkpoint_dir")
+    kept = attempt_config(TrainConfig(dataset="synthetic", checkpoint_dir=str(tmp_path)), torchrun_env())
+    assert kept.resume and kept.validate()  # the training, the journal and the folder check all see resume
+
+
 def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
     from ddp_helpers.dist import check_devices, pick_backend, pick_device, torchrun_env
 
