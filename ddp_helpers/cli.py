@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Sequence
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig, config_fields
+from .config import TrainConfig, config_fields, field_default
 from .data import MNISTDataError
 from .workers import WorkerError
 
@@ -18,7 +17,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     that are not given stay out of the namespace, so that they do not override --config."""
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = field_default(f)
         rule = f" {f.metadata['rule']};" if "rule" in f.metadata else ""
         help_text = f"{f.metadata['help']} ({rule} default: {default})".replace("( ", "(")
         common = dict(default=argparse.SUPPRESS, help=help_text)

@@ -109,7 +109,7 @@ class TrainConfig:
         this machine has the GPUs a config asks for is checked when a run starts (``dist.check_devices``)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = field_default(f)
             if f.name == "hidden_sizes":
                 ok, allowed = (isinstance(value, list) and len(value) > 0 and all(_is_int(h) and h > 0 for h in value),
                                "must be a non-empty list of positive integers")
@@ -189,6 +189,10 @@ def _within(value: float, rule: str) -> bool:
         return value >= bound if rule.startswith(">=") else value > bound
     low, high = (float(x) for x in rule[1:-1].split(","))
     return (low <= value if rule[0] == "[" else low < value) and (value <= high if rule[-1] == "]" else value < high)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -131,12 +131,13 @@ def check_port_free(addr: str, port: int) -> None:
                           f"Fix: pass another --master-port, or 0 to pick a free one.") from exc
 
 
-def oversubscription_warning(local_ranks: int) -> str | None:
+def oversubscription_warning(local_ranks: int) -> list[str]:
+    """A note for the record when the ranks on this node outnumber its cores (else none)."""
     cores = usable_cores()
     if local_ranks > cores:
-        return (f"{local_ranks} ranks on this node but {cores} usable CPU core(s): the ranks share cores "
-                f"(oversubscribed), so timings measure contention, not scaling.")
-    return None
+        return [f"{local_ranks} ranks on this node but {cores} usable CPU core(s): the ranks share cores "
+                f"(oversubscribed), so timings measure contention, not scaling."]
+    return []
 
 
 # --- rendezvous stores -------------------------------------------------------------------------

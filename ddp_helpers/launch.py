@@ -122,7 +122,7 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
     if cfg.world_size == 1:
         return run_single_process(cfg, on_event=on_event, live=live, journal=journal)
     prepare(cfg, cfg.world_size)
-    notes = [n for n in [oversubscription_warning(cfg.world_size)] if n]
+    notes = oversubscription_warning(cfg.world_size)
     faults: list[dict] = []
     start = time.perf_counter()
     with reporting(on_event, live, journal, cfg.resume) as handle:
@@ -174,7 +174,7 @@ def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = 
         del store  # close the store client now, not during interpreter teardown
     if env.rank != 0:
         return None
-    notes = [n for n in [oversubscription_warning(env.local_world_size)] if n]
+    notes = oversubscription_warning(env.local_world_size)
     return run_result(cfg, out.history, out.runtime, cpu_state(out.model), time.perf_counter() - start, notes)
 
 

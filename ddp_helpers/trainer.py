@@ -20,7 +20,7 @@ from .checkpoint import latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
-from .engine import PHASES, Tally, evaluate, make_optimizer, metrics, train_steps, warmup_scale
+from .engine import PHASES, Tally, evaluate, make_optimizer, metrics, set_lr, train_steps, warmup_scale
 from .graphs import GraphedStep, graph_supported
 from .model import MLP, count_parameters
 from .sync import make_sync
@@ -78,10 +78,11 @@ def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
 def save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch: int, global_step: int,
          history: list[dict]) -> None:
     """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG states."""
-    states: list[Any] = [rng_states(ctx.device)]
+    mine = rng_states(ctx.device)
+    states: list[Any] = [mine]
     if ctx.world_size > 1:
         states = [None] * ctx.world_size
-        torch.distributed.all_gather_object(states, rng_states(ctx.device))
+        torch.distributed.all_gather_object(states, mine)
     if ctx.is_main:
         save_checkpoint(cfg.checkpoint_dir, {
             "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
@@ -97,13 +98,11 @@ def restore(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler) -> 
     model.load_state_dict(state["model"])
     groups = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])  # replaces whole groups: keep this run's implementation
+    rates = [float(group["lr"]) for group in optimizer.param_groups]
     for group, mine in zip(optimizer.param_groups, groups):
-        for key in ("fused", "foreach", "capturable"):
+        for key in ("fused", "foreach", "capturable", "lr"):  # lr: this run's device tensor, if any
             group[key] = mine[key]
-        if isinstance(mine["lr"], torch.Tensor):  # a device tensor for the capturable Adam
-            group["lr"] = mine["lr"].fill_(float(group["lr"]))
-        else:
-            group["lr"] = float(group["lr"])
+    set_lr(optimizer, rates)
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][ctx.rank]
     torch.set_rng_state(rng["cpu"])
@@ -139,15 +138,16 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         x, y = next(batches(train_split, torch.arange(cfg.batch_size), cfg.batch_size))
         graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False  # the graph holds the grads
     eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size).to(test_split.images.device)
+    points, lr_scale = eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps), warmup_scale(cfg.warmup_steps)
     for epoch in range(start_epoch, cfg.epochs):
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)[:steps * cfg.batch_size]
         lr = float(optimizer.param_groups[0]["lr"])
         before_step = before_step_hook(cfg, ctx, emit, epoch + 1, steps)
         phase_s, evals, done, optimizer_steps, train_s, eval_s = dict.fromkeys(PHASES, 0.0), [], 0, 0, 0.0, 0.0
-        for end in eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps):
+        for end in points:
             start, chunk = time.perf_counter(), indices[done * cfg.batch_size:end * cfg.batch_size]
             part = train_steps(sync, optimizer, batches(train_split, chunk, cfg.batch_size), tally,
-                               accumulate=cfg.accumulation_steps, lr_scale=warmup_scale(cfg.warmup_steps),
+                               accumulate=cfg.accumulation_steps, lr_scale=lr_scale,
                                first_step=global_step + done, before_step=before_step, graph=graph)
             train_s += time.perf_counter() - start
             phase_s = {p: phase_s[p] + part["phase_s"][p] for p in PHASES}

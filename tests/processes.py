@@ -13,6 +13,9 @@ def no_process_left(pids) -> bool:
     return True
 
 
+EXACT = 1e-9  # float64 runs of the same arithmetic in another order agree far below this on any CPU
+
+
 def max_difference(a, b) -> float:
     """Largest absolute difference between two state dicts with the same keys."""
     return max((a[k] - b[k]).abs().max().item() for k in a)

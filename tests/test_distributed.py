@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from ddp_helpers import TrainConfig, WorkerError, launch, run_single_process
-from processes import max_difference, no_process_left
+from processes import EXACT, max_difference, no_process_left
 
 # A few hundred steps on real MNIST, dropout off so that DDP and one process compute the same
 # function, and float64 so that "the same" holds to 1e-9 on any CPU: float32 sums in another
 # order round differently, and Adam amplifies that on near-zero gradients (1e-4 seen).
 SMALL = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=1000, epochs=2, dropout=0.0,
              seed=3, lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
-EXACT = 1e-9
 
 
 @pytest.fixture(scope="module")

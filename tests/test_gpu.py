@@ -4,22 +4,22 @@ import pytest
 import torch
 
 from ddp_helpers import TrainConfig, launch, run_single_process
-from processes import max_difference
+from processes import EXACT, max_difference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-EXACT = dict(dropout=0.0, dtype="float64", device="cuda", lr_step=1)
+EXACT_CONFIG = dict(dropout=0.0, dtype="float64", device="cuda", lr_step=1)
 
 
 @cuda
 @pytest.mark.parametrize("train_subset", [2048, 1000])  # 1000: each epoch ends with a short batch, run eagerly
 def test_the_captured_step_computes_what_the_eager_step_computes(mnist, train_subset):
-    cfg = TrainConfig(world_size=1, epochs=2, train_subset=train_subset, test_subset=500, **EXACT)
+    cfg = TrainConfig(world_size=1, epochs=2, train_subset=train_subset, test_subset=500, **EXACT_CONFIG)
     graphed = run_single_process(cfg, data=mnist, live=False)
     eager = run_single_process(cfg.replace(cuda_graph=False), data=mnist, live=False)
     assert graphed.record["runtime"]["cuda_graph"] and not eager.record["runtime"]["cuda_graph"]
-    assert max_difference(graphed.state_dict, eager.state_dict) < 1e-9
+    assert max_difference(graphed.state_dict, eager.state_dict) < EXACT
     for a, b in zip(graphed.history, eager.history):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9) and a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=EXACT) and a["lr"] == b["lr"]
 
 
 @cuda
@@ -44,9 +44,9 @@ def test_two_ranks_share_one_gpu_over_gloo():
 def test_a_resumed_graphed_run_continues_exactly(mnist, tmp_path):
     """The graph's warm-up must put back the restored Adam state and RNG, not reset them."""
     cfg = TrainConfig(world_size=1, epochs=2, train_subset=2048, test_subset=500, checkpoint_dir=str(tmp_path / "a"),
-                      **EXACT)
+                      **EXACT_CONFIG)
     whole = run_single_process(cfg, data=mnist, live=False)
     run_single_process(cfg.replace(epochs=1, checkpoint_dir=str(tmp_path / "b")), data=mnist, live=False)
     resumed = run_single_process(cfg.replace(checkpoint_dir=str(tmp_path / "b"), resume=True), data=mnist, live=False)
     assert resumed.record["runtime"]["cuda_graph"] and any("resumed from" in n for n in resumed.record["runtime"]["notes"])
-    assert max_difference(whole.state_dict, resumed.state_dict) < 1e-9
+    assert max_difference(whole.state_dict, resumed.state_dict) < EXACT

@@ -5,13 +5,12 @@ import torch
 
 from ddp_helpers import TrainConfig, launch, run_single_process
 from ddp_helpers.engine import evaluate, metrics
-from processes import max_difference
+from processes import EXACT, max_difference
 
 # float64 and no dropout: every "X equals Y" below holds to 1e-9 on any CPU (in float32,
 # sums in another order round differently and Adam amplifies it: 1e-4 was seen)
 SMALL = dict(dataset="mnist", device="cpu", train_subset=1024, test_subset=500, epochs=1, dropout=0.0,
              seed=5, timeout_s=60, launch_timeout_s=240, dtype="float64")
-EXACT = 1e-9
 
 
 def test_accumulating_k_micro_batches_matches_one_batch_k_times_larger(mnist):
