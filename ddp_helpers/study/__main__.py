@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..results import RESULTS_DIR, save_json
+from .netlab import LabUnavailable
 from .records import cpu_shares, cpu_ticks
 
 # part -> (module, function, what it measures); "all" runs the CPU parts in this order
@@ -19,9 +20,11 @@ PARTS = {
                                                    "original design's implementation"),
     "knobs": ("knobs", "run_knobs", "DDP's bucket_cap_mb, gradient_as_bucket_view and static_graph side by side"),
     "tta": ("tta", "run_tta", "time to 98% validation accuracy: 3 single-process against 3 two-worker settings"),
+    "network": ("network", "run_network", "torchrun jobs on 2 and 4 nodes (network namespaces) over links of 10 Gb/s, "
+                                          "1 Gb/s, 100 Mb/s and no limit: all-reduce, every strategy, time to 98%"),
     "gpu": ("gpu", "run_gpu", "one GPU: our loop against the CUDA-graph floor of the same step (needs a GPU)"),
 }
-CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta"]
+CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "network"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,16 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds: few steps, a data subset")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the study_<part>.json records")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    for part in CPU_PARTS if args.part == "all" else [args.part]:
+    try:
+        return run_parts(CPU_PARTS if args.part == "all" else [args.part], args.part, args.quick, Path(args.out))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM inside the network lab: what it built is already removed
+        print("interrupted: the study stopped; records written so far are kept", file=sys.stderr)
+        return 130
+
+
+def run_parts(parts: list[str], asked: str, quick: bool, out: Path) -> int:
+    for part in parts:
         module, function, _ = PARTS[part]
         run = getattr(importlib.import_module(f"{__package__}.{module}"), function)
         before = cpu_ticks()
-        record = run(args.quick, lambda line: print(line, flush=True))
+        try:
+            record = run(quick, lambda line: print(line, flush=True))
+        except LabUnavailable as exc:  # not root, no iproute2: one line, and "all" goes on without it
+            print(f"{part}: cannot build the network lab here: {exc}", file=sys.stderr)
+            if asked == part:
+                return 3
+            continue
         if record is None:
             continue
         record["cpu_time_shares"] = cpu_shares(before, cpu_ticks())  # steal > 0: the host took our cores
-        suffix = "_quick" if args.quick else ""
+        suffix = "_quick" if quick else ""
         print(f"wrote {save_json(record, out / f'study_{part}{suffix}.json')}")
     return 0
 

@@ -43,21 +43,28 @@ def fit_alpha_beta(sizes, seconds) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
+def allreduce_medians(sizes: list[int], repeats: int) -> dict[int, float]:
+    """Median seconds of a float32 all-reduce of each size in the current process group
+    (5 untimed first, then ``repeats`` timed, each after a barrier so all ranks start together)."""
+    out = {}
+    for size in sizes:
+        tensor = torch.ones(max(1, size // 4))
+        for _ in range(5):
+            dist.all_reduce(tensor)
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append(time.perf_counter() - start)
+        out[size] = statistics.median(times)
+    return out
+
+
 def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
                    repeats: int) -> None:
     with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
-        out = {}
-        for size in sizes:
-            tensor = torch.ones(max(1, size // 4))
-            for _ in range(5):
-                dist.all_reduce(tensor)
-            times = []
-            for _ in range(repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                dist.all_reduce(tensor)
-                times.append(time.perf_counter() - start)
-            out[size] = statistics.median(times)
+        out = allreduce_medians(sizes, repeats)
         if rank == 0:
             emit("result", out)
 
@@ -93,8 +100,9 @@ class ProbeSync(LocalSync):
 
 
 def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Callable, train, warmup: int,
-                steps: int) -> float:
-    """Milliseconds per step of a fresh model trained through the shared engine with the strategy."""
+                steps: int) -> dict:
+    """Milliseconds per step of a fresh model trained through the shared engine with the strategy,
+    and their split by phase: {"ms": ..., "split_ms": {phase: ...}}."""
     torch.manual_seed(cfg.seed)
     model = MLP(cfg.hidden_sizes, cfg.dropout)
     optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
@@ -105,8 +113,9 @@ def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Cal
     indices = torch.cat([train_indices(len(train), rank, world_size, epoch, cfg.seed) for epoch in range(epochs)])
     train_steps(sync, optimizer, batches(train, indices[:warmup * b], b), tally)
     start = time.perf_counter()
-    train_steps(sync, optimizer, batches(train, indices[warmup * b:(warmup + steps) * b], b), tally)
-    return 1000 * (time.perf_counter() - start) / steps
+    timed = train_steps(sync, optimizer, batches(train, indices[warmup * b:(warmup + steps) * b], b), tally)
+    return {"ms": 1000 * (time.perf_counter() - start) / steps,
+            "split_ms": {phase: 1000 * s / steps for phase, s in timed["phase_s"].items()}}
 
 
 def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
@@ -114,7 +123,7 @@ def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg
     cfg = TrainConfig.from_dict(cfg_dict)
     with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        ms = timed_steps(cfg, rank, world_size, ProbeSync, train, warmup, steps)
+        ms = timed_steps(cfg, rank, world_size, ProbeSync, train, warmup, steps)["ms"]
         if rank == 0:
             emit("result", ms)
 
@@ -127,10 +136,10 @@ def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_
     cfg = TrainConfig.from_dict(cfg_dict)
     with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        out = {"local": timed_steps(cfg, rank, world_size, LocalSync, train, warmup, steps)}
+        out = {"local": timed_steps(cfg, rank, world_size, LocalSync, train, warmup, steps)["ms"]}
         for hook in DDP_HOOKS:
             out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, h=hook: DDPSync(
-                model, opt, torch.device("cpu"), hook=h), train, warmup, steps)
+                model, opt, torch.device("cpu"), hook=h), train, warmup, steps)["ms"]
         emit("result", out)
 
 

@@ -101,6 +101,34 @@ def check_other_runs(tta: dict, throughput: dict, syncstep: dict, allreduce: dic
     return pd.DataFrame(rows)
 
 
+# --- on a link: the same case with the link's rate in place of this machine's bytes cost ---------
+
+def ring_factor(world_size: int) -> float:
+    """Bytes each rank sends (and receives) per byte of an all-reduced tensor, ring or halving-doubling."""
+    return 2 * (world_size - 1) / world_size
+
+
+def link_beta(world_size: int, beta_unshaped: float, rate_mbit: float) -> float:
+    """Seconds per all-reduced byte on a link of ``rate_mbit``: the slower of the link and of
+    what the same all-reduce costs without the limit (copies, the reduction, the kernel)."""
+    return max(beta_unshaped, ring_factor(world_size) * 8 / (rate_mbit * 1e6))
+
+
+def predict_allreduce_on_link(nbytes: int, world_size: int, alpha: float, beta_unshaped: float,
+                              rate_mbit: float) -> float:
+    return alpha + link_beta(world_size, beta_unshaped, rate_mbit) * nbytes
+
+
+def predict_step_on_link(unshaped_ms: float, cfg: dict, world_size: int, beta_unshaped: float,
+                         rate_mbit: float) -> float:
+    """A step on the link = the same step measured without the limit + the extra time its bytes
+    take on the link (per step: a strategy that communicates every k steps pays 1/k of it)."""
+    nbytes, _ = strategy_bytes(cfg.get("sync", "ddp"))
+    k = cfg.get("local_sgd_every", 8) if cfg.get("sync", "ddp").startswith("local_sgd") else 1
+    extra = (link_beta(world_size, beta_unshaped, rate_mbit) - beta_unshaped) * nbytes / k
+    return unshaped_ms + 1000 * extra
+
+
 # --- beyond this machine: a ring all-reduce over real links (stated assumptions) ----------------
 
 CLUSTER_LINKS = {  # per-hop latency (s) and usable bandwidth (bytes/s)

@@ -1,0 +1,97 @@
+"""The network lab: nodes in network namespaces joined by rate-limited links, torchrun over them,
+the link model against hand-computed values, and nothing left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ddp_helpers.study.comm import GRAD_BYTES
+from ddp_helpers.study.costmodel import link_beta, predict_allreduce_on_link, predict_step_on_link, strategy_bytes
+from ddp_helpers.study.netlab import PREFIX, NetLab, unavailable
+
+from processes import no_process_left
+
+WHY_NOT = unavailable()
+needs_lab = pytest.mark.skipif(WHY_NOT is not None, reason=f"network lab unavailable: {WHY_NOT}")
+
+
+def namespaces_of(pid: int) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.startswith(f"{PREFIX}{pid}-")]
+
+
+def test_a_link_costs_its_rate_and_never_less_than_the_unshaped_link():
+    beta_unshaped = 2e-9  # s/byte without a limit
+    assert link_beta(2, beta_unshaped, 1000) == pytest.approx(8e-9)  # W=2: each rank sends the tensor once
+    assert link_beta(4, beta_unshaped, 1000) == pytest.approx(1.5 * 8e-9)  # ring: 2(W-1)/W of it
+    assert link_beta(2, beta_unshaped, 10_000) == beta_unshaped  # 0.8 ns/byte: the limit does not bind
+    assert predict_allreduce_on_link(1_000_000, 2, 1e-4, beta_unshaped, 100) == pytest.approx(1e-4 + 0.08)
+    # a step pays only its strategy's extra bytes, and local SGD 1/k of them
+    ddp = predict_step_on_link(10.0, {"sync": "ddp"}, 2, beta_unshaped, 1000)
+    assert ddp == pytest.approx(10.0 + 1000 * 6e-9 * GRAD_BYTES)
+    local = predict_step_on_link(10.0, {"sync": "local_sgd", "local_sgd_every": 8}, 2, beta_unshaped, 1000)
+    assert local == pytest.approx(10.0 + 1000 * 6e-9 * GRAD_BYTES / 8)
+    fp16 = predict_step_on_link(10.0, {"sync": "fp16"}, 2, beta_unshaped, 1000)
+    assert fp16 == pytest.approx(10.0 + 1000 * 6e-9 * strategy_bytes("fp16")[0])
+
+
+@needs_lab
+def test_a_command_that_fails_in_a_node_is_named_and_the_lab_is_removed():
+    with pytest.raises(RuntimeError, match=r"node \d of the network lab exited with code"):
+        with NetLab(2, 100) as lab:
+            assert len(namespaces_of(os.getpid())) == 2
+            lab.torchrun(["--no-python", "false"], timeout_s=120)  # every rank exits with 1
+    assert namespaces_of(os.getpid()) == []
+
+
+@needs_lab
+def test_the_quick_network_part_runs_torchrun_over_shaped_links_and_leaves_nothing(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_helpers.study", "network", "--quick", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    record = json.loads((tmp_path / "study_network_quick.json").read_text())
+    unshaped, shaped = record["runs"]
+    assert (unshaped["link"], shaped["link"], shaped["rate_mbit"]) == ("no limit", "1 Gb/s", 1000)
+    assert [c["id"] for c in shaped["cases"]] == ["ddp", "local_sgd"]
+    assert str(GRAD_BYTES) in shaped["allreduce"]["seconds"]
+    assert [p["case"] for p in record["predictions"]["steps"]] == ["ddp", "local_sgd"]
+    assert record["environment"]["torch"] and record["method"]["launcher"].startswith("torchrun")
+    assert namespaces_of(proc.pid) == []
+
+
+@needs_lab
+def test_sigterm_removes_the_lab_and_stops_its_processes(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ddp_helpers.study", "network", "--quick", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(namespaces_of(proc.pid)) < 2:
+        time.sleep(0.2)
+    assert len(namespaces_of(proc.pid)) == 2, "the lab was never built"
+    time.sleep(2)  # torchrun is starting in the nodes
+    lab_pids = nodes_processes(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "interrupted" in err
+    assert namespaces_of(proc.pid) == []
+    assert no_process_left(lab_pids)
+
+
+def nodes_processes(pid: int) -> list[int]:
+    """Every descendant of a process (the torchrun agents and their ranks)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except FileNotFoundError:
+            children = []
+        found += children
+        todo += children
+    return found
