@@ -5,7 +5,16 @@ from .cli import main
 from .dist import torchrun_env
 from .workers import exit_now
 
-if torchrun_env() is not None:  # one rank of a torchrun job: it ends the way a spawned worker does
+
+def started_as_a_rank() -> bool:
+    """Whether torchrun or srun started this process as one rank of its job."""
+    try:
+        return torchrun_env() is not None
+    except ValueError:  # a broken SLURM variable: main() reports it
+        return False
+
+
+if started_as_a_rank():  # one rank of a torchrun or srun job: it ends the way a spawned worker does
     faulthandler.enable()
     exit_now(main())
 sys.exit(main())

@@ -1,14 +1,19 @@
-"""The command line: ``python -m ddp_helpers train ...`` (also as each rank of torchrun)."""
+"""The command line: ``python -m ddp_helpers train ...`` (also as each rank of torchrun or srun)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
-from .checkpoint import CheckpointError
+from .checkpoint import NAME, CheckpointError, list_checkpoints
 from .config import TrainConfig, config_fields, field_default
 from .data import MNISTDataError
+from .dist import TorchrunEnv, torchrun_env
 from .workers import WorkerError
 
 
@@ -35,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train and write a JSON record under --output-dir",
                            description="Train the MLP; --world-size 1 is the single-process baseline. "
-                                       "Under torchrun the world size comes from torchrun.")
+                                       "Under torchrun or srun the world size comes from the launcher.")
     train.add_argument("--config", metavar="FILE", help="start from this TrainConfig JSON or run record (e.g. "
                                                         "results/train_ws1.json); flags given here override it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> TrainConfig:
-    """Defaults, then the --config file, then the flags given; torchrun's world size last."""
+    """Defaults, then the --config file, then the flags given; the launcher's world size last."""
     values = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     values.update({f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)})
     if world_size is not None:
@@ -53,19 +58,22 @@ def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> T
     return TrainConfig.from_dict(values)
 
 
-def train_command(args: argparse.Namespace) -> int:
-    from .dist import torchrun_env
+def mode(cfg: TrainConfig, env: TorchrunEnv | None) -> str:
+    """Who started the ranks, as the first line of output says."""
+    if env:
+        return "slurm (srun)" if env.launcher == "slurm" else "torchrun"
+    return "single process" if cfg.world_size == 1 else "spawned workers"
+
+
+def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv | None) -> int:
     from .launch import launch, run_torchrun
 
-    env = torchrun_env()
-    cfg = resolve_config(args, env.world_size if env else None)
     if args.print_config:
         print(cfg.to_json())
         return 0
     is_main = env is None or env.rank == 0
     if is_main:
-        mode = "torchrun" if env else ("single process" if cfg.world_size == 1 else "spawned workers")
-        print(f"training: world_size={cfg.world_size} ({mode}), batch {cfg.batch_size}/worker, "
+        print(f"training: world_size={cfg.world_size} ({mode(cfg, env)}), batch {cfg.batch_size}/worker, "
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
     live = "rows" if args.no_progress else True
@@ -87,13 +95,75 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# --- stopped from outside: Ctrl-C, or a scheduler's SIGTERM ---------------------------------------
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every
+    finally-block on the way out runs: the workers are stopped and their run folder removed."""
+
+
+@contextmanager
+def sigterm_raises(enabled: bool = True) -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while the body runs; the previous handler is restored after.
+
+    Not in a rank of torchrun or srun: a rank blocked in a collective would run the handler
+    only when the collective returns (or times out), and its launcher stops it anyway.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not cut the cleanup short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return train_command(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
+
+
+def resume_hint(cfg: TrainConfig, env: TorchrunEnv | None, argv: Sequence[str]) -> str:
+    """Where the run can continue from, and the command that continues it."""
+    if not cfg.checkpoint_dir:
+        return "no checkpoint was kept (pass --checkpoint-dir to keep them)"
+    kept = list_checkpoints(cfg.checkpoint_dir)
+    if not kept:
+        return f"no checkpoint in {cfg.checkpoint_dir} yet (the first is written after epoch 1)"
+    again = [a for a in argv if a not in ("--resume", "--no-resume")] + ["--resume"]
+    how = "start the job again with --resume" if env else \
+        f"run the same command with --resume: python -m ddp_helpers {shlex.join(again)}"
+    return f"last checkpoint {kept[0]} (epoch {int(NAME.match(kept[0].name).group(1))}); to continue, {how}"
+
+
+def stopped_line(how: str, cfg: TrainConfig | None, env: TorchrunEnv | None, argv: Sequence[str]) -> str:
+    """The one line a run stopped from outside leaves: what was stopped, and how to continue."""
+    if cfg is None:
+        return f"stopped by {how} before the run started"
+    if env:
+        what = f"the {mode(cfg, env)} job was stopped"
+    elif cfg.world_size == 1:
+        what = "the single-process run was stopped"
+    else:
+        what = f"all workers were stopped ({cfg.world_size} ranks)"
+    return f"stopped by {how}: {what}; {resume_hint(cfg, env, argv)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = env = None
+    try:
+        env = torchrun_env()
+        cfg = resolve_config(args, env.world_size if env else None)
+        with sigterm_raises(enabled=env is None):
+            return train_command(args, cfg, env)
     except (ValueError, OSError, MNISTDataError, CheckpointError, WorkerError) as exc:  # the user's to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: all workers were stopped", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        if env is None or env.rank == 0:
+            print(stopped_line("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM", cfg, env, argv),
+                  file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM

@@ -1,5 +1,7 @@
 """Helpers shared by the multi-process tests."""
 
+from pathlib import Path
+
 
 def no_process_left(pids) -> bool:
     """True when none of the given process ids is alive (or a zombie) any more."""
@@ -11,6 +13,36 @@ def no_process_left(pids) -> bool:
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return True
+
+
+def spawned_workers_of(pid) -> list[int]:
+    """Child processes started by multiprocessing's spawn (the ranks, not its resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return []
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline") as fh:
+                if "spawn_main" in fh.read():
+                    workers.append(child)
+        except FileNotFoundError:
+            pass
+    return workers
+
+
+def processes_with(marker: str) -> list[int]:
+    """Ids of the live processes whose command line contains ``marker`` (e.g. a test's tmp_path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:  # ended while we looked
+            pass
+    return found
 
 
 EXACT = 1e-9  # float64 runs of the same arithmetic in another order agree far below this on any CPU

@@ -14,7 +14,7 @@ from ddp_helpers import TrainConfig, WorkerError, launch
 from ddp_helpers.checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, list_checkpoints,
                                     load_checkpoint, save_checkpoint)
 from ddp_helpers.dist import check_port_free, find_free_port
-from processes import no_process_left
+from processes import no_process_left, spawned_workers_of
 
 SMALL = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=1000, epochs=3, seed=11,
              timeout_s=60, launch_timeout_s=240)
@@ -184,24 +184,6 @@ def test_the_port_is_free_again_after_a_failed_run():
     with pytest.raises(WorkerError):
         launch(cfg)
     check_port_free("127.0.0.1", port)  # raises if anything still holds it
-
-
-def spawned_workers_of(pid):
-    """Child processes started by multiprocessing's spawn (the ranks, not its resource tracker)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            children = [int(p) for p in fh.read().split()]
-    except FileNotFoundError:
-        return []
-    workers = []
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline") as fh:
-                if "spawn_main" in fh.read():
-                    workers.append(child)
-        except FileNotFoundError:
-            pass
-    return workers
 
 
 def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
