@@ -1,0 +1,30 @@
+"""The plain DDP listing (ddp_helpers/plain_ddp.py) is the truth of the engine: the same weights."""
+
+import torch
+
+from ddp_helpers import MLP, TrainConfig, launch, plain_ddp
+from ddp_helpers.results import state_from_bytes
+from ddp_helpers.workers import run_workers
+from processes import EXACT, max_difference
+
+# Real MNIST, dropout on (so each rank's dropout masks must be drawn as the engine draws them),
+# the learning rate halved after each epoch, and 1000 samples: 500 per rank, so each epoch
+# ends on a short batch of 20. float64 so that "the same" holds to 1e-9 on any CPU.
+CONFIG = TrainConfig(world_size=2, sync="ddp", dataset="mnist", device="cpu", dtype="float64", train_subset=1000,
+                     test_subset=256, epochs=2, batch_size=32, lr_step=1, dropout=0.2, seed=5, timeout_s=60,
+                     launch_timeout_s=120)
+
+
+def test_the_plain_listing_ends_with_the_engines_weights(monkeypatch):
+    # one thread per rank in both runs: the listing takes torch's default (every core), and two ranks
+    # that share two cores that way take twice as long here (the engine shares the cores out itself)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    engine = launch(CONFIG, live=False).state_dict
+    results = run_workers(plain_ddp.train_rank, 2, (CONFIG.to_dict(),), launch_timeout_s=120)
+    plain = state_from_bytes(results[0]["state"])
+    torch.manual_seed(CONFIG.seed)
+    initial = MLP(CONFIG.hidden_sizes, CONFIG.dropout).double().state_dict()
+    assert plain.keys() == engine.keys() == initial.keys()
+    assert all(t.dtype == torch.float64 for t in plain.values())
+    assert min((plain[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # every tensor trained
+    assert max_difference(plain, engine) < EXACT
