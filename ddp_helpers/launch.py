@@ -6,29 +6,37 @@ spawns one process per rank, each running :func:`train_job`: join the process gr
 each message into an :class:`~ddp_helpers.workers.Event` and passes it to the same handlers
 whatever the mode: a live report (bar and epoch rows), an optional journal file, and the
 caller's ``on_event``. All three modes end in :func:`ddp_helpers.results.run_result`.
+Under torchrun no parent hears the ranks: they leave heartbeats and failures in the
+rendezvous store, and a rank that fails because of another names it.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from .checkpoint import list_checkpoints
+from .checkpoint import CheckpointError, list_checkpoints
 from .config import TrainConfig
 from .data import Split, ensure_mnist
 from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
                    process_group, single_process, tcp_store, threads_for, torchrun_store)
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
-from .trainer import fit
-from .workers import Event, WorkerError, run_workers
+from .trainer import PROGRESS_EVERY_S, FitOutput, fit
+from .workers import BLAME_GRACE_S, Event, WorkerError, headline, run_workers, stopped_making_progress
 
 Handler = Callable[[Event], None]
+STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed
+STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone with its host
+OWN_ERRORS = (CheckpointError, OSError, ValueError)  # raised by this rank's own checks, never by waiting for a peer
 
 
 def check_checkpoint_dir(cfg: TrainConfig) -> None:
@@ -153,10 +161,90 @@ def attempt_config(cfg: TrainConfig, env: TorchrunEnv) -> TrainConfig:
     return cfg.replace(world_size=env.world_size, resume=cfg.resume or restarted)
 
 
-def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = None, *, live: bool | str = "auto",
-                 journal: str | Path | None = None) -> RunResult | None:
-    """Run this process as one rank of a torchrun job; the result on global rank 0, else None.
-    Multi-node resume needs ``checkpoint_dir`` on a filesystem every node sees."""
+# --- under torchrun: heartbeats and failures in the rendezvous store -----------------------------
+# A spawned run's parent hears every rank over its pipe and names the one that failed
+# (workers.py). Under torchrun no process hears our events, so the ranks tell each other
+# through the store: each writes its heartbeat there, and its headline when it fails by itself.
+
+def store_emit(store: dist.Store, rank: int, handle: Handler) -> Callable[[str, dict], None]:
+    """A torchrun rank's ``emit``: every event to the handler, each heartbeat to the store too."""
+    def emit(kind: str, payload: dict) -> None:
+        if kind == "progress":
+            store.set(f"heartbeat/{rank}", json.dumps(payload))
+        handle(Event(rank, kind, payload))
+
+    return emit
+
+
+def read_ranks(store: dist.Store, kind: str, ranks: list[int]) -> dict[int, dict]:
+    """What each of these ranks wrote under ``kind/<rank>``, for those that did (check does not block)."""
+    keys = {rank: f"{kind}/{rank}" for rank in ranks}
+    return {rank: json.loads(store.get(key)) for rank, key in keys.items() if store.check([key])}
+
+
+def peers_in_store(store: dist.Store, others: list[int]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(ranks that failed by themselves, ranks whose heartbeat is clearly stale and that did not
+    say they were waiting), each with what it wrote."""
+    failed, waited = read_ranks(store, "failed", others), read_ranks(store, "waited", others)
+    beats = read_ranks(store, "heartbeat", others)
+    return failed, {r: b for r, b in beats.items() if r not in waited and time.time() - b["time"] > STALE_AFTER_S}
+
+
+def culprit_in_store(store: dist.Store, rank: int, world_size: int, exc: BaseException) -> WorkerError | None:
+    """The error naming the rank that made this one fail, or None when the failure is this rank's own.
+
+    A rank that failed by itself comes first: it wrote its headline before it left the
+    process group, so before its peers could notice. Else the rank whose heartbeat is clearly
+    stale. With more than two ranks the healthy ones go silent too while they wait: each says
+    that it waited, and the others give them up to BLAME_GRACE_S to say so.
+    """
+    others = [r for r in range(world_size) if r != rank]
+    try:
+        store.set_timeout(timedelta(seconds=STORE_READ_S))
+        failed, silent = peers_in_store(store, others)
+        if silent and not failed:
+            store.set(f"waited/{rank}", json.dumps({"time": time.time()}))
+            deadline = time.monotonic() + BLAME_GRACE_S
+            while len(silent) > 1 and not failed and time.monotonic() < deadline:
+                time.sleep(0.1)
+                failed, silent = peers_in_store(store, others)
+    except Exception:  # the store is gone (its host ended): nothing to tell
+        return None
+    mine = f"rank {rank}: {headline(exc)}"
+    if failed:
+        culprit = min(failed, key=lambda r: failed[r]["time"])
+        return WorkerError(culprit, f"{failed[culprit]['headline']}; rank {rank} stopped waiting for it", [], mine)
+    if silent:
+        culprit = min(silent, key=lambda r: silent[r]["time"])
+        return WorkerError(culprit, stopped_making_progress(silent[culprit], rank), [], mine)
+    return None
+
+
+def mark_failed(store: dist.Store, rank: int, exc: BaseException) -> None:
+    """Tell the other ranks that this one failed by itself, and why."""
+    try:
+        store.set_timeout(timedelta(seconds=STORE_READ_S))
+        store.set(f"failed/{rank}", json.dumps({"headline": headline(exc), "time": time.time()}))
+    except Exception:  # the store is gone: the others will see only a closed connection
+        pass
+
+
+def fit_naming_the_culprit(cfg: TrainConfig, ctx: RankContext, store: dist.Store, handle: Handler) -> FitOutput:
+    """``fit`` on a torchrun rank. One that fails by itself says so in the store before it leaves
+    the process group; one that fails because of another raises a WorkerError naming that rank."""
+    try:
+        return fit(cfg, ctx, store_emit(store, ctx.rank, handle))
+    except Exception as exc:
+        culprit = None if isinstance(exc, OWN_ERRORS) else culprit_in_store(store, ctx.rank, ctx.world_size, exc)
+        if culprit is None:
+            mark_failed(store, ctx.rank, exc)
+            raise
+        raise culprit from None  # the waiting rank's own error is in the details
+
+
+def attempt_rank(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None, live: bool | str,
+                 journal: str | Path | None) -> RunResult | None:
+    """One rank of this torchrun attempt, from the checks to rank 0's result."""
     cfg = attempt_config(cfg, env)
     # one download per machine (the others wait in the barrier below); every rank checks the checkpoint folder
     prepare(cfg, env.local_world_size, fetch_data=env.local_rank == 0)
@@ -169,13 +257,28 @@ def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = 
                               env.restart_count) as ctx:
                 if cfg.dataset == "mnist":
                     dist.barrier()
-                out = fit(cfg, ctx, lambda kind, payload: handle(Event(env.rank, kind, payload)))
+                out = fit_naming_the_culprit(cfg, ctx, store, handle)
     finally:
         del store  # close the store client now, not during interpreter teardown
     if env.rank != 0:
         return None
     notes = oversubscription_warning(env.local_world_size)
     return run_result(cfg, out.history, out.runtime, cpu_state(out.model), time.perf_counter() - start, notes)
+
+
+def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = None, *, live: bool | str = "auto",
+                 journal: str | Path | None = None) -> RunResult | None:
+    """Run this process as one rank of a torchrun job; the result on global rank 0, else None.
+
+    Each node may keep its own ``checkpoint_dir``: rank 0 writes checkpoints and chooses the
+    one to resume from. The error a rank fails with goes to torchrun's error file, so that
+    torchrun's summary ("Root Cause") shows it rather than a bare exit code.
+    """
+    try:
+        return attempt_rank(cfg, env, on_event, live, journal)
+    except Exception as exc:
+        ErrorHandler().record_exception(exc)  # writes $TORCHELASTIC_ERROR_FILE; nothing when it is not set
+        raise
 
 
 __all__ = ["RunResult", "WorkerError", "launch", "prepare", "run_single_process", "run_torchrun", "train_job"]

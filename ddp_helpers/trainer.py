@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import latest_good_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
@@ -90,9 +90,32 @@ def save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch:
             "rng": states, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
 
 
+def chosen_checkpoint(cfg: TrainConfig, ctx: RankContext) -> tuple[dict | None, list[str]]:
+    """Rank 0's choice of checkpoint (and its notes), on every rank.
+
+    Each node may keep its own folder (node-local disks): only rank 0's holds checkpoints, and
+    ranks that chose for themselves would resume from different epochs. So rank 0 chooses and
+    sends the state; if its choice fails (a checkpoint of another run), every rank raises that
+    error instead of waiting for a state that never comes.
+    """
+    if ctx.world_size == 1:
+        return latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
+    choice: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            choice = [latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())]
+        except Exception as exc:
+            torch.distributed.broadcast_object_list([str(exc)], src=0)
+            raise
+    torch.distributed.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise CheckpointError(choice[0])
+    return choice[0]
+
+
 def restore(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler) -> tuple[int, int, list, list[str]]:
     """Load the newest good checkpoint, if any: (start epoch, global step, history, notes)."""
-    state, notes = latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
+    state, notes = chosen_checkpoint(cfg, ctx)
     if state is None:
         return 0, 0, [], notes + [f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch"]
     model.load_state_dict(state["model"])

@@ -47,14 +47,22 @@ class Event:
 
 
 class WorkerError(RuntimeError):
-    """A worker process failed; every worker has been stopped."""
+    """A worker process failed; every worker has been stopped (under torchrun, by torchrun:
+    ``pids`` is then empty, the ranks may live on other machines)."""
 
     def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
         self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
         self.detected_at = time.time()
         self.fault: dict | None = None  # set by launch when the failure was an injected fault
-        super().__init__(f"rank {rank} failed: {reason}. All {len(pids)} workers were stopped."
-                         + (f"\n{details}" if details else ""))
+        stopped = f" All {len(pids)} workers were stopped." if pids else ""
+        super().__init__(f"rank {rank} failed: {reason}.{stopped}" + (f"\n{details}" if details else ""))
+
+
+def stopped_making_progress(last: dict | None, waiter: int) -> str:
+    """The reason given for a silent rank, from its last heartbeat (a ``progress`` payload)."""
+    where = (f"its last heartbeat was at step {last['step']} of epoch {last['epoch']}, "
+             f"{time.time() - last['time']:.1f} s ago" if last else "it never sent a heartbeat")
+    return f"stopped making progress ({where}); rank {waiter} timed out waiting for it"
 
 
 def headline(exc: BaseException) -> str:
@@ -233,10 +241,7 @@ class _Run:
         if not silent:
             return self._own_failure(first)
         culprit = min(silent, key=lambda rank: self.heard.get(rank, {}).get("time", 0.0))
-        last = self.heard.get(culprit)
-        where = (f"its last heartbeat was at step {last['step']} of epoch {last['epoch']}, "
-                 f"{time.time() - last['time']:.1f} s ago" if last else "it never sent a heartbeat")
-        return WorkerError(culprit, f"stopped making progress ({where}); rank {first} timed out waiting for it",
+        return WorkerError(culprit, stopped_making_progress(self.heard.get(culprit), first),
                            self.pids, f"rank {first}: {self.errors[first]['headline']}\n\n"
                                       f"Python stack of rank {culprit} when it was stopped:\n{self._stack(culprit)}")
 
