@@ -72,3 +72,28 @@ def draw_system() -> plt.Figure:
     c.ax.set_title("A 2-worker run: who runs what, and what flows where", fontsize=10)
     c.fig.tight_layout()
     return c.fig
+
+
+def draw_network_lab() -> plt.Figure:
+    """The network lab of notebook 06: two nodes on one cable, four on a switch, each link capped."""
+    c, palette = _Canvas(12.5, 6.2, (11.5, 5.6)), sns.color_palette("deep")
+    c.ax.text(0.1, 5.85, "2 nodes: one cable", fontsize=10, weight="bold")
+    for i, x in enumerate((0.1, 3.6)):
+        c.box(x, 3.4, 2.4, 2.1, f"node {i}: namespace\neth0 10.77.0.{i + 1}\ntorchrun agent\n+ rank {i} (1 thread)"
+                                + ("\nhosts the c10d\nrendezvous" if i == 0 else ""), palette[i], fontsize=8)
+    c.arrow(2.5, 4.45, 3.6, 4.45, "veth", both=True)
+    c.ax.text(3.05, 3.75, "tbf on\nboth ends", fontsize=9, ha="center", color=palette[3])
+    c.ax.text(6.8, 5.85, "4 nodes: a switch", fontsize=10, weight="bold")
+    c.box(8.9, 2.7, 1.6, 1.0, "bridge\n(hub namespace)", palette[7], fontsize=8)
+    for i, (x, y) in enumerate(((6.8, 4.6), (10.6, 4.6), (6.8, 0.9), (10.6, 0.9))):
+        c.box(x, y, 1.7, 1.0, f"node {i}\n10.77.0.{i + 1}", palette[i % 4], fontsize=8)
+        c.arrow(x + 0.85, y if y > 3 else y + 1.0, 9.7 + (-0.5 if x < 9 else 0.5), 3.7 if y > 3 else 2.7, both=True)
+    c.ax.text(9.7, 0.25, "each cable: tbf on the node's end and on the bridge's end", fontsize=9, ha="center",
+              color=palette[3])
+    c.box(0.1, 0.4, 5.9, 2.3, "shared by every node (one machine):\n2 vCPUs, memory, disk (data, records)\n\n"
+                              "not shared: the network stack; ranks meet\nonly over the capped links", palette[7],
+          fontsize=8.5)
+    c.ax.set_title("The network lab: Linux network namespaces as nodes, veth cables capped by a token bucket",
+                   fontsize=10)
+    c.fig.tight_layout()
+    return c.fig

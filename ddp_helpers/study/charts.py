@@ -54,11 +54,18 @@ def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def plot_speedup(projection: pd.DataFrame, measured: float | None = None) -> plt.Figure:
-    """Projected throughput speedup against workers, per link; the one measured point here."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for (link, df), color in zip(projection.groupby("link", sort=False), sns.color_palette("deep")):
-        ax.plot(df.workers, df.speedup, "-o", color=color, label=f"projected: {link}")
+def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
+                 lab: pd.DataFrame | None = None) -> plt.Figure:
+    """Projected throughput speedup against workers, per link; the point measured on one machine,
+    and (``lab``: link, workers, speedup) points from all-reduces measured between lab nodes."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = dict(zip(projection.link.unique(), sns.color_palette("deep")))
+    for link, df in projection.groupby("link", sort=False):
+        ax.plot(df.workers, df.speedup, "-o", color=colors[link], ms=4, label=f"projected: {link}")
+    if lab is not None:
+        for link, df in lab.groupby("link", sort=False):
+            ax.plot(df.workers, df.speedup, "D", color=colors.get(link, "black"), mfc="white", mew=1.8, ms=8,
+                    label=f"with the all-reduce measured: {link}")
     workers = sorted(projection.workers.unique())
     ax.plot(workers, workers, ":", color="grey", lw=1, label="ideal (linear)")
     if measured is not None:
@@ -120,5 +127,87 @@ def plot_knobs(record: dict) -> plt.Figure:
     ax.invert_yaxis()
     ax.set(xlabel="step time / default's in the same round (below 1 = faster; dots: rounds)",
            title="DDP's knobs at the design's settings", xlim=(0.7, 1.3))
+    fig.tight_layout()
+    return fig
+
+
+# --- across machines: the network part's record --------------------------------------------------
+
+LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
+
+
+def runs_of(network: dict, nodes: int) -> list[dict]:
+    """The runs with ``nodes`` nodes, slowest link first."""
+    runs = [r for r in network["runs"] if r["nodes"] == nodes]
+    return sorted(runs, key=lambda r: LINK_ORDER.index(r["link"]))
+
+
+def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
+    """All-reduce time against message size on each link (points), and the prediction from the
+    unshaped link's fit and the link's nominal rate (lines)."""
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    predicted = pd.DataFrame(network["predictions"]["allreduce"])
+    for run, color in zip(runs_of(network, nodes), sns.color_palette("deep")):
+        seconds = run["allreduce"]["seconds"]
+        sizes = np.array([int(s) for s in seconds])
+        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=5, label=f"{run['link']}")
+        mine = predicted[(predicted.nodes == nodes) & (predicted.link == run["link"])] if len(predicted) else []
+        if len(mine):
+            ax.loglog(mine["bytes"], 1000 * mine["predicted_s"], "--", color=color, lw=1)
+    ax.plot([], [], "--", color="grey", lw=1, label="predicted: unshaped fit, link's rate")
+    ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)",
+           title=f"gloo all-reduce between {nodes} nodes, per link")
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    _legend_below(ax, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
+    """Samples per second of each strategy on each link, against one process with two threads."""
+    runs = runs_of(network, nodes)
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    ids = [c["id"] for c in runs[0]["cases"]]
+    labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
+    x = np.arange(len(runs))
+    for case, color in zip(ids, sns.color_palette("deep")):
+        ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
+        ax.plot(x, [nodes * 32 * 1000 / t for t in ms], "-o", color=color, label=labels[case])
+    single = network.get("single_process")
+    if single:
+        ax.axhline(32 * 1000 / single["step_ms"], color="black", ls=":", lw=1.2,
+                   label="1 process, 2 threads (no network)")
+    ax.set_xticks(x, [r["link"] for r in runs])
+    ax.set(yscale="log", xlabel="link between the nodes", ylabel="samples per second (all ranks)",
+           title=f"{nodes} nodes sharing this machine's 2 vCPUs: throughput per link")
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    _legend_below(ax, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_link_model(network: dict) -> plt.Figure:
+    """Each shaped-link step predicted (from the unshaped run and the nominal rate) against measured."""
+    steps = pd.DataFrame(network["predictions"]["steps"])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    markers = dict(zip(sorted(steps.case.unique()), "osD^vP"))
+    colors = dict(zip(LINK_ORDER, sns.color_palette("deep")))
+    for (case, link, nodes), row in steps.groupby(["case", "link", "nodes"]):
+        ax.plot(row.measured_ms, row.predicted_ms, markers[case], color=colors[link], ms=7 if nodes == 2 else 5,
+                mfc=colors[link] if nodes == 2 else "none")
+    low, high = 0.8 * steps[["measured_ms", "predicted_ms"]].min().min(), \
+        1.25 * steps[["measured_ms", "predicted_ms"]].max().max()
+    grid = np.geomspace(low, high, 20)
+    ax.plot(grid, grid, color="grey", lw=1)
+    ax.fill_between(grid, grid * 0.85, grid * 1.15, color="grey", alpha=0.15, lw=0)
+    for case, m in markers.items():
+        ax.plot([], [], m, color="black", mfc="none", label=case)
+    for link in [l for l in LINK_ORDER if l in set(steps.link)]:
+        ax.plot([], [], "s", color=colors[link], label=link)
+    ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), xlabel="measured ms per step",
+           ylabel="predicted ms per step", title="Link model against measurement\n(band: ±15%; hollow: 4 nodes)")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     return fig

@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..config import TrainConfig
 from ..data import load_datasets
 from ..dist import process_group, torchrun_env, torchrun_store, usable_cores
 from ..launch import launch
-from ..sync import make_sync
+from ..sync import LocalSync, make_sync
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
 from .netlab import NetLab
@@ -184,8 +186,27 @@ def save_config(cfg: TrainConfig, folder: str) -> Path:
     return path
 
 
+def single_process_ms(quick: bool, threads: int = 2) -> dict:
+    """The reference: one process with two threads, no network, through the same engine and the
+    same statistic as the lab's cases (warm-up, then the mean over the timed steps)."""
+    steps = 16 if quick else 240
+    train, _ = load_datasets("mnist", "", 4096 if quick else 0, 1, 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return timed_steps(TrainConfig(world_size=1), 0, 1, LocalSync, train, steps, steps)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
+    single = [single_process_ms(quick)]  # before the lab jobs and after them: the host's drift shows
     runs = [run_job(spec, quick, log) for spec in plan(quick)]
+    single.append(single_process_ms(quick))
+    reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
+                 "step_ms": statistics.median(r["ms"] for r in single)}
+    log(f"1 process, 2 threads, no network: {reference['step_ms']:.2f} ms/step "
+        f"(before and after the lab: {', '.join(f'{v:.2f}' for v in reference['rounds_ms'])})")
     checked = predictions(runs)
     if checked["mean_abs_error_pct"] is not None:
         log(f"model on the shaped links: mean |error| {checked['mean_abs_error_pct']:.1f}% over "
@@ -200,7 +221,7 @@ def run_network(quick: bool, log: Callable[[str], None]) -> dict:
         "allreduce": "median of repeats per size after 5 untimed; t = alpha + beta * bytes fitted on relative error",
         "model": "shaped link = the same case measured on the unshaped link of this run, with the gradient's bytes "
                  "moved at max(unshaped beta, 2(W-1)/W x 8 / rate) instead of the unshaped beta; no overlap assumed",
-        "cores": usable_cores()}, links=LINKS, runs=runs, predictions=checked, tta=tta)
+        "cores": usable_cores()}, links=LINKS, single_process=reference, runs=runs, predictions=checked, tta=tta)
 
 
 if __name__ == "__main__":  # one rank of a lab job, started by torchrun
