@@ -143,6 +143,23 @@ def ring_allreduce_s(nbytes: float, world_size: int, latency_s: float, bytes_per
     return 2 * (world_size - 1) * latency_s + 2 * (world_size - 1) / world_size * nbytes / bytes_per_s
 
 
+def lab_links(network: dict) -> dict[str, tuple[float, float]]:
+    """The lab's shaped links as projection links: the unshaped 2-node fit's alpha split over
+    the ring's two hops, and the nominal rate."""
+    alpha = next(r for r in network["runs"] if r["nodes"] == 2 and r["rate_mbit"] is None)["allreduce"]["alpha_s"]
+    return {f"lab {r['link']}": (alpha / 2, r["rate_mbit"] * 1e6 / 8)
+            for r in network["runs"] if r["nodes"] == 2 and r["rate_mbit"] and r["rate_mbit"] <= 1000}
+
+
+def lab_speedups(network: dict, compute_s: float, nbytes: int) -> pd.DataFrame:
+    """The projection's speedup with its communication replaced by the gradient's all-reduce
+    measured between the lab's nodes (2 and 4), on the links of :func:`lab_links`."""
+    rows = [{"link": f"lab {r['link']}", "workers": r["nodes"],
+             "speedup": r["nodes"] * compute_s / (compute_s + r["allreduce"]["seconds"][str(nbytes)])}
+            for r in network["runs"] if r["rate_mbit"] and r["rate_mbit"] <= 1000]
+    return pd.DataFrame(rows)
+
+
 def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], links: dict[str, tuple[float, float]],
                     steps_per_sync: int = 1) -> pd.DataFrame:
     """Throughput over one worker at a fixed batch per worker: S(W) = W t_c / (t_c + t_ring(W) / k),
