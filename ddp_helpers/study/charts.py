@@ -73,7 +73,9 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker (samples per second)",
            title="Data-parallel speedup at batch 32 per worker")
     ax.set_xticks(workers, [str(w) for w in workers])
-    ax.set_yticks([0.5, 1, 2, 4, 8, 16, 32, 64], ["0.5", "1", "2", "4", "8", "16", "32", "64"])
+    low = min(projection.speedup.min(), lab.speedup.min() if lab is not None else 1.0)
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 4, 8, 16, 32, 64) if t >= low / 2]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     _legend_below(ax)
     fig.tight_layout()
