@@ -3,8 +3,8 @@
     python -m ddp_helpers.exhibits.reproduce [--study]
 
 1. the main job's records through the CLI: ``results/train_ws1.json`` and ``train_ws2_ddp.json``;
-2. with ``--study`` only, the study's records (about 40 minutes on 2 cores): ``results/study_*.json``;
-3. notebooks 01-06 executed in full, in order, in place; their records and charts land in
+2. with ``--study`` only, the study's records (about 55 minutes on 2 cores): ``results/study_*.json``;
+3. notebooks 01-07 executed in full, in order, in place; their records and charts land in
    ``results/`` (the study's charts from the study's records).
 
 Nothing else should run on the machine meanwhile: the notebooks and the study time things.
@@ -45,7 +45,7 @@ def execute_notebook(path: Path, timeout_s: int = 3600) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.exhibits.reproduce",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", action="store_true", help="also re-run the study first (about 40 minutes)")
+    parser.add_argument("--study", action="store_true", help="also re-run the study first (about 55 minutes)")
     args = parser.parse_args(argv)
     os.environ.pop("DDP_NOTEBOOK_SMOKE", None)  # full runs only
     python = sys.executable

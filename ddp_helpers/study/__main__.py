@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parts_help = "\n".join(f"  {name:<11} {what}" for name, (_, _, what) in PARTS.items())
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.study", formatter_class=argparse.RawTextHelpFormatter,
                                      description=f"The scaling study. Parts:\n{parts_help}\n  all         "
-                                                 f"the CPU parts in order (about 40 minutes on 2 cores)")
+                                                 f"the CPU parts in order (about 55 minutes on 2 cores; network needs root)")
     parser.add_argument("part", choices=[*PARTS, "all"])
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds: few steps, a data subset")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the study_<part>.json records")

@@ -187,11 +187,10 @@ class NetLab:
                 deadline = time.monotonic() + timeout_s
                 while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                     if any(p.poll() not in (None, 0) for p in procs):
-                        time.sleep(5)  # let the other nodes fail too and say why
-                        break
+                        break  # one node failed: the others get a few seconds to fail too and say why
                     time.sleep(0.2)
                 timed_out = time.monotonic() >= deadline
-                self.stop_after(0 if timed_out else 10)
+                self.stop_after(0 if timed_out else 5)
                 runs = [NodeRun(i, p.returncode, (Path(logs) / f"node{i}.log").read_text(errors="replace"))
                         for i, p in enumerate(procs)]
             finally:
