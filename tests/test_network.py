@@ -95,3 +95,13 @@ def nodes_processes(pid: int) -> list[int]:
         found += children
         todo += children
     return found
+
+
+def test_without_root_the_part_says_why_in_one_line_and_exits_3(monkeypatch, capsys, tmp_path):
+    from ddp_helpers.study.__main__ import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["network", "--quick", "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "need root" in err
+    assert not list(tmp_path.iterdir())  # no record
