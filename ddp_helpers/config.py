@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,11 @@ class TrainConfig:
                 ok = type(value) is type(default)
                 allowed = "must be true or false" if isinstance(default, bool) else "must be a string"
             else:
-                typed = _is_int(value) if isinstance(default, int) else _is_num(value)
+                typed = _is_int(value) if isinstance(default, int) else _is_finite(value)
                 rule = f.metadata.get("rule")
                 ok = typed and (rule is None or _within(value, rule))
-                allowed = "must be " + ("an integer " if isinstance(default, int) else "") + (
-                    f"in {rule}" if rule and rule[0] in "[(" else rule or "a number")
+                where = "" if rule is None else f" in {rule}" if rule[0] in "[(" else f" {rule}"
+                allowed = f"must be {'an integer' if isinstance(default, int) else 'a finite number'}{where}"
             if not ok:
                 raise ValueError(f"TrainConfig.{f.name}={value!r} is invalid: {allowed}")
         problems = [("master_addr", not self.master_addr, "must be a host name or IP"),
@@ -178,8 +179,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _is_finite(v: Any) -> bool:
+    """A number that is not inf or nan: both pass some range checks ('inf > 0') and ruin a run later."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _within(value: float, rule: str) -> bool:

@@ -8,8 +8,9 @@ Adam's moment estimates stay local to each rank.
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
-from .sync import LocalSync, broadcast_parameters
+from .sync_base import LocalSync, broadcast_parameters
 
 
 class LocalSGDSync(LocalSync):
@@ -38,17 +39,15 @@ class LocalSGDSync(LocalSync):
 
     @torch.no_grad()
     def _average(self) -> None:
-        flat = self._flat()
+        flat = parameters_to_vector(self.params)  # a copy of all weights: one message instead of one per tensor
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         self._scatter(flat.div_(self.world_size), torch.Tensor.copy_)
 
-    def _flat(self) -> torch.Tensor:
-        """A copy of all weights as one vector (one message instead of one per tensor)."""
-        return torch.cat([p.reshape(-1) for p in self.params])
-
     @torch.no_grad()
     def _scatter(self, flat: torch.Tensor, apply) -> None:
-        """``apply(parameter, its slice of flat)`` for every parameter, in order."""
+        """``apply(parameter, its slice of flat)`` for every parameter, in order. Not torch's
+        ``vector_to_parameters``: that rebinds each parameter to a view of ``flat`` instead of
+        writing into it, and cannot add (the overlapped average adds a correction)."""
         offset = 0
         for p in self.params:
             apply(p, flat[offset:offset + p.numel()].view_as(p))
@@ -88,7 +87,7 @@ class OverlapLocalSGDSync(LocalSGDSync):
 
     @torch.no_grad()
     def _send(self) -> None:
-        own = self._flat()
+        own = parameters_to_vector(self.params)
         buffer = own.clone()
         self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
 

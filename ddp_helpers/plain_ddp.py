@@ -12,6 +12,7 @@ warm-up, no early stop. It runs on the CPU (gloo), through the engine's spawn pa
     results = run_workers(plain_ddp.train_rank, 2, (cfg.to_dict(),))
 """
 
+import os
 from datetime import timedelta
 
 import torch
@@ -30,6 +31,7 @@ def train_rank(rank: int, world_size: int, init_method: str, emit, cfg_dict: dic
     """One rank of a run (``cfg.epochs`` epochs); rank 0 sends back the final weights."""
     cfg = TrainConfig.from_dict(cfg_dict)
     dtype = getattr(torch, cfg.dtype)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))  # DDP: the ranks share the cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,  # DDP: join
                             timeout=timedelta(seconds=cfg.timeout_s))
     try:

@@ -1,31 +1,19 @@
 """Gradient-synchronisation strategies: how the ranks agree on one update per step.
 
-The training engine calls the same methods on every strategy, so a new strategy
-is a new class here and nothing else changes:
-
-    module             the nn.Module to run forward/backward through
-    zero_grad()        clear gradients before the next step (in place when ``set_to_none`` is False:
-                       a CUDA graph holds the gradients' addresses)
-    no_sync()          context for micro-batches whose gradients must not be synced yet
-    after_backward()   explicit gradient communication after backward (if any)
-    after_step()       communication after the optimizer step (if any)
-    consolidate()      make every rank's weights identical (before evaluation or a checkpoint)
-    pop_seconds()      communication seconds spent inside backward since the last call
-
-The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; only
-communication it cannot see, because it runs inside ``backward`` (DDP's hooks), is
-reported through ``pop_seconds`` so that the engine can move it from compute to sync.
-
-``LocalSync`` is the single process (nothing to agree on). ``DDPSync`` is PyTorch
+Every strategy offers the engine the same methods (see :mod:`ddp_helpers.sync_base`,
+whose ``LocalSync`` is the single process: nothing to agree on). ``DDPSync`` is PyTorch
 DistributedDataParallel with a timing communication hook. ``AllReduceSync`` does by
 hand what DDP does under the hood: one flat gradient buffer, one all-reduce, divide
 by the world size. ``fp16`` and ``powersgd`` are DDP with a compression hook;
 the local SGD strategies (weights averaged every k steps instead of gradients every
 step) are in :mod:`ddp_helpers.local_sgd`.
+
+``STRATEGIES`` at the end is the one table of every strategy by name: a new strategy is
+a class (here, or in a module that builds on ``sync_base``) and a row there, and its
+name in ``config.SYNC_STRATEGIES`` (a test holds the two together).
 """
 
 
-import contextlib
 import time
 import types
 
@@ -36,45 +24,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
 
-
-def broadcast_parameters(params) -> None:
-    """Start every rank from rank 0's weights (what DDP's constructor does)."""
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p, src=0)
-
-
-class LocalSync:
-    """One process: gradients are already the global ones."""
-
-    name = "local"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model = model
-        self.optimizer = optimizer
-        self.set_to_none = True  # False once a CUDA graph holds the gradients' addresses
-
-    @property
-    def module(self) -> nn.Module:
-        return self.model
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=self.set_to_none)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self) -> None:
-        pass
-
-    def consolidate(self) -> None:
-        """Strategies that synchronise gradients every step keep identical weights: nothing to do."""
-
-    def pop_seconds(self) -> float:
-        return 0.0  # nothing communicates inside backward
+from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
+from .sync_base import LocalSync, broadcast_parameters
 
 
 class _HookState:
@@ -200,20 +151,24 @@ class AllReduceSync(LocalSync):
         self.flat.div_(self.world_size)
 
 
+# every strategy by name, in config.SYNC_STRATEGIES's order:
+# (model, optimizer, device, local_sgd_every, DDP options) -> the strategy on this rank
+STRATEGIES = {
+    "ddp": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="ddp", **ddp),
+    "allreduce": lambda model, opt, device, every, ddp: AllReduceSync(model, opt),
+    "fp16": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="fp16", **ddp),
+    "powersgd": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="powersgd", **ddp),
+    "local_sgd": lambda model, opt, device, every, ddp: LocalSGDSync(model, opt, every),
+    "local_sgd_overlap": lambda model, opt, device, every, ddp: OverlapLocalSGDSync(model, opt, every),
+}
+
+
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
               device: torch.device, local_sgd_every: int = 8, **ddp_options):
     """The strategy object for a run; a single process always gets LocalSync.
     ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph."""
-    from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
-
     if world_size == 1:
         return LocalSync(model, optimizer)
-    if name in DDP_HOOKS:
-        return DDPSync(model, optimizer, device, hook=name, **ddp_options)
-    if name == "allreduce":
-        return AllReduceSync(model, optimizer)
-    if name == "local_sgd":
-        return LocalSGDSync(model, optimizer, local_sgd_every)
-    if name == "local_sgd_overlap":
-        return OverlapLocalSGDSync(model, optimizer, local_sgd_every)
-    raise ValueError(f"unknown sync strategy {name!r}")
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sync strategy {name!r}. Fix: use one of {list(STRATEGIES)}")
+    return STRATEGIES[name](model, optimizer, device, local_sgd_every, ddp_options)

@@ -4,8 +4,10 @@
 Everything a worker says travels to the parent over its own pipe as ``(kind, payload)``:
 ``started`` (its pid), ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result`` and
 ``error`` (the exception, as text). One pipe per rank, so that no lock is shared: a rank
-killed in the middle of a message cannot block the others. Workers print only to their
-log files (or, with ``quiet=False``, to the terminal); the parent shows the rest.
+killed in the middle of a message cannot block the others. A worker's stdout and stderr
+are its log file from its first instruction, so that an error before ``started`` (an
+import, spawn running an unguarded script again) is kept and shown; with ``quiet=False``
+the parent copies the logs to its own stderr as they grow. The parent shows the rest.
 
 When a rank fails, the others are stopped and :class:`WorkerError` names the rank that
 caused it. That is not always the rank that raised: a rank that stops making progress
@@ -21,15 +23,16 @@ import faulthandler
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .dist import check_port_free, find_free_port
 
@@ -37,6 +40,11 @@ STOP_GRACE_S = 5.0
 BLAME_GRACE_S = 2.0   # healthy ranks that wait for the same silent peer time out within this of each other
 STACK_WAIT_S = 3.0
 ABOUT_A_PEER = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer")
+TAIL_LINES = 20
+BOOTSTRAPPING = "bootstrapping phase"  # in multiprocessing's error for a process started while spawn imports main
+MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again in every worker, and at its top "
+                  "level the script starts workers again (multiprocessing's bootstrapping error below). Fix: put the "
+                  "call that starts the run under `if __name__ == \"__main__\":` in the script")
 
 
 @dataclass
@@ -84,15 +92,12 @@ def exit_now(code: int) -> None:
 
 
 def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
-                  pipe: Any, quiet: bool) -> None:
+                  pipe: Any) -> None:
+    """A rank's first code of ours; its output already goes to its log (see ``output_to``)."""
     try:  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
-    if quiet:  # keep worker output (and C++ library logs) out of notebook cells
-        log = os.open(os.path.join(workdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
     faulthandler.enable()  # a fatal signal leaves every thread's Python stack in the log
     stack_file = open(os.path.join(workdir, f"stack{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)  # the parent asks for a stack
@@ -112,6 +117,26 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
 
 # --- in the parent ------------------------------------------------------------------------------
 
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr go to the file ``path`` while the body runs. A process
+    started meanwhile inherits them: its file holds what it writes before any code of ours runs
+    in it. Other threads' writes to file descriptors 1 and 2 would land there too: keep it short."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
 def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
                 master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
                 on_event: Callable[[Event], None] | None = None) -> dict[int, Any]:
@@ -119,38 +144,71 @@ def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr
     (a module-level function: spawn imports it by name) and return the ``result`` payloads by rank.
 
     ``on_event`` sees every event as it arrives. A failure, a run longer than
-    ``launch_timeout_s`` or a Ctrl-C stops every worker before this raises.
+    ``launch_timeout_s`` or a Ctrl-C stops every worker before this raises. ``quiet=False``
+    shows the workers' output on this process's stderr too.
     """
     if master_port:
         check_port_free(master_addr, master_port)
     attempts = 1 if master_port else 3
     for attempt in range(1, attempts + 1):
         init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
-        try:
-            return _Run(job, world_size, args, init_method, quiet, on_event).wait(launch_timeout_s)
-        except WorkerError as exc:
-            # a port found free can be taken by someone else before rank 0's store binds it
-            if attempt == attempts or "EADDRINUSE" not in exc.details + exc.reason:
-                raise
+        # the logs and stacks live in the folder: it is removed however the attempt ends (also by a signal)
+        with tempfile.TemporaryDirectory(prefix="ddp_run_", ignore_cleanup_errors=True) as workdir:
+            try:
+                return _Run(job, world_size, args, init_method, Path(workdir), quiet, on_event).wait(launch_timeout_s)
+            except WorkerError as exc:
+                # a port found free can be taken by someone else before rank 0's store binds it
+                if attempt == attempts or "EADDRINUSE" not in exc.details + exc.reason:
+                    raise
 
 
 class _Run:
     """One attempt: the processes, what they said, and how it ended."""
 
-    def __init__(self, job: Callable, world_size: int, args: tuple, init_method: str, quiet: bool,
+    def __init__(self, job: Callable, world_size: int, args: tuple, init_method: str, workdir: Path, quiet: bool,
                  on_event: Callable[[Event], None] | None):
-        self.workdir = Path(tempfile.mkdtemp(prefix="ddp_run_"))
+        self.workdir, self.quiet = workdir, quiet
         ctx = mp.get_context("spawn")
         pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]  # (parent's reading end, worker's writing end)
         self.readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
         self.writers = [writer for _, writer in pipes]
         self.procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
-                                  args=(rank, world_size, job, args, init_method, str(self.workdir), writer, quiet))
+                                  args=(rank, world_size, job, args, init_method, str(workdir), writer))
                       for rank, writer in enumerate(self.writers)]
         self.on_event = on_event
         self.results: dict[int, Any] = {}
         self.errors: dict[int, dict] = {}
         self.heard: dict[int, dict] = {}  # rank -> its last progress payload
+        self.started: set[int] = set()  # ranks that sent "started": our code runs in them
+        self.shown = [0] * world_size  # quiet=False: bytes of each log already copied to stderr
+
+    def log(self, rank: int) -> Path:
+        return self.workdir / f"rank{rank}.log"
+
+    def start(self) -> None:
+        """Start every rank with its log as its stdout and stderr from its first instruction."""
+        resource_tracker.ensure_running()  # else the first start launches it, and it would inherit rank 0's log
+        for rank, p in enumerate(self.procs):
+            with output_to(self.log(rank)):
+                p.start()
+        for writer in self.writers:
+            writer.close()  # the workers hold the writing ends: a dead worker's pipe reads as closed
+
+    def show_output(self, final: bool = False) -> None:
+        """quiet=False: copy what the ranks wrote since the last call to this process's stderr; whole
+        lines only until the end, so that two ranks' lines do not mix."""
+        if self.quiet:
+            return
+        for rank in range(len(self.procs)):
+            if not self.log(rank).exists():  # that rank was never started
+                continue
+            with open(self.log(rank), "rb") as fh:
+                fh.seek(self.shown[rank])
+                new = fh.read()
+            new = new if final else new[:new.rfind(b"\n") + 1]
+            self.shown[rank] += len(new)
+            sys.stderr.write(new.decode(errors="replace"))
+        sys.stderr.flush()
 
     def receive(self, reader) -> None:
         """Every message waiting in one rank's pipe; a pipe whose writer died is closed."""
@@ -164,7 +222,9 @@ class _Run:
             reader.close()
 
     def dispatch(self, event: Event) -> None:
-        if event.kind == "result":
+        if event.kind == "started":
+            self.started.add(event.rank)
+        elif event.kind == "result":
             self.results[event.rank] = event.payload
         elif event.kind == "error":
             self.errors[event.rank] = event.payload
@@ -183,13 +243,11 @@ class _Run:
 
     def wait(self, launch_timeout_s: float) -> dict[int, Any]:
         try:
-            for p in self.procs:
-                p.start()
-            for writer in self.writers:
-                writer.close()  # the workers hold the writing ends: a dead worker's pipe reads as closed
+            self.start()
             waiting = {p.sentinel: rank for rank, p in enumerate(self.procs)}
             deadline = time.monotonic() + launch_timeout_s
             while waiting:
+                self.show_output()
                 for ready in mp.connection.wait([*waiting, *self.readers], timeout=1.0):
                     if ready in self.readers:
                         self.receive(ready)
@@ -207,9 +265,9 @@ class _Run:
             return self.results
         finally:
             stop(self.procs)
-            for reader in list(self.readers):
-                reader.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            for connection in [*self.readers, *self.writers]:  # closing twice is harmless
+                connection.close()
+            self.show_output(final=True)
 
     # --- who is to blame ---------------------------------------------------------------------
 
@@ -222,9 +280,8 @@ class _Run:
         error = self.errors.get(rank)
         if error is not None:
             return any(word in error["headline"].lower() for word in ABOUT_A_PEER)
-        log = self.workdir / f"rank{rank}.log"
-        return self.procs[rank].exitcode == -signal.SIGABRT and log.exists() and \
-            any(word in log.read_text(errors="replace").lower() for word in ("watchdog", "timeout", "timed out"))
+        return self.procs[rank].exitcode == -signal.SIGABRT and \
+            any(word in self.output(rank).lower() for word in ("watchdog", "timeout", "timed out"))
 
     def _own_failures(self) -> list[int]:
         return [rank for rank in sorted(self._failed()) if not self._about_a_peer(rank)]
@@ -250,9 +307,18 @@ class _Run:
             return WorkerError(rank, self.errors[rank]["headline"], self.pids, self.errors[rank]["traceback"].rstrip())
         code = self.procs[rank].exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        log = self.workdir / f"rank{rank}.log"
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
-        return WorkerError(rank, f"the process {how} without a Python exception", self.pids, tail)
+        output = self.output(rank)
+        tail = "\n".join(output.splitlines()[-TAIL_LINES:])
+        if rank in self.started:
+            return WorkerError(rank, f"the process {how} without a Python exception", self.pids, tail)
+        if BOOTSTRAPPING in output:
+            return WorkerError(rank, MAIN_GUARD_FIX, self.pids, tail)
+        return WorkerError(rank, f"the process {how} while starting, before the job ran (its output below)",
+                           self.pids, tail or "(it wrote nothing)")
+
+    def output(self, rank: int) -> str:
+        """All that a rank wrote to its stdout and stderr."""
+        return self.log(rank).read_text(errors="replace") if self.log(rank).exists() else ""
 
     def _stack(self, rank: int) -> str:
         """Every thread's Python stack of a live rank (it may be frozen: SIGCONT lets the handler run)."""

@@ -45,6 +45,21 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def processes_in_session(sid: int) -> list[int]:
+    """Ids of the live processes (not zombies) in session ``sid``: all that a process started with
+    start_new_session=True left behind, however deep (orphans keep their session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+                if int(session) == sid and state != "Z":
+                    found.append(int(entry.name))
+        except OSError:  # ended while we looked
+            pass
+    return found
+
+
 EXACT = 1e-9  # float64 runs of the same arithmetic in another order agree far below this on any CPU
 
 

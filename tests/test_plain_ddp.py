@@ -15,10 +15,7 @@ CONFIG = TrainConfig(world_size=2, sync="ddp", dataset="mnist", device="cpu", dt
                      launch_timeout_s=120)
 
 
-def test_the_plain_listing_ends_with_the_engines_weights(monkeypatch):
-    # one thread per rank in both runs: the listing takes torch's default (every core), and two ranks
-    # that share two cores that way take twice as long here (the engine shares the cores out itself)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_the_plain_listing_ends_with_the_engines_weights():
     engine = launch(CONFIG, live=False).state_dict
     results = run_workers(plain_ddp.train_rank, 2, (CONFIG.to_dict(),), launch_timeout_s=120)
     plain = state_from_bytes(results[0]["state"])
