@@ -8,12 +8,14 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from .checkpoint import NAME, CheckpointError, list_checkpoints
 from .config import TrainConfig, config_fields, field_default
 from .data import MNISTDataError
 from .dist import TorchrunEnv, torchrun_env
+from .engine import NonFiniteLossError
 from .workers import WorkerError
 
 
@@ -65,6 +67,17 @@ def mode(cfg: TrainConfig, env: TorchrunEnv | None) -> str:
     return "single process" if cfg.world_size == 1 else "spawned workers"
 
 
+def save_failed_record(cfg: TrainConfig, error: BaseException, journal: Path) -> Path:
+    """The record of a run that failed while training, with the epochs it finished (from the journal)."""
+    from .report import read_journal
+    from .results import failed_record, save_json, weights_path
+
+    # the last row of each epoch: a restarted torchrun attempt repeats the epochs after its checkpoint
+    epochs = list({row["epoch"]: row for row in read_journal(journal)}.values()) if journal.exists() else []
+    weights_path(cfg.record_path).unlink(missing_ok=True)  # an earlier run's weights must not sit beside this record
+    return save_json(failed_record(cfg, error, epochs), cfg.record_path)
+
+
 def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv | None) -> int:
     from .launch import launch, run_torchrun
 
@@ -77,13 +90,18 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv |
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
     live = "rows" if args.no_progress else True
-    if env:
-        result = run_torchrun(cfg, env, live=live, journal=journal)
-    else:
-        result = launch(cfg, live=live, journal=journal, quiet_workers=False)
+    try:
+        if env:
+            result = run_torchrun(cfg, env, live=live, journal=journal)
+        else:
+            result = launch(cfg, live=live, journal=journal, quiet_workers=False)
+    except (NonFiniteLossError, WorkerError) as exc:  # failed while training: the record says so
+        if is_main:
+            print(f"record of the failed run written to {save_failed_record(cfg, exc, journal)}", flush=True)
+        raise
     if result is None:
         return 0
-    path = result.save()
+    path, weights = result.save(), result.save_weights()
     rt, summary = result.record["runtime"], result.record["summary"]
     for note in rt["notes"]:
         print(f"note: {note}")
@@ -92,6 +110,8 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv |
           f"{rt['threads_per_rank']} thread(s)/rank ({rt['threads_rule']}), {rt['optimizer']}, "
           f"CUDA graph {'on' if rt['cuda_graph'] else 'off'}, wall {rt['wall_time_s']:.1f} s")
     print(f"record written to {path} (epoch rows as they came: {journal})")
+    print(f"final weights written to {weights} (torch.load(path, weights_only=True) into "
+          f"MLP({cfg.hidden_sizes}, {cfg.dropout}))")
     return 0
 
 
@@ -159,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_config(args, env.world_size if env else None)
         with sigterm_raises(enabled=env is None):
             return train_command(args, cfg, env)
-    except (ValueError, OSError, MNISTDataError, CheckpointError, WorkerError) as exc:  # the user's to fix
+    except (ValueError, OSError, MNISTDataError, CheckpointError, WorkerError, NonFiniteLossError) as exc:  # to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:

@@ -19,6 +19,11 @@ from .data import Split, batches
 PHASES = ("data", "compute", "sync", "optimizer")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run has diverged. It stops and says where,
+    rather than train on and write a record whose accuracy looks like a result."""
+
+
 def make_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float, capturable: bool = False,
                    ) -> tuple[torch.optim.Optimizer, str]:
     """Adam in its fastest available form: fused (one kernel for all tensors), else foreach.
@@ -128,9 +133,10 @@ def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
 
 
 def eager_step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
-               timer: PhaseTimer, *, starts_step: bool = True, ends_step: bool = True, accumulate: int = 1) -> None:
+               timer: PhaseTimer, *, starts_step: bool = True, ends_step: bool = True, accumulate: int = 1,
+               ) -> torch.Tensor:
     """One micro-batch: forward and backward; on the last micro-batch of a step, also sync and Adam.
-    (A short last group of micro-batches is still divided by ``accumulate``.)"""
+    (A short last group of micro-batches is still divided by ``accumulate``.) Returns its loss."""
     if starts_step:
         sync.zero_grad()
     with contextlib.nullcontext() if ends_step else sync.no_sync():
@@ -147,18 +153,21 @@ def eager_step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch
         timer.lap("optimizer")
         sync.after_step()                           # local SGD averages the weights here
         timer.lap("sync")
+    return loss
 
 
 def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 tally: Tally, *, accumulate: int = 1, lr_scale: Callable[[int], float] | None = None,
-                first_step: int = 0, before_step: Callable[[int], None] | None = None, graph=None) -> dict:
+                first_step: int = 0, before_step: Callable[[int], None] | None = None, graph=None,
+                check_loss: Callable[[torch.Tensor, int], None] | None = None) -> dict:
     """Train on the given mini-batches; return how many steps were taken and the time per phase.
 
     Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
     them only. ``first_step`` is the run's count of micro-batches so far; ``lr_scale(n)``
     scales the rate of optimizer step n (warm-up); ``before_step(step)`` runs first (progress,
     fault injection). ``graph`` (a :class:`ddp_helpers.graphs.GraphedStep`) replays one
-    captured step for each full batch.
+    captured step for each full batch. ``check_loss(loss, step)`` sees the loss of each step
+    run eagerly (a captured step's loss stays on the GPU, in the tally).
     """
     sync.module.train()
     timer = PhaseTimer(tally.sums.device)
@@ -176,8 +185,10 @@ def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[to
             graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
             timer.lap("compute")
         else:
-            eager_step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
-                       accumulate=accumulate)
+            loss = eager_step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
+                              accumulate=accumulate)
+            if check_loss is not None:
+                check_loss(loss, first_step + done)
         optimizer_steps += ends_step
         done += 1
     set_lr(optimizer, base_lrs)  # the epoch-level scheduler owns the base rate

@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .data import Split, ensure_mnist
 from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
                    process_group, single_process, tcp_store, threads_for, torchrun_store)
+from .engine import NonFiniteLossError
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
 from .trainer import PROGRESS_EVERY_S, FitOutput, fit
@@ -36,7 +37,8 @@ from .workers import BLAME_GRACE_S, Event, WorkerError, headline, run_workers, s
 Handler = Callable[[Event], None]
 STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed
 STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone with its host
-OWN_ERRORS = (CheckpointError, OSError, ValueError)  # raised by this rank's own checks, never by waiting for a peer
+# raised by this rank's own checks, never by waiting for a peer (a non-finite loss: every rank raises it together)
+OWN_ERRORS = (CheckpointError, OSError, ValueError, NonFiniteLossError)
 
 
 def check_checkpoint_dir(cfg: TrainConfig) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_save
 from .config import TrainConfig
 from .data import PROJECT_ROOT
 from .model import MLP
@@ -48,19 +49,43 @@ class RunResult:
         return model.eval()
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the record. The weights are kept apart (:meth:`save_weights`): the notebooks save
+        records into results/ and keep their models in memory."""
         return save_json(self.record, path or self.config.record_path)
+
+    def save_weights(self, path: str | os.PathLike | None = None) -> Path:
+        """Write rank 0's final weights, by default beside the record (:func:`weights_path`): a plain
+        state_dict of CPU tensors, read back with ``torch.load(path, weights_only=True)`` into
+        ``MLP(cfg.hidden_sizes, cfg.dropout)``."""
+        path = Path(path or weights_path(self.config.record_path))
+        atomic_save(self.state_dict, path)
+        return path
+
+
+def weights_path(record_path: str | os.PathLike) -> Path:
+    """Where a record's final weights live: ``results/train_ws1.json`` -> ``results/train_ws1.pt``."""
+    return Path(record_path).with_suffix(".pt")
+
+
+def record_header(cfg: TrainConfig, status: str) -> dict[str, Any]:
+    """What every record starts with, finished or failed: what ran, where, and how it ended."""
+    return {"kind": "train", "status": status, "created": now_iso(), "command": command_line(), "config": cfg.to_dict(),
+            "environment": environment()}
+
+
+def failed_record(cfg: TrainConfig, error: BaseException | str, epochs: list[dict]) -> dict[str, Any]:
+    """The record of a run that stopped with an error: why, and the epochs it finished (a spawned
+    run's history dies with its workers: they come from the journal). No summary, no weights:
+    nothing finished to summarise, so a chart that expects a summary fails instead of misleading."""
+    return {**record_header(cfg, "failed"), "error": str(error), "epochs": epochs}
 
 
 def run_result(cfg: TrainConfig, history: list[dict], runtime: dict, state_dict: dict[str, torch.Tensor],
                wall_s: float, notes: list[str]) -> RunResult:
-    """The one place a run's record is put together (single process, spawned workers, torchrun)."""
+    """The one place a finished run's record is put together (single process, spawned workers, torchrun)."""
     times = [row["epoch_time_s"] for row in history]
     record = {
-        "kind": "train",
-        "created": now_iso(),
-        "command": command_line(),
-        "config": cfg.to_dict(),
-        "environment": environment(),
+        **record_header(cfg, "ok"),
         "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("notes", [])},
         "epochs": history,
         "summary": {

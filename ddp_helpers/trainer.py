@@ -2,7 +2,8 @@
 
 ``fit`` builds the model, optimizer, scheduler and sync strategy (restoring them from a
 checkpoint on resume), then runs the epochs: training between evaluation points, a
-checkpoint after each epoch when asked to. It reports through ``emit(kind, payload)``:
+checkpoint after each epoch when asked to; a loss that is no longer finite stops the run
+(every rank together). It reports through ``emit(kind, payload)``:
 ``progress`` about twice a second (the live bar, and the heartbeat that tells the launcher
 which rank stopped), ``epoch`` after each epoch, ``fault`` for an injected one.
 """
@@ -20,7 +21,8 @@ from .checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
-from .engine import PHASES, Tally, evaluate, make_optimizer, metrics, set_lr, train_steps, warmup_scale
+from .engine import (PHASES, NonFiniteLossError, Tally, evaluate, make_optimizer, metrics, set_lr, train_steps,
+                     warmup_scale)
 from .graphs import GraphedStep, graph_supported
 from .model import MLP, count_parameters
 from .sync import make_sync
@@ -59,6 +61,64 @@ def before_step_hook(cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int,
                               "pid": os.getpid(), "time": time.time()})
 
     return before_step
+
+
+class LossWatch:
+    """Where the training loss first stopped being finite, found without stalling a GPU.
+
+    On the CPU each step's loss is read: it is there already, so that costs next to nothing, and
+    one process stops at that step. On CUDA the read would make the host wait for the GPU at every
+    step (and a captured step's loss cannot be read at all), so the tally's loss sum is read at
+    each evaluation point instead, and a non-finite sum is placed at the last step checked.
+    Ranks stop together at the evaluation point, after one small all-reduce that tells every
+    rank where each rank's loss went bad: a rank that stopped alone would leave the others
+    waiting in their next collective.
+    """
+
+    def __init__(self, ctx: RankContext, lr: float):
+        self.ctx, self.lr = ctx, lr
+        self.per_step = ctx.device.type != "cuda"
+        self.first_step: int | None = None  # this rank's first global step whose loss was not finite
+
+    def step_check(self, epoch: int) -> Callable[[torch.Tensor, int], None] | None:
+        """The per-step check for ``train_steps`` (None on CUDA)."""
+        if not self.per_step:
+            return None
+
+        def check_loss(loss: torch.Tensor, step: int) -> None:
+            if self.first_step is None and not torch.isfinite(loss):
+                self.first_step = step
+                if self.ctx.world_size == 1:
+                    raise NonFiniteLossError(self.message(epoch, step, 0, step))
+
+        return check_loss
+
+    def at_eval_point(self, tally: Tally, epoch: int, last_step: int) -> None:
+        """Raise on every rank alike when any rank's loss has not been finite since the last check."""
+        step = self.first_step
+        if step is None and not torch.isfinite(tally.sums[0]):
+            step = last_step
+        if self.ctx.world_size == 1:
+            found = [] if step is None else [(step, 0)]
+        else:
+            slots = torch.zeros(self.ctx.world_size, dtype=torch.long, device=tally.sums.device)
+            slots[self.ctx.rank] = 0 if step is None else step + 1  # 0 = finite; the sum brings every slot to all
+            found = [(s - 1, rank) for rank, s in enumerate(self.ctx.reduce(slots).tolist()) if s]
+        if found:
+            step, rank = min(found)
+            raise NonFiniteLossError(self.message(epoch, step, rank, last_step))
+
+    def message(self, epoch: int, step: int, rank: int, last_step: int) -> str:
+        where = (f"at epoch {epoch}, global step {step}" if self.per_step else
+                 f"at epoch {epoch}, by global step {step} (the last step checked: on CUDA the loss is checked at "
+                 f"each evaluation point, not at every step)")
+        if self.ctx.world_size > 1:
+            where += f" on rank {rank}; every rank stopped at the evaluation point after step {last_step}"
+        if self.ctx.world_size > 1 and rank != self.ctx.rank:  # "peer" marks an error as about another rank
+            # (workers.ABOUT_A_PEER), so that the parent's WorkerError names the rank whose loss it was
+            where += f" (rank {self.ctx.rank} stopped with its peer)"
+        return (f"the training loss was not finite (NaN or inf) {where}. Fix: lower the learning rate "
+                f"(lr={self.lr:g}) or warm it up (warmup_steps)")
 
 
 def eval_points(steps: int, evals: int, accumulation_steps: int = 1) -> list[int]:
@@ -162,20 +222,23 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False  # the graph holds the grads
     eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size).to(test_split.images.device)
     points, lr_scale = eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps), warmup_scale(cfg.warmup_steps)
+    watch = LossWatch(ctx, cfg.lr)
     for epoch in range(start_epoch, cfg.epochs):
         indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)[:steps * cfg.batch_size]
         lr = float(optimizer.param_groups[0]["lr"])
-        before_step = before_step_hook(cfg, ctx, emit, epoch + 1, steps)
+        before_step, check_loss = before_step_hook(cfg, ctx, emit, epoch + 1, steps), watch.step_check(epoch + 1)
         phase_s, evals, done, optimizer_steps, train_s, eval_s = dict.fromkeys(PHASES, 0.0), [], 0, 0, 0.0, 0.0
         for end in points:
             start, chunk = time.perf_counter(), indices[done * cfg.batch_size:end * cfg.batch_size]
             part = train_steps(sync, optimizer, batches(train_split, chunk, cfg.batch_size), tally,
                                accumulate=cfg.accumulation_steps, lr_scale=lr_scale,
-                               first_step=global_step + done, before_step=before_step, graph=graph)
+                               first_step=global_step + done, before_step=before_step, graph=graph,
+                               check_loss=check_loss)
             train_s += time.perf_counter() - start
             phase_s = {p: phase_s[p] + part["phase_s"][p] for p in PHASES}
             done, optimizer_steps = end, optimizer_steps + part["optimizer_steps"]
             start = time.perf_counter()
+            watch.at_eval_point(tally, epoch + 1, global_step + done - 1)  # before this epoch's checkpoint
             val = metrics(ctx.reduce(evaluate(model, test_split, eval_idx)["sums"]), "val")
             eval_s += time.perf_counter() - start
             evals.append({"epoch_fraction": done / steps, "train_time_s": train_s, "val_accuracy": val["val_accuracy"],
