@@ -12,8 +12,9 @@ from .data import MNISTDataError, ensure_mnist, load_datasets, resolve_data_root
 from .launch import launch, run_single_process
 from .model import MLP, count_parameters
 from .results import RunResult
+from .engine import NonFiniteLossError
 from .workers import WorkerError
 
-__all__ = ["MLP", "MNISTDataError", "RunResult", "TrainConfig", "WorkerError", "count_parameters",
+__all__ = ["MLP", "MNISTDataError", "NonFiniteLossError", "RunResult", "TrainConfig", "WorkerError", "count_parameters",
            "ensure_mnist", "launch", "load_datasets", "resolve_data_root", "run_single_process"]
 __version__ = "0.2.0"

@@ -126,8 +126,9 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
     ``on_event(event)`` sees every event (``progress``, ``epoch``, ...) as it arrives.
     ``live``: "auto" shows a progress bar and each epoch's row in a notebook or terminal
     (nothing elsewhere); False shows nothing. ``journal``: a file that receives each epoch's
-    row as it arrives. ``quiet_workers`` sends worker output to log files instead of this
-    output. Spawned runs are stopped after ``launch_timeout_s``.
+    row as it arrives. Worker output always goes to per-rank log files; ``quiet_workers=False``
+    also copies it to this process's stderr as it arrives. Spawned runs are stopped after
+    ``launch_timeout_s``.
     """
     if cfg.world_size == 1:
         return run_single_process(cfg, on_event=on_event, live=live, journal=journal)
