@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from .host import usable_cores
+
 
 # --- the launcher's environment (torchrun or srun), read in one place --------------------------
 
@@ -124,14 +126,6 @@ def tasks_per_node(spec: str) -> list[int]:
 
 
 # --- choices made from this node's resources ------------------------------------------------
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def threads_for(requested: int, local_ranks: int) -> tuple[int, str]:
     """Intra-op threads per rank, and the rule that gave them.

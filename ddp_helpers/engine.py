@@ -165,7 +165,7 @@ def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[to
     Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
     them only. ``first_step`` is the run's count of micro-batches so far; ``lr_scale(n)``
     scales the rate of optimizer step n (warm-up); ``before_step(step)`` runs first (progress,
-    fault injection). ``graph`` (a :class:`ddp_helpers.graphs.GraphedStep`) replays one
+    fault injection). ``graph`` (a :class:`ddp_helpers.cuda_graph.GraphedStep`) replays one
     captured step for each full batch. ``check_loss(loss, step)`` sees the loss of each step
     run eagerly (a captured step's loss stays on the GPU, in the tally).
     """

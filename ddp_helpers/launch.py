@@ -3,7 +3,7 @@
 ``launch(config)`` is the one entry point for notebooks and scripts. For world size > 1 it
 spawns one process per rank, each running :func:`train_job`: join the process group, run
 ``fit``, send rank 0's result back. Workers call ``emit(kind, payload)``; the parent turns
-each message into an :class:`~ddp_helpers.workers.Event` and passes it to the same handlers
+each message into an :class:`~ddp_helpers.events.Event` and passes it to the same handlers
 whatever the mode: a live report (bar and epoch rows), an optional journal file, and the
 caller's ``on_event``. All three modes end in :func:`ddp_helpers.results.run_result`.
 Under torchrun no parent hears the ranks: they leave heartbeats and failures in the
@@ -29,10 +29,11 @@ from .data import Split, ensure_mnist
 from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
                    process_group, single_process, tcp_store, threads_for, torchrun_store)
 from .engine import NonFiniteLossError
+from .events import Event
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
 from .trainer import PROGRESS_EVERY_S, FitOutput, fit
-from .workers import BLAME_GRACE_S, Event, WorkerError, headline, run_workers, stopped_making_progress
+from .workers import BLAME_GRACE_S, WorkerError, headline, run_workers, stopped_making_progress
 
 Handler = Callable[[Event], None]
 STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed

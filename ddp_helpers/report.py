@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .workers import Event
+from .events import Event
 
 HEADER = (f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val loss':>9} {'val acc':>8} "
           f"{'epoch s':>8} {'step ms':>8} | {'data':>5} {'comp':>5} {'sync':>5} {'opt':>5}")

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +17,7 @@ import torch
 from .checkpoint import atomic_save
 from .config import TrainConfig
 from .data import PROJECT_ROOT
+from .host import environment
 from .model import MLP
 
 RESULTS_DIR = PROJECT_ROOT / "results"
@@ -111,79 +108,6 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-# --- where it ran ------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            kib = int(fh.readline().split()[1])
-        return round(kib / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.cache
-def gpu_driver() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def code_version() -> str | None:
-    """The git commit of this code (with "+changes" when the working tree differs), if in a checkout."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ddp_helpers"],
-                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+changes" if dirty else "")) if sha else None
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, so that a record can be understood on its own."""
-    import numpy
-    import torchvision
-
-    from .dist import usable_cores
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
-        if torch.cuda.is_available() else []
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "cpu_model": cpu_model(),
-        "cpu_cores_usable": usable_cores(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": memory_gib(),
-        "gpus": gpus,
-        "cuda": torch.version.cuda if gpus else None,
-        "gpu_driver": gpu_driver() if gpus else None,
-        "code": code_version(),
-    }
 
 
 def now_iso() -> str:

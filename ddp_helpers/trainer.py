@@ -19,11 +19,11 @@ import torch
 
 from .checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .cuda_graph import GraphedStep, graph_supported
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
 from .engine import (PHASES, NonFiniteLossError, Tally, evaluate, make_optimizer, metrics, set_lr, train_steps,
                      warmup_scale)
-from .graphs import GraphedStep, graph_supported
 from .model import MLP, count_parameters
 from .sync import make_sync
 

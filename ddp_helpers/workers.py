@@ -29,12 +29,12 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .dist import check_port_free, find_free_port
+from .events import Event
 
 STOP_GRACE_S = 5.0
 BLAME_GRACE_S = 2.0   # healthy ranks that wait for the same silent peer time out within this of each other
@@ -45,13 +45,6 @@ BOOTSTRAPPING = "bootstrapping phase"  # in multiprocessing's error for a proces
 MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again in every worker, and at its top "
                   "level the script starts workers again (multiprocessing's bootstrapping error below). Fix: put the "
                   "call that starts the run under `if __name__ == \"__main__\":` in the script")
-
-
-@dataclass
-class Event:
-    rank: int
-    kind: str
-    payload: Any
 
 
 class WorkerError(RuntimeError):

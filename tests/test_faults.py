@@ -136,7 +136,7 @@ def test_a_worker_frozen_from_outside_is_named_and_nothing_is_left_running():
             os.kill(frozen["pid"], signal.SIGSTOP)
 
     cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=60000, test_subset=64, epochs=1,
-                      timeout_s=10, launch_timeout_s=120)
+                      timeout_s=5, launch_timeout_s=120)
     with pytest.raises(WorkerError) as info:
         launch(cfg, on_event=freeze_rank_1)
     assert frozen and info.value.rank == 1

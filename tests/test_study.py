@@ -72,14 +72,12 @@ def test_the_study_lists_its_parts_and_its_quick_mode_writes_records(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "ddp_helpers.study", "--help"], capture_output=True, text=True)
     for part in ("allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "gpu", "all"):
         assert part in helped.stdout
-    for part in ("allreduce", "tta"):  # a smoke run of two parts (each spawns workers: seconds each)
+    for part in ("allreduce",):  # a smoke run of one part (spawns workers); tta's parts are tested above
         out = subprocess.run([sys.executable, "-m", "ddp_helpers.study", part, "--quick", "--out", str(tmp_path)],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     allreduce = json.loads((tmp_path / "study_allreduce_quick.json").read_text())
     assert set(allreduce["world_sizes"]) == {"2", "4"} and allreduce["environment"]["torch"]
-    tta = json.loads((tmp_path / "study_tta_quick.json").read_text())
-    assert tta["quick"] and len(tta["runs"]) == 2 and tta["method"]["orders"]["0"]
 
 
 @pytest.mark.skipif(not (RESULTS_DIR / "study_throughput.json").exists(), reason="no study records committed")

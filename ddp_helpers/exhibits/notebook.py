@@ -13,7 +13,8 @@ import pandas as pd
 import seaborn as sns
 
 from ..config import TrainConfig
-from ..results import RESULTS_DIR, code_version
+from ..host import code_version
+from ..results import RESULTS_DIR
 
 
 @dataclass

@@ -7,8 +7,6 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .comm import GRAD_BYTES
-
 
 def _legend_below(ax, ncol: int = 2) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
@@ -25,9 +23,10 @@ def plot_allreduce(record: dict) -> plt.Figure:
         ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), "-", color=color, lw=1,
                   label=f"fit, {w} ranks: {1e6 * data['alpha_s']:.0f} µs + "
                         f"{1e9 * data['beta_s_per_byte']:.2f} ns/byte")
-    ax.axvline(GRAD_BYTES, color="grey", ls=":", lw=1)
-    ax.annotate("our gradient\n(2.27 MB)", (GRAD_BYTES, ax.get_ylim()[1]), xytext=(-4, -4), textcoords="offset points",
-                ha="right", va="top", fontsize=8, color="grey")
+    grad = record["gradient_bytes"]
+    ax.axvline(grad, color="grey", ls=":", lw=1)
+    ax.annotate(f"our gradient\n({grad / 1e6:.2f} MB)", (grad, ax.get_ylim()[1]), xytext=(-4, -4),
+                textcoords="offset points", ha="right", va="top", fontsize=8, color="grey")
     ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
     _legend_below(ax)
     fig.tight_layout()
@@ -172,9 +171,10 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     ids = [c["id"] for c in runs[0]["cases"]]
     labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
     x = np.arange(len(runs))
-    for case, color in zip(ids, sns.color_palette("deep")):
+    styles = ["-o", "--s", ":D", "-^", "-v", "-P"]  # default and 1 MB buckets coincide: markers tell them apart
+    for case, color, style in zip(ids, sns.color_palette("deep"), styles):
         ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
-        ax.plot(x, [nodes * 32 * 1000 / t for t in ms], "-o", color=color, label=labels[case])
+        ax.plot(x, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
     single = network.get("single_process")
     if single:
         ax.axhline(32 * 1000 / single["step_ms"], color="black", ls=":", lw=1.2,
@@ -188,9 +188,10 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     return fig
 
 
-def plot_link_model(network: dict) -> plt.Figure:
+def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     """Each shaped-link step predicted (from the unshaped run and the nominal rate) against measured."""
     steps = pd.DataFrame(network["predictions"]["steps"])
+    labels = {c["id"]: c["label"] for r in network["runs"] for c in r["cases"]}
     fig, ax = plt.subplots(figsize=(6.5, 5))
     markers = dict(zip(sorted(steps.case.unique()), "osD^vP"))
     colors = dict(zip(LINK_ORDER, sns.color_palette("deep")))
@@ -201,13 +202,13 @@ def plot_link_model(network: dict) -> plt.Figure:
         1.25 * steps[["measured_ms", "predicted_ms"]].max().max()
     grid = np.geomspace(low, high, 20)
     ax.plot(grid, grid, color="grey", lw=1)
-    ax.fill_between(grid, grid * 0.85, grid * 1.15, color="grey", alpha=0.15, lw=0)
+    ax.fill_between(grid, grid * (1 - band_pct / 100), grid * (1 + band_pct / 100), color="grey", alpha=0.15, lw=0)
     for case, m in markers.items():
-        ax.plot([], [], m, color="black", mfc="none", label=case)
+        ax.plot([], [], m, color="black", mfc="none", label=labels.get(case, case))
     for link in [l for l in LINK_ORDER if l in set(steps.link)]:
         ax.plot([], [], "s", color=colors[link], label=link)
     ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), xlabel="measured ms per step",
-           ylabel="predicted ms per step", title="Link model against measurement\n(band: ±15%; hollow: 4 nodes)")
+           ylabel="predicted ms per step", title=f"Link model against measurement\n(band: ±{band_pct:g}%; hollow: 4 nodes)")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)

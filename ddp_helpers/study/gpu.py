@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from ..config import TrainConfig
+from ..cuda_graph import GraphedStep
 from ..data import TRAIN_SAMPLES, steps_per_epoch
 from ..engine import Tally, make_optimizer
-from ..graphs import GraphedStep
 from ..launch import launch
 from ..model import MLP
 from .records import record

@@ -24,7 +24,8 @@ import torch
 
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import process_group, torchrun_env, torchrun_store, usable_cores
+from ..dist import process_group, torchrun_env, torchrun_store
+from ..host import usable_cores
 from ..launch import launch
 from ..sync import LocalSync, make_sync
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps

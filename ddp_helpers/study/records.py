@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..results import command_line, environment, now_iso
+from ..host import environment
+from ..results import command_line, now_iso
 
 
 def cpu_ticks() -> dict[str, int] | None:
