@@ -219,18 +219,3 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_pa
     record = json.loads((tmp_path / "elastic.json").read_text())
     assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3]
     assert any("resumed from" in n and "epoch 2" in n for n in record["runtime"]["notes"])
-
-
-def test_two_torchrun_nodes_rendezvous_over_c10d(tmp_path):
-    port = find_free_port()
-    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-              f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "ddp_helpers", "train", "--dataset", "synthetic",
-              "--train-subset", "512", "--test-subset", "64", "--epochs", "1", "--no-progress",
-              "--backend", "gloo", "--device", "cpu",  # two "nodes" on one machine: on a GPU machine they
-              "--output-dir", str(tmp_path), "--run-name", "two_nodes"]  # would both pick its one GPU for NCCL
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--node-rank", str(i), *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [n.communicate(timeout=240) for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], outs
-    record = json.loads((tmp_path / "two_nodes.json").read_text())
-    assert record["runtime"]["rank_count"] == 2
