@@ -13,7 +13,6 @@ import torch
 from ddp_helpers import TrainConfig, WorkerError, launch
 from ddp_helpers.checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, list_checkpoints,
                                     load_checkpoint, save_checkpoint)
-from ddp_helpers.dist import check_port_free, find_free_port
 from processes import no_process_left, spawned_workers_of
 
 SMALL = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=1000, epochs=3, seed=11,
@@ -167,6 +166,17 @@ def test_a_run_that_crashes_keeps_its_finished_epochs_in_the_journal(tmp_path):
     assert [row["epoch"] for row in rows] == [1, 2] and all("val_accuracy" in row for row in rows)
 
 
+def test_a_resumed_run_appends_to_its_journal(tmp_path):
+    from ddp_helpers.report import read_journal
+
+    journal, ckpt = tmp_path / "run.epochs.jsonl", str(tmp_path / "ckpt")
+    cfg = TrainConfig(world_size=1, dataset="synthetic", train_subset=256, test_subset=64, epochs=2,
+                      checkpoint_dir=ckpt)
+    launch(cfg, journal=journal, live=False)
+    launch(cfg.replace(epochs=3, resume=True), journal=journal, live=False)
+    assert [row["epoch"] for row in read_journal(journal)] == [1, 2, 3]  # the first run's rows are kept
+
+
 def test_a_worker_killed_by_a_signal_is_reported_by_rank_and_signal():
     from ddp_helpers.workers import run_workers
     from processes import killed_by_sigkill_job
@@ -177,13 +187,13 @@ def test_a_worker_killed_by_a_signal_is_reported_by_rank_and_signal():
     assert no_process_left(info.value.pids)
 
 
-def test_the_port_is_free_again_after_a_failed_run():
-    port = find_free_port()
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=256, test_subset=64, epochs=1,
-                      master_port=port, fail_rank=0, fail_step=1, timeout_s=30, launch_timeout_s=120)
-    with pytest.raises(WorkerError):
-        launch(cfg)
-    check_port_free("127.0.0.1", port)  # raises if anything still holds it
+def test_launch_timeout_stops_every_worker_and_says_which_limit():
+    pids = []
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=60000, test_subset=64, epochs=100,
+                      timeout_s=60, launch_timeout_s=3)
+    with pytest.raises(TimeoutError, match=r"longer than launch_timeout_s=3 s; all 2 workers were stopped"):
+        launch(cfg, on_event=lambda e: pids.append(e.payload["pid"]) if e.kind == "started" else None)
+    assert no_process_left(pids)
 
 
 def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
