@@ -82,3 +82,22 @@ def test_the_cli_keeps_the_trained_model_beside_the_record(tmp_path):
     with torch.no_grad():  # one batch of 64 in eval mode, as the run's evaluation did: the same argmax
         correct = (model.eval()(test.images).argmax(1) == test.labels).sum().item()
     assert correct / len(test.labels) == record["summary"]["final_val_accuracy"]
+
+
+def test_the_phases_add_up_to_the_step(monkeypatch):
+    """Every "sync is X% of the step" rests on this: the phase laps cover the timed steps, all but
+    the clock reads around each part of an epoch. A clock that ticks once per read makes it exact."""
+    import itertools
+    import time
+
+    from ddp_helpers.engine import PHASES
+
+    clock = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    cfg = TrainConfig(world_size=1, dataset="synthetic", train_subset=256, test_subset=64, epochs=1,
+                      evals_per_epoch=2)
+    row = run_single_process(cfg, live=False).history[0]
+    ticks = {name: round(ms * row["steps_per_worker"] / 1000) for name, ms in row["step_ms"].items()}
+    outside = ticks["total"] - sum(ticks[p] for p in PHASES)
+    assert sum(ticks[p] for p in PHASES) > 5 * row["steps_per_worker"]  # every step's laps were counted
+    assert 0 <= outside <= 2 * cfg.evals_per_epoch, ticks
