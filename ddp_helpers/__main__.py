@@ -2,7 +2,7 @@ import faulthandler
 import sys
 
 from .cli import main
-from .dist import torchrun_env
+from .launchers import torchrun_env
 from .workers import exit_now
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from .checkpoint import NAME, CheckpointError, list_checkpoints
 from .config import TrainConfig, config_fields, field_default
 from .data import MNISTDataError
-from .dist import TorchrunEnv, torchrun_env
+from .launchers import TorchrunEnv, torchrun_env
 from .engine import NonFiniteLossError
 from .workers import WorkerError
 

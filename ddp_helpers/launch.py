@@ -12,11 +12,9 @@ rendezvous store, and a rank that fails because of another names it.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,12 +30,11 @@ from .engine import NonFiniteLossError
 from .events import Event
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
-from .trainer import PROGRESS_EVERY_S, FitOutput, fit
-from .workers import BLAME_GRACE_S, WorkerError, headline, run_workers, stopped_making_progress
+from .store_blame import culprit_in_store, mark_failed, store_emit
+from .trainer import FitOutput, fit
+from .workers import WorkerError, run_workers
 
 Handler = Callable[[Event], None]
-STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed
-STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone with its host
 # raised by this rank's own checks, never by waiting for a peer (a non-finite loss: every rank raises it together)
 OWN_ERRORS = (CheckpointError, OSError, ValueError, NonFiniteLossError)
 
@@ -163,74 +160,6 @@ def attempt_config(cfg: TrainConfig, env: TorchrunEnv) -> TrainConfig:
     from the run's checkpoints where it keeps any (else it starts over)."""
     restarted = env.restart_count > 0 and bool(cfg.checkpoint_dir)
     return cfg.replace(world_size=env.world_size, resume=cfg.resume or restarted)
-
-
-# --- under torchrun: heartbeats and failures in the rendezvous store -----------------------------
-# A spawned run's parent hears every rank over its pipe and names the one that failed
-# (workers.py). Under torchrun no process hears our events, so the ranks tell each other
-# through the store: each writes its heartbeat there, and its headline when it fails by itself.
-
-def store_emit(store: dist.Store, rank: int, handle: Handler) -> Callable[[str, dict], None]:
-    """A torchrun rank's ``emit``: every event to the handler, each heartbeat to the store too."""
-    def emit(kind: str, payload: dict) -> None:
-        if kind == "progress":
-            store.set(f"heartbeat/{rank}", json.dumps(payload))
-        handle(Event(rank, kind, payload))
-
-    return emit
-
-
-def read_ranks(store: dist.Store, kind: str, ranks: list[int]) -> dict[int, dict]:
-    """What each of these ranks wrote under ``kind/<rank>``, for those that did (check does not block)."""
-    keys = {rank: f"{kind}/{rank}" for rank in ranks}
-    return {rank: json.loads(store.get(key)) for rank, key in keys.items() if store.check([key])}
-
-
-def peers_in_store(store: dist.Store, others: list[int]) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(ranks that failed by themselves, ranks whose heartbeat is clearly stale and that did not
-    say they were waiting), each with what it wrote."""
-    failed, waited = read_ranks(store, "failed", others), read_ranks(store, "waited", others)
-    beats = read_ranks(store, "heartbeat", others)
-    return failed, {r: b for r, b in beats.items() if r not in waited and time.time() - b["time"] > STALE_AFTER_S}
-
-
-def culprit_in_store(store: dist.Store, rank: int, world_size: int, exc: BaseException) -> WorkerError | None:
-    """The error naming the rank that made this one fail, or None when the failure is this rank's own.
-
-    A rank that failed by itself comes first: it wrote its headline before it left the
-    process group, so before its peers could notice. Else the rank whose heartbeat is clearly
-    stale. With more than two ranks the healthy ones go silent too while they wait: each says
-    that it waited, and the others give them up to BLAME_GRACE_S to say so.
-    """
-    others = [r for r in range(world_size) if r != rank]
-    try:
-        store.set_timeout(timedelta(seconds=STORE_READ_S))
-        failed, silent = peers_in_store(store, others)
-        if silent and not failed:
-            store.set(f"waited/{rank}", json.dumps({"time": time.time()}))
-            deadline = time.monotonic() + BLAME_GRACE_S
-            while len(silent) > 1 and not failed and time.monotonic() < deadline:
-                time.sleep(0.1)
-                failed, silent = peers_in_store(store, others)
-    except Exception:  # the store is gone (its host ended): nothing to tell
-        return None
-    mine = f"rank {rank}: {headline(exc)}"
-    if failed:
-        culprit = min(failed, key=lambda r: failed[r]["time"])
-        return WorkerError(culprit, f"{failed[culprit]['headline']}; rank {rank} stopped waiting for it", [], mine)
-    if silent:
-        culprit = min(silent, key=lambda r: silent[r]["time"])
-        return WorkerError(culprit, stopped_making_progress(silent[culprit], rank), [], mine)
-    return None
-
-
-def mark_failed(store: dist.Store, rank: int, exc: BaseException) -> None:
-    """Tell the other ranks that this one failed by itself, and why."""
-    try:
-        store.set_timeout(timedelta(seconds=STORE_READ_S))
-        store.set(f"failed/{rank}", json.dumps({"headline": headline(exc), "time": time.time()}))
-    except Exception:  # the store is gone: the others will see only a closed connection
-        pass
 
 
 def fit_naming_the_culprit(cfg: TrainConfig, ctx: RankContext, store: dist.Store, handle: Handler) -> FitOutput:

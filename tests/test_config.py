@@ -88,7 +88,7 @@ def second_node_of_two(monkeypatch):
 
 
 def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two):
-    from ddp_helpers.dist import torchrun_env
+    from ddp_helpers.launchers import torchrun_env
 
     env = torchrun_env()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (11, 16, 3, 8)
@@ -97,7 +97,7 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
 
 def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoints(second_node_of_two, monkeypatch,
                                                                                   tmp_path):
-    from ddp_helpers.dist import torchrun_env
+    from ddp_helpers.launchers import torchrun_env
     from ddp_helpers.launch import attempt_config
 
     first = attempt_config(TrainConfig(dataset="synthetic"), torchrun_env())
@@ -110,7 +110,8 @@ def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoin
 
 
 def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
-    from ddp_helpers.dist import check_devices, pick_backend, pick_device, torchrun_env
+    from ddp_helpers.dist import check_devices, pick_backend, pick_device
+    from ddp_helpers.launchers import torchrun_env
 
     check_devices("nccl", "auto", torchrun_env().local_world_size)  # 8 local ranks, 8 GPUs: accepted
     assert torchrun_env().local_world_size == 8
@@ -121,7 +122,8 @@ def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
 def test_nccl_is_refused_when_this_node_has_fewer_gpus_than_ranks(second_node_of_two, monkeypatch, eight_gpus):
     import torch
 
-    from ddp_helpers.dist import check_devices, pick_backend, torchrun_env
+    from ddp_helpers.dist import check_devices, pick_backend
+    from ddp_helpers.launchers import torchrun_env
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="8 local rank.*4 CUDA device"):
@@ -136,10 +138,10 @@ def test_auto_backend_is_gloo_when_the_device_is_the_cpu(eight_gpus):
 
 
 def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two, monkeypatch):
-    from ddp_helpers import dist
+    from ddp_helpers import dist, launchers
 
     monkeypatch.setattr(dist, "usable_cores", lambda: 64)
-    assert dist.threads_for(0, dist.torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
+    assert dist.threads_for(0, launchers.torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert dist.threads_for(0, 8) == (2, "OMP_NUM_THREADS=2")
     assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins

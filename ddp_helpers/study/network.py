@@ -24,7 +24,8 @@ import torch
 
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import process_group, torchrun_env, torchrun_store
+from ..dist import process_group, torchrun_store
+from ..launchers import torchrun_env
 from ..host import usable_cores
 from ..launch import launch
 from ..sync import LocalSync, make_sync
