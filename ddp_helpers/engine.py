@@ -21,7 +21,12 @@ PHASES = ("data", "compute", "sync", "optimizer")
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite: the run has diverged. It stops and says where,
-    rather than train on and write a record whose accuracy looks like a result."""
+    rather than train on and write a record whose accuracy looks like a result. ``rank_at_fault``:
+    the rank whose loss it was (every rank raises it together), so that the launcher names that one."""
+
+    def __init__(self, message: str, rank_at_fault: int = 0):
+        super().__init__(message)
+        self.rank_at_fault = rank_at_fault
 
 
 def make_optimizer(params: Iterable[nn.Parameter], lr: float, weight_decay: float, capturable: bool = False,

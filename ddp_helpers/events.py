@@ -5,7 +5,7 @@ torchrun), so it lives apart from the code that starts workers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -13,3 +13,6 @@ class Event:
     rank: int
     kind: str
     payload: Any
+
+
+Handler = Callable[[Event], None]  # what receives the events

@@ -27,14 +27,13 @@ from .data import Split, ensure_mnist
 from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
                    process_group, single_process, tcp_store, threads_for, torchrun_store)
 from .engine import NonFiniteLossError
-from .events import Event
+from .events import Event, Handler
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
 from .store_blame import culprit_in_store, mark_failed, store_emit
 from .trainer import FitOutput, fit
 from .workers import WorkerError, run_workers
 
-Handler = Callable[[Event], None]
 # raised by this rank's own checks, never by waiting for a peer (a non-finite loss: every rank raises it together)
 OWN_ERRORS = (CheckpointError, OSError, ValueError, NonFiniteLossError)
 

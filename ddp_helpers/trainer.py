@@ -89,7 +89,7 @@ class LossWatch:
             if self.first_step is None and not torch.isfinite(loss):
                 self.first_step = step
                 if self.ctx.world_size == 1:
-                    raise NonFiniteLossError(self.message(epoch, step, 0, step))
+                    raise NonFiniteLossError(self.message(epoch, step, 0, step), 0)
 
         return check_loss
 
@@ -106,7 +106,7 @@ class LossWatch:
             found = [(s - 1, rank) for rank, s in enumerate(self.ctx.reduce(slots).tolist()) if s]
         if found:
             step, rank = min(found)
-            raise NonFiniteLossError(self.message(epoch, step, rank, last_step))
+            raise NonFiniteLossError(self.message(epoch, step, rank, last_step), rank)
 
     def message(self, epoch: int, step: int, rank: int, last_step: int) -> str:
         where = (f"at epoch {epoch}, global step {step}" if self.per_step else
@@ -114,9 +114,6 @@ class LossWatch:
                  f"each evaluation point, not at every step)")
         if self.ctx.world_size > 1:
             where += f" on rank {rank}; every rank stopped at the evaluation point after step {last_step}"
-        if self.ctx.world_size > 1 and rank != self.ctx.rank:  # "peer" marks an error as about another rank
-            # (workers.ABOUT_A_PEER), so that the parent's WorkerError names the rank whose loss it was
-            where += f" (rank {self.ctx.rank} stopped with its peer)"
         return (f"the training loss was not finite (NaN or inf) {where}. Fix: lower the learning rate "
                 f"(lr={self.lr:g}) or warm it up (warmup_steps)")
 

@@ -103,7 +103,8 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
         job(rank, world_size, init_method, emit, *args)
     except BaseException as exc:
         traceback.print_exc()
-        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc()})
+        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc(),
+                       "rank_at_fault": getattr(exc, "rank_at_fault", None)})  # an error that knows whose it is
         exit_now(1)
     exit_now(0)
 
@@ -272,6 +273,8 @@ class _Run:
         NCCL's watchdog ends a rank whose collective timed out with SIGABRT and no Python error."""
         error = self.errors.get(rank)
         if error is not None:
+            if error.get("rank_at_fault") is not None:
+                return error["rank_at_fault"] != rank
             return any(word in error["headline"].lower() for word in ABOUT_A_PEER)
         return self.procs[rank].exitcode == -signal.SIGABRT and \
             any(word in self.output(rank).lower() for word in ("watchdog", "timeout", "timed out"))

@@ -12,6 +12,14 @@ def _legend_below(ax, ncol: int = 2) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
 
 
+def _finish_link_chart(fig, ax, y_format: str, ncol: int) -> plt.Figure:
+    """Plain numbers on a log y axis, the legend below, a tight layout."""
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: format(v, y_format)))
+    _legend_below(ax, ncol=ncol)
+    fig.tight_layout()
+    return fig
+
+
 def plot_allreduce(record: dict) -> plt.Figure:
     """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -158,10 +166,7 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
     ax.plot([], [], "--", color="grey", lw=1, label="predicted: unshaped fit, link's rate")
     ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)",
            title=f"gloo all-reduce between {nodes} nodes, per link")
-    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
-    _legend_below(ax, ncol=3)
-    fig.tight_layout()
-    return fig
+    return _finish_link_chart(fig, ax, "g", ncol=3)
 
 
 def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
@@ -182,10 +187,7 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes", ylabel="samples per second (all ranks)",
            title=f"{nodes} nodes sharing this machine's 2 vCPUs: throughput per link")
-    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    _legend_below(ax, ncol=2)
-    fig.tight_layout()
-    return fig
+    return _finish_link_chart(fig, ax, ",.0f", ncol=2)
 
 
 def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:

@@ -217,9 +217,3 @@ class NetLab:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def leftovers() -> list[str]:
-    """Namespaces of labs that are still there (a test asserts there are none of its own)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return re.findall(rf"^({PREFIX}{os.getpid()}-\S+)", listed, flags=re.M)

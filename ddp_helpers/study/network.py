@@ -24,7 +24,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import process_group, torchrun_store
+from ..dist import process_group, single_process, torchrun_store
 from ..launchers import torchrun_env
 from ..host import usable_cores
 from ..launch import launch
@@ -193,12 +193,8 @@ def single_process_ms(quick: bool, threads: int = 2) -> dict:
     same statistic as the lab's cases (warm-up, then the mean over the timed steps)."""
     steps = 16 if quick else 240
     train, _ = load_datasets("mnist", "", 4096 if quick else 0, 1, 0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with single_process(torch.device("cpu"), threads):
         return timed_steps(TrainConfig(world_size=1), 0, 1, LocalSync, train, steps, steps)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
