@@ -2,7 +2,7 @@ import faulthandler
 import sys
 
 from .cli import main
-from .launchers import torchrun_env
+from .cluster.env import torchrun_env
 from .workers import exit_now
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from .checkpoint import NAME, CheckpointError, list_checkpoints
 from .config import TrainConfig, config_fields, field_default
 from .data import MNISTDataError
-from .launchers import TorchrunEnv, torchrun_env
+from .cluster.env import RankPlace, torchrun_env
 from .engine import NonFiniteLossError
 from .workers import WorkerError
 
@@ -60,7 +60,7 @@ def resolve_config(args: argparse.Namespace, world_size: int | None = None) -> T
     return TrainConfig.from_dict(values)
 
 
-def mode(cfg: TrainConfig, env: TorchrunEnv | None) -> str:
+def mode(cfg: TrainConfig, env: RankPlace | None) -> str:
     """Who started the ranks, as the first line of output says."""
     if env:
         return "slurm (srun)" if env.launcher == "slurm" else "torchrun"
@@ -78,8 +78,8 @@ def save_failed_record(cfg: TrainConfig, error: BaseException, journal: Path) ->
     return save_json(failed_record(cfg, error, epochs), cfg.record_path)
 
 
-def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv | None) -> int:
-    from .launch import launch, run_torchrun
+def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | None) -> int:
+    from .launch import launch
 
     if args.print_config:
         print(cfg.to_json())
@@ -91,10 +91,7 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: TorchrunEnv |
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
     live = "rows" if args.no_progress else True
     try:
-        if env:
-            result = run_torchrun(cfg, env, live=live, journal=journal)
-        else:
-            result = launch(cfg, live=live, journal=journal, quiet_workers=False)
+        result = launch(cfg, live=live, journal=journal, quiet_workers=False, env=env)
     except (NonFiniteLossError, WorkerError) as exc:  # failed while training: the record says so
         if is_main:
             print(f"record of the failed run written to {save_failed_record(cfg, exc, journal)}", flush=True)
@@ -144,7 +141,7 @@ def sigterm_raises(enabled: bool = True) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
 
 
-def resume_hint(cfg: TrainConfig, env: TorchrunEnv | None, argv: Sequence[str]) -> str:
+def resume_hint(cfg: TrainConfig, env: RankPlace | None, argv: Sequence[str]) -> str:
     """Where the run can continue from, and the command that continues it."""
     if not cfg.checkpoint_dir:
         return "no checkpoint was kept (pass --checkpoint-dir to keep them)"
@@ -157,7 +154,7 @@ def resume_hint(cfg: TrainConfig, env: TorchrunEnv | None, argv: Sequence[str]) 
     return f"last checkpoint {kept[0]} (epoch {int(NAME.match(kept[0].name).group(1))}); to continue, {how}"
 
 
-def stopped_line(how: str, cfg: TrainConfig | None, env: TorchrunEnv | None, argv: Sequence[str]) -> str:
+def stopped_line(how: str, cfg: TrainConfig | None, env: RankPlace | None, argv: Sequence[str]) -> str:
     """The one line a run stopped from outside leaves: what was stopped, and how to continue."""
     if cfg is None:
         return f"stopped by {how} before the run started"

@@ -1,8 +1,9 @@
 """One whole training step captured as a CUDA graph and replayed for every full batch.
 
 At batch 32 this MLP's step is about fifty small kernels; launched one by one from Python,
-the GPU waits for the host most of the time. Captured once, the step (zero the gradients,
-forward, loss, backward, fused Adam, the loss and accuracy sums) is one launch. The
+the GPU waits for the host most of the time. Captured once, the step (``engine.step``, the
+function every eager step runs: zero the gradients, forward, loss, backward, the loss and
+accuracy sums, fused Adam) is one launch. The
 recipe is PyTorch's "whole network capture": static input buffers, a capturable
 optimizer, warm-up on a side stream before capture. The warm-up steps really update the
 weights, Adam's state, the metric sums and the random generator, so all of them are put
@@ -13,9 +14,8 @@ eager path starts, a resumed run included.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .engine import Tally
+from .engine import Tally, step
 
 
 def graph_supported(device: torch.device, world_size: int, accumulation_steps: int) -> tuple[bool, str]:
@@ -32,9 +32,10 @@ def graph_supported(device: torch.device, world_size: int, accumulation_steps: i
 class GraphedStep:
     """A captured training step for batches of exactly ``batch_size`` samples."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tally: Tally,
-                 example_x: torch.Tensor, example_y: torch.Tensor, warmup: int = 3):
-        self.model, self.optimizer, self.tally = model, optimizer, tally
+    def __init__(self, sync, optimizer: torch.optim.Optimizer, tally: Tally, example_x: torch.Tensor,
+                 example_y: torch.Tensor, warmup: int = 3):
+        self.sync, self.optimizer, self.tally = sync, optimizer, tally
+        model = sync.module
         self.x, self.y = example_x.clone(), example_y.clone()
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         moments = {p: {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -62,12 +63,7 @@ class GraphedStep:
         torch.cuda.set_rng_state(rng)
 
     def _step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        logits = self.model(self.x)
-        loss = F.cross_entropy(logits, self.y)
-        loss.backward()
-        self.optimizer.step()
-        self.tally.add(loss, logits, self.y)
+        step(self.sync, self.optimizer, self.x, self.y, self.tally, set_to_none=False)  # the graph holds the grads
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.shape[0] == self.x.shape[0]

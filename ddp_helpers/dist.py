@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from .host import usable_cores
-from .launchers import TorchrunEnv
 
 
 # --- choices made from this node's resources ------------------------------------------------
@@ -120,20 +120,6 @@ def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) ->
                          timeout=timedelta(seconds=timeout_s))
 
 
-def torchrun_store(env: TorchrunEnv, timeout_s: float) -> dist.Store:
-    """The store of a torchrun worker, with keys private to this restart attempt.
-
-    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
-    a restarted rank can read the address its peer had in the attempt that crashed, and
-    gloo's connect then fails with "Connection refused" (seen here, intermittently).
-    Under srun no agent hosts it (TORCHELASTIC_USE_AGENT_STORE is torchrun's): rank 0 does.
-    """
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                          is_master=env.rank == 0 and not agent_hosts_it, timeout=timedelta(seconds=timeout_s))
-    return dist.PrefixStore(f"ddp_helpers/{env.run_id}/attempt_{env.restart_count}", store)
-
-
 def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
     """Return only when every rank has finished its last collective.
 
@@ -169,6 +155,14 @@ class RankContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def gather(self, value: object) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (identity in a single process)."""
         if self.world_size > 1:
@@ -196,6 +190,9 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
     try:
         yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count)
         leave_together(store, rank, world_size, timeout_s)
+    except BaseException as exc:  # when this rank failed: before it leaves, so before any peer can notice
+        exc.raised_at = getattr(exc, "raised_at", time.time())  # (the launcher blames the earliest failure)
+        raise
     finally:
         dist.destroy_process_group()
 

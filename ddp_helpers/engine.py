@@ -137,13 +137,25 @@ def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
     yield current, True
 
 
-def eager_step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
-               timer: PhaseTimer, *, starts_step: bool = True, ends_step: bool = True, accumulate: int = 1,
-               ) -> torch.Tensor:
-    """One micro-batch: forward and backward; on the last micro-batch of a step, also sync and Adam.
-    (A short last group of micro-batches is still divided by ``accumulate``.) Returns its loss."""
+class NoTimer:
+    """A timer that counts nothing: a step captured in a CUDA graph is timed as one replay."""
+
+    def lap(self, phase: str) -> None:
+        pass
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        pass
+
+
+def step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
+         timer: PhaseTimer | NoTimer = NoTimer(), *, starts_step: bool = True, ends_step: bool = True,
+         accumulate: int = 1, set_to_none: bool = True) -> torch.Tensor:
+    """One micro-batch, the only training step there is (the CUDA graph captures this function too):
+    forward and backward; on the last micro-batch of a step, also sync and Adam. A short last group
+    of micro-batches is still divided by ``accumulate``. ``set_to_none=False`` zeroes gradients in
+    place (a CUDA graph holds their addresses). Returns the loss."""
     if starts_step:
-        sync.zero_grad()
+        sync.zero_grad(set_to_none=set_to_none)
     with contextlib.nullcontext() if ends_step else sync.no_sync():
         logits = sync.module(x)
         loss = F.cross_entropy(logits, y)
@@ -170,8 +182,8 @@ def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[to
     Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
     them only. ``first_step`` is the run's count of micro-batches so far; ``lr_scale(n)``
     scales the rate of optimizer step n (warm-up); ``before_step(step)`` runs first (progress,
-    fault injection). ``graph`` (a :class:`ddp_helpers.cuda_graph.GraphedStep`) replays one
-    captured step for each full batch. ``check_loss(loss, step)`` sees the loss of each step
+    fault injection). ``graph`` (a :class:`ddp_helpers.cuda_graph.GraphedStep`) replays the
+    captured :func:`step` for each full batch. ``check_loss(loss, step)`` sees the loss of each step
     run eagerly (a captured step's loss stays on the GPU, in the tally).
     """
     sync.module.train()
@@ -190,8 +202,8 @@ def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[to
             graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
             timer.lap("compute")
         else:
-            loss = eager_step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
-                              accumulate=accumulate)
+            loss = step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
+                        accumulate=accumulate, set_to_none=graph is None)
             if check_loss is not None:
                 check_loss(loss, first_step + done)
         optimizer_steps += ends_step

@@ -23,6 +23,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MB (Linux reports it in KB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:

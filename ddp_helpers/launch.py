@@ -1,13 +1,12 @@
-"""Run training: in this process (world size 1), in spawned workers, or as one rank of torchrun.
+"""Run training: in this process (world size 1), in spawned workers, or as one rank of torchrun or srun.
 
-``launch(config)`` is the one entry point for notebooks and scripts. For world size > 1 it
-spawns one process per rank, each running :func:`train_job`: join the process group, run
-``fit``, send rank 0's result back. Workers call ``emit(kind, payload)``; the parent turns
-each message into an :class:`~ddp_helpers.events.Event` and passes it to the same handlers
-whatever the mode: a live report (bar and epoch rows), an optional journal file, and the
-caller's ``on_event``. All three modes end in :func:`ddp_helpers.results.run_result`.
-Under torchrun no parent hears the ranks: they leave heartbeats and failures in the
-rendezvous store, and a rank that fails because of another names it.
+``launch(config)`` is the one entry point, and every run takes one path through it:
+``prepare`` (what can fail before any work), ``reporting`` (the live report, the journal and
+the caller's ``on_event``), each rank's :func:`run_rank` (its context, then ``fit``), and rank
+0's output made into the record by :func:`ddp_helpers.results.run_result`. Only who starts the
+ranks differs: this process, :func:`ddp_helpers.workers.run_workers` (spawn; each worker runs
+:func:`train_job`, its events come back over a pipe), or torchrun/srun (no parent hears the
+ranks: they leave heartbeats and failures in the rendezvous store, :mod:`ddp_helpers.cluster`).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
@@ -24,14 +23,15 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import TrainConfig
 from .data import Split, ensure_mnist
-from .dist import (RankContext, TorchrunEnv, check_devices, oversubscription_warning, pick_backend, pick_device,
-                   process_group, single_process, tcp_store, threads_for, torchrun_store)
+from .cluster.env import RankPlace
+from .cluster.store import culprit_in_store, mark_failed, store_emit, torchrun_store
+from .dist import (RankContext, check_devices, oversubscription_warning, pick_backend, pick_device, process_group,
+                   single_process, tcp_store, threads_for)
 from .engine import NonFiniteLossError
 from .events import Event, Handler
 from .report import Journal, LiveReport
 from .results import RunResult, cpu_state, run_result, state_bytes, state_from_bytes
-from .store_blame import culprit_in_store, mark_failed, store_emit
-from .trainer import FitOutput, fit
+from .trainer import Emit, fit
 from .workers import WorkerError, run_workers
 
 # raised by this rank's own checks, never by waiting for a peer (a non-finite loss: every rank raises it together)
@@ -81,136 +81,137 @@ def reporting(on_event: Handler | None, live: bool | str, journal: str | Path | 
 
 
 @contextmanager
-def rank_context(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, local_ranks: int, store,
-                 restart_count: int = 0) -> Iterator[RankContext]:
-    """A rank's process group, with the backend, device and threads chosen for this node."""
-    backend = pick_backend(cfg.backend, local_ranks, cfg.device)
-    threads, rule = threads_for(cfg.threads_per_rank, local_ranks)
-    with process_group(rank, world_size, store, backend=backend, device=pick_device(cfg.device, backend, local_rank),
-                       threads=threads, timeout_s=cfg.timeout_s, threads_rule=rule,
-                       restart_count=restart_count) as ctx:
+def rank_context(cfg: TrainConfig, place: RankPlace, store: dist.Store | None) -> Iterator[RankContext]:
+    """A rank's context, with the backend, device and threads chosen for its node: a process
+    group when there is a store, else the single process (no group, no DDP)."""
+    threads, rule = threads_for(cfg.threads_per_rank, place.local_world_size)
+    if store is None:
+        with single_process(pick_device(cfg.device, "none", 0), threads, rule) as ctx:
+            yield ctx
+        return
+    backend = pick_backend(cfg.backend, place.local_world_size, cfg.device)
+    with process_group(place.rank, place.world_size, store, backend=backend, threads=threads, threads_rule=rule,
+                       device=pick_device(cfg.device, backend, place.local_rank), timeout_s=cfg.timeout_s,
+                       restart_count=place.restart_count) as ctx:
         yield ctx
+
+
+def run_rank(cfg: TrainConfig, place: RankPlace, store: dist.Store | None, emit: Emit,
+             data: tuple[Split, Split] | None = None) -> tuple[list, dict, dict]:
+    """One rank of a run, whoever started it (this process, spawn, torchrun, srun): its context,
+    then ``fit``. Returns (history, runtime, weights on the CPU). Under an external launcher a
+    rank that fails says so in the store before it leaves the process group, and one that fails
+    because of another raises a WorkerError naming that rank."""
+    with rank_context(cfg, place, store) as ctx:
+        if place.external and cfg.dataset == "mnist":
+            dist.barrier()  # one download per machine, by its local rank 0 (in prepare)
+        try:
+            out = fit(cfg, ctx, emit, data=data)
+        except Exception as exc:
+            if place.external:
+                blame_in_store(store, place, exc)
+            raise
+    return out.history, out.runtime, cpu_state(out.model)
+
+
+def blame_in_store(store: dist.Store, place: RankPlace, exc: Exception) -> None:
+    """Under torchrun or srun: raise the error naming the rank that made this one fail, or leave
+    this rank's own failure in the store for the others (and return)."""
+    culprit = None if isinstance(exc, OWN_ERRORS) else culprit_in_store(store, place.rank, place.world_size, exc)
+    if culprit is not None:
+        raise culprit from None  # the waiting rank's own error is in its details
+    mark_failed(store, place.rank, exc)
+
+
+def spawned_place(rank: int, world_size: int) -> RankPlace:
+    return RankPlace(rank, world_size, rank, world_size, 0, "spawn", "", 0, launcher="spawn")
+
+
+def train_job(rank: int, world_size: int, init_method: str, emit: Emit, cfg_dict: dict) -> None:
+    """One spawned rank: ``run_rank`` with the store at the parent's address; rank 0 sends its result."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    store = tcp_store(init_method, rank, world_size, cfg.timeout_s)
+    history, runtime, state = run_rank(cfg, spawned_place(rank, world_size), store, emit)
+    if rank == 0:
+        emit("result", {"history": history, "runtime": runtime, "state": state_bytes(state)})
+
+
+def in_spawned_workers(cfg: TrainConfig, handle: Handler, quiet: bool) -> tuple[list, dict, dict]:
+    results = run_workers(train_job, cfg.world_size, (cfg.to_dict(),), master_addr=cfg.master_addr,
+                          master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s, quiet=quiet,
+                          on_event=handle)
+    if 0 not in results:
+        raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
+    return results[0]["history"], results[0]["runtime"], state_from_bytes(results[0]["state"])
+
+
+def as_launched_rank(cfg: TrainConfig, env: RankPlace, handle: Handler) -> tuple[list, dict, dict]:
+    store = torchrun_store(env, cfg.timeout_s)
+    try:
+        return run_rank(cfg, env, store, store_emit(store, env.rank, handle))
+    finally:
+        del store  # close the store client now, not during interpreter teardown
+
+
+def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | str = "auto",
+           journal: str | Path | None = None, quiet_workers: bool = True, data: tuple[Split, Split] | None = None,
+           env: RankPlace | None = None) -> RunResult | None:
+    """Train and return rank 0's result: in this process (world size 1), in ``cfg.world_size``
+    spawned workers, or, given ``env`` (:func:`ddp_helpers.cluster.env.torchrun_env`), as one rank
+    of a torchrun or srun job (None on ranks other than 0).
+
+    ``on_event(event)`` sees every event (``progress``, ``epoch``, ``fault``, ...) as it arrives.
+    ``live``: "auto" shows a progress bar and each epoch's row in a notebook or terminal (nothing
+    elsewhere); False shows nothing. ``journal``: a file that receives each epoch's row as it
+    arrives. Worker output goes to per-rank log files; ``quiet_workers=False`` also copies it to
+    this process's stderr. ``data``: (train, test) splits already in memory (a single process only).
+    """
+    if data is not None and (cfg.world_size != 1 or env is not None):
+        raise ValueError("data= is for a run in this process (world_size=1); spawned ranks load MNIST themselves")
+    cfg = attempt_config(cfg, env) if env is not None else cfg
+    local_ranks, main = (env.local_world_size, env.rank == 0) if env else (cfg.world_size, True)
+    start = time.perf_counter()
+    with errors_to_torchrun(env):
+        prepare(cfg, local_ranks, fetch_data=data is None and (env is None or env.local_rank == 0))
+        with reporting(on_event if main else None, live if main else False, journal if main else None,
+                       cfg.resume) as handle:
+            if env is not None:
+                history, runtime, state = as_launched_rank(cfg, env, handle)
+            elif cfg.world_size == 1:
+                history, runtime, state = run_rank(cfg, spawned_place(0, 1), None,
+                                                   lambda kind, payload: handle(Event(0, kind, payload)), data)
+            else:
+                history, runtime, state = in_spawned_workers(cfg, handle, quiet_workers)
+    if not main:
+        return None
+    return run_result(cfg, history, runtime, state, time.perf_counter() - start, oversubscription_warning(local_ranks))
+
+
+def attempt_config(cfg: TrainConfig, env: RankPlace) -> TrainConfig:
+    """This torchrun attempt's config: torchrun's world size, and a restarted attempt continues
+    from the run's checkpoints where it keeps any (else it starts over)."""
+    return cfg.replace(world_size=env.world_size, resume=cfg.resume or (env.restart_count > 0
+                                                                       and bool(cfg.checkpoint_dir)))
+
+
+@contextmanager
+def errors_to_torchrun(env: RankPlace | None) -> Iterator[None]:
+    """Under torchrun, the error a rank fails with goes to torchrun's error file too, so that its
+    summary ("Root Cause") shows it rather than a bare exit code."""
+    try:
+        yield
+    except Exception as exc:
+        if env is not None:
+            ErrorHandler().record_exception(exc)  # writes $TORCHELASTIC_ERROR_FILE; nothing when it is not set
+        raise
 
 
 def run_single_process(cfg: TrainConfig, data: tuple[Split, Split] | None = None, on_event: Handler | None = None,
                        *, live: bool | str = "auto", journal: str | Path | None = None) -> RunResult:
-    """The baseline: the same ``fit`` in this process, no process group, no DDP."""
+    """The baseline: ``launch`` in this process, on splits already in memory if given."""
     if cfg.world_size != 1:
         raise ValueError(f"run_single_process needs world_size=1, got {cfg.world_size}; use launch()")
-    prepare(cfg, 1, fetch_data=data is None)
-    threads, rule = threads_for(cfg.threads_per_rank, 1)
-    start = time.perf_counter()
-    with reporting(on_event, live, journal, cfg.resume) as handle:
-        with single_process(pick_device(cfg.device, "none", 0), threads, rule) as ctx:
-            out = fit(cfg, ctx, lambda kind, payload: handle(Event(0, kind, payload)), data=data)
-    return run_result(cfg, out.history, out.runtime, cpu_state(out.model), time.perf_counter() - start, [])
+    return launch(cfg, on_event, live=live, journal=journal, data=data)
 
 
-def train_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict) -> None:
-    """One spawned rank of a training run; rank 0 sends the result."""
-    cfg = TrainConfig.from_dict(cfg_dict)
-    store = tcp_store(init_method, rank, world_size, cfg.timeout_s)
-    with rank_context(cfg, rank, world_size, rank, world_size, store) as ctx:
-        out = fit(cfg, ctx, emit)
-        if ctx.is_main:
-            emit("result", {"history": out.history, "runtime": out.runtime, "state": state_bytes(cpu_state(out.model))})
-
-
-def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | str = "auto",
-           journal: str | Path | None = None, quiet_workers: bool = True) -> RunResult:
-    """Train with ``cfg.world_size`` processes and return rank 0's result.
-
-    ``on_event(event)`` sees every event (``progress``, ``epoch``, ...) as it arrives.
-    ``live``: "auto" shows a progress bar and each epoch's row in a notebook or terminal
-    (nothing elsewhere); False shows nothing. ``journal``: a file that receives each epoch's
-    row as it arrives. Worker output always goes to per-rank log files; ``quiet_workers=False``
-    also copies it to this process's stderr as it arrives. Spawned runs are stopped after
-    ``launch_timeout_s``.
-    """
-    if cfg.world_size == 1:
-        return run_single_process(cfg, on_event=on_event, live=live, journal=journal)
-    prepare(cfg, cfg.world_size)
-    notes = oversubscription_warning(cfg.world_size)
-    faults: list[dict] = []
-    start = time.perf_counter()
-    with reporting(on_event, live, journal, cfg.resume) as handle:
-        def on_worker_event(event: Event) -> None:
-            if event.kind == "fault":
-                faults.append(event.payload)
-            handle(event)
-
-        try:
-            results = run_workers(train_job, cfg.world_size, (cfg.to_dict(),), master_addr=cfg.master_addr,
-                                  master_port=cfg.master_port, launch_timeout_s=cfg.launch_timeout_s,
-                                  quiet=quiet_workers, on_event=on_worker_event)
-        except WorkerError as exc:
-            if faults:
-                exc.fault = {**faults[0], "report_s": exc.detected_at - faults[0]["time"]}
-            raise
-    if 0 not in results:
-        raise RuntimeError("all workers exited cleanly but rank 0 sent no result")
-    done = results[0]
-    return run_result(cfg, done["history"], done["runtime"], state_from_bytes(done["state"]),
-                      time.perf_counter() - start, notes)
-
-
-def attempt_config(cfg: TrainConfig, env: TorchrunEnv) -> TrainConfig:
-    """This torchrun attempt's config: torchrun's world size, and a restarted attempt continues
-    from the run's checkpoints where it keeps any (else it starts over)."""
-    restarted = env.restart_count > 0 and bool(cfg.checkpoint_dir)
-    return cfg.replace(world_size=env.world_size, resume=cfg.resume or restarted)
-
-
-def fit_naming_the_culprit(cfg: TrainConfig, ctx: RankContext, store: dist.Store, handle: Handler) -> FitOutput:
-    """``fit`` on a torchrun rank. One that fails by itself says so in the store before it leaves
-    the process group; one that fails because of another raises a WorkerError naming that rank."""
-    try:
-        return fit(cfg, ctx, store_emit(store, ctx.rank, handle))
-    except Exception as exc:
-        culprit = None if isinstance(exc, OWN_ERRORS) else culprit_in_store(store, ctx.rank, ctx.world_size, exc)
-        if culprit is None:
-            mark_failed(store, ctx.rank, exc)
-            raise
-        raise culprit from None  # the waiting rank's own error is in the details
-
-
-def attempt_rank(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None, live: bool | str,
-                 journal: str | Path | None) -> RunResult | None:
-    """One rank of this torchrun attempt, from the checks to rank 0's result."""
-    cfg = attempt_config(cfg, env)
-    # one download per machine (the others wait in the barrier below); every rank checks the checkpoint folder
-    prepare(cfg, env.local_world_size, fetch_data=env.local_rank == 0)
-    start = time.perf_counter()
-    store = torchrun_store(env, cfg.timeout_s)
-    try:
-        with reporting(on_event if env.rank == 0 else None, live if env.rank == 0 else False,
-                       journal if env.rank == 0 else None, cfg.resume) as handle:
-            with rank_context(cfg, env.rank, env.world_size, env.local_rank, env.local_world_size, store,
-                              env.restart_count) as ctx:
-                if cfg.dataset == "mnist":
-                    dist.barrier()
-                out = fit_naming_the_culprit(cfg, ctx, store, handle)
-    finally:
-        del store  # close the store client now, not during interpreter teardown
-    if env.rank != 0:
-        return None
-    notes = oversubscription_warning(env.local_world_size)
-    return run_result(cfg, out.history, out.runtime, cpu_state(out.model), time.perf_counter() - start, notes)
-
-
-def run_torchrun(cfg: TrainConfig, env: TorchrunEnv, on_event: Handler | None = None, *, live: bool | str = "auto",
-                 journal: str | Path | None = None) -> RunResult | None:
-    """Run this process as one rank of a torchrun job; the result on global rank 0, else None.
-
-    Each node may keep its own ``checkpoint_dir``: rank 0 writes checkpoints and chooses the
-    one to resume from. The error a rank fails with goes to torchrun's error file, so that
-    torchrun's summary ("Root Cause") shows it rather than a bare exit code.
-    """
-    try:
-        return attempt_rank(cfg, env, on_event, live, journal)
-    except Exception as exc:
-        ErrorHandler().record_exception(exc)  # writes $TORCHELASTIC_ERROR_FILE; nothing when it is not set
-        raise
-
-
-__all__ = ["RunResult", "WorkerError", "launch", "prepare", "run_single_process", "run_torchrun", "train_job"]
+__all__ = ["RunResult", "WorkerError", "launch", "prepare", "run_rank", "run_single_process", "train_job"]

@@ -17,14 +17,14 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointError, latest_good_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .cuda_graph import GraphedStep, graph_supported
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
-from .engine import (PHASES, NonFiniteLossError, Tally, evaluate, make_optimizer, metrics, set_lr, train_steps,
-                     warmup_scale)
+from .engine import PHASES, NonFiniteLossError, Tally, evaluate, make_optimizer, metrics, train_steps, warmup_scale
+from .host import peak_rss_mb
 from .model import MLP, count_parameters
+from .resume import restore, save
 from .sync import make_sync
 
 Emit = Callable[[str, dict], None]
@@ -125,72 +125,6 @@ def eval_points(steps: int, evals: int, accumulation_steps: int = 1) -> list[int
     return sorted({p for p in points if 0 < p < steps} | {steps})
 
 
-def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def save(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler, epoch: int, global_step: int,
-         history: list[dict]) -> None:
-    """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG states."""
-    mine = rng_states(ctx.device)
-    states: list[Any] = [mine]
-    if ctx.world_size > 1:
-        states = [None] * ctx.world_size
-        torch.distributed.all_gather_object(states, mine)
-    if ctx.is_main:
-        save_checkpoint(cfg.checkpoint_dir, {
-            "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-            "rng": states, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
-
-
-def chosen_checkpoint(cfg: TrainConfig, ctx: RankContext) -> tuple[dict | None, list[str]]:
-    """Rank 0's choice of checkpoint (and its notes), on every rank.
-
-    Each node may keep its own folder (node-local disks): only rank 0's holds checkpoints, and
-    ranks that chose for themselves would resume from different epochs. So rank 0 chooses and
-    sends the state; if its choice fails (a checkpoint of another run), every rank raises that
-    error instead of waiting for a state that never comes.
-    """
-    if ctx.world_size == 1:
-        return latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())
-    choice: list[Any] = [None]
-    if ctx.is_main:
-        try:
-            choice = [latest_good_checkpoint(cfg.checkpoint_dir, cfg.to_dict())]
-        except Exception as exc:
-            torch.distributed.broadcast_object_list([str(exc)], src=0)
-            raise
-    torch.distributed.broadcast_object_list(choice, src=0)
-    if isinstance(choice[0], str):
-        raise CheckpointError(choice[0])
-    return choice[0]
-
-
-def restore(cfg: TrainConfig, ctx: RankContext, model, optimizer, scheduler) -> tuple[int, int, list, list[str]]:
-    """Load the newest good checkpoint, if any: (start epoch, global step, history, notes)."""
-    state, notes = chosen_checkpoint(cfg, ctx)
-    if state is None:
-        return 0, 0, [], notes + [f"no usable checkpoint in {cfg.checkpoint_dir}: started from scratch"]
-    model.load_state_dict(state["model"])
-    groups = [dict(group) for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])  # replaces whole groups: keep this run's implementation
-    rates = [float(group["lr"]) for group in optimizer.param_groups]
-    for group, mine in zip(optimizer.param_groups, groups):
-        for key in ("fused", "foreach", "capturable", "lr"):  # lr: this run's device tensor, if any
-            group[key] = mine[key]
-    set_lr(optimizer, rates)
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][ctx.rank]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-    return state["epoch"], state["global_step"], state["history"], notes
-
-
 def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split] | None = None) -> FitOutput:
     """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
     dtype = getattr(torch, cfg.dtype)
@@ -205,8 +139,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
     optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay,
                                                capturable=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    start_epoch, global_step, history, notes = (restore(cfg, ctx, model, optimizer, scheduler) if cfg.resume
-                                                else (0, 0, [], []))
+    start_epoch, global_step, history, notes = (
+        restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume else (0, 0, [], []))
     sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
                      bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
                      static_graph=cfg.static_graph)  # DDP broadcasts rank 0's (restored) weights
@@ -216,7 +150,7 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
     can_graph, graph_note = graph_supported(ctx.device, ctx.world_size, cfg.accumulation_steps)
     if cfg.cuda_graph and can_graph:
         x, y = next(batches(train_split, torch.arange(cfg.batch_size), cfg.batch_size))
-        graph, sync.set_to_none = GraphedStep(model, optimizer, tally, x, y), False  # the graph holds the grads
+        graph = GraphedStep(sync, optimizer, tally, x, y)
     eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size).to(test_split.images.device)
     points, lr_scale = eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps), warmup_scale(cfg.warmup_steps)
     watch = LossWatch(ctx, cfg.lr)
@@ -249,7 +183,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
                         "sync_fraction": phase_s["sync"] / train_s, "evals": evals})
         scheduler.step()
         if cfg.checkpoint_dir:
-            save(cfg, ctx, model, optimizer, scheduler, epoch + 1, global_step, history)
+            save(cfg.checkpoint_dir, cfg.keep_checkpoints, cfg.to_dict(), ctx, model, optimizer, scheduler, epoch + 1,
+                 global_step, history)
         emit("epoch", history[-1])
         if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in evals) >= cfg.stop_at_accuracy:
             break  # every rank sees the same all-reduced accuracies, so all stop together
@@ -260,5 +195,7 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         "cuda_graph_note": graph_note if cfg.cuda_graph else "off (config)",
         "parameters": count_parameters(model), "train_samples": len(train_split), "test_samples": len(test_split),
         "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps, "notes": notes,
+        # each rank's process at its peak (a run in this process: all it held before the run too)
+        "peak_rss_mb_per_rank": [round(mb, 1) for mb in ctx.gather(peak_rss_mb())],
     }
     return FitOutput(history, runtime, model)

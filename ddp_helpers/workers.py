@@ -1,46 +1,37 @@
 """Spawned worker processes: start them, hear from them, stop them, and name the one that failed.
 
-``run_workers(job, W)`` starts W processes running ``job(rank, W, init_method, emit, *args)``.
-Everything a worker says travels to the parent over its own pipe as ``(kind, payload)``:
-``started`` (its pid), ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result`` and
-``error`` (the exception, as text). One pipe per rank, so that no lock is shared: a rank
-killed in the middle of a message cannot block the others. A worker's stdout and stderr
-are its log file from its first instruction, so that an error before ``started`` (an
-import, spawn running an unguarded script again) is kept and shown; with ``quiet=False``
-the parent copies the logs to its own stderr as they grow. The parent shows the rest.
+Each rank talks to the parent over its own pipe (no shared lock: a rank killed mid-message blocks
+no other) as ``(kind, payload)``: ``started``, ``progress`` (its heartbeat), ``epoch``, ``fault``,
+``result``, ``error`` (the exception as text, and when it was raised). Its output is its log file (worker_logs.py).
 
-When a rank fails, the others are stopped and :class:`WorkerError` names the rank that
-caused it. That is not always the rank that raised: a rank that stops making progress
-(hung, or frozen from outside with SIGSTOP) makes its peers' collectives time out. So an
-error that is only about a peer (a timeout, a closed connection) is traced to the rank
-that went silent, with its last heartbeat and its Python stack (faulthandler, on SIGUSR1).
+Blame rests on facts, not on the words of an error. A rank that fails by itself (raises, exits,
+is killed) fails before its peers can notice, so the earliest failure is the own one. A rank that
+stops making progress (hung, or frozen with SIGSTOP) fails nothing, its peers time out: so a live
+rank that sent no error and whose heartbeat is clearly stale is named instead, with its stack.
 """
 
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import multiprocessing as mp
-import multiprocessing.connection
 import os
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
-from multiprocessing import resource_tracker
+from contextlib import suppress
+from multiprocessing import connection, resource_tracker
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .dist import check_port_free, find_free_port
 from .events import Event
+from .worker_logs import RunLogs, output_to, record_stacks
 
 STOP_GRACE_S = 5.0
 BLAME_GRACE_S = 2.0   # healthy ranks that wait for the same silent peer time out within this of each other
-STACK_WAIT_S = 3.0
-ABOUT_A_PEER = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "peer")
-TAIL_LINES = 20
+STALE_AFTER_S = 2.0   # four heartbeats missed (the trainer sends one every 0.5 s): more than a slow step
 BOOTSTRAPPING = "bootstrapping phase"  # in multiprocessing's error for a process started while spawn imports main
 MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again in every worker, and at its top "
                   "level the script starts workers again (multiprocessing's bootstrapping error below). Fix: put the "
@@ -48,8 +39,7 @@ MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again
 
 
 class WorkerError(RuntimeError):
-    """A worker process failed; every worker has been stopped (under torchrun, by torchrun:
-    ``pids`` is then empty, the ranks may live on other machines)."""
+    """A worker failed; all were stopped (under torchrun by torchrun: ``pids`` is empty, ranks may be elsewhere)."""
 
     def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
         self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
@@ -74,11 +64,8 @@ def headline(exc: BaseException) -> str:
     return text.split(marker, 1)[1] if marker in text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
-# --- inside a worker ---------------------------------------------------------------------------
-
 def exit_now(code: int) -> None:
-    """End a worker whose work is done and delivered, skipping interpreter teardown (during
-    which C++ threads of the communication library may still be alive)."""
+    """End a worker whose work is delivered, skipping teardown (communication library threads may live on)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -87,13 +74,9 @@ def exit_now(code: int) -> None:
 def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
                   pipe: Any) -> None:
     """A rank's first code of ours; its output already goes to its log (see ``output_to``)."""
-    try:  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
+    with suppress(OSError, AttributeError):  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    faulthandler.enable()  # a fatal signal leaves every thread's Python stack in the log
-    stack_file = open(os.path.join(workdir, f"stack{rank}.txt"), "w")
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)  # the parent asks for a stack
+    record_stacks(workdir, rank)
 
     def emit(kind: str, payload: Any) -> None:
         pipe.send((kind, payload))  # written synchronously: nothing is lost at exit
@@ -102,45 +85,20 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
     try:
         job(rank, world_size, init_method, emit, *args)
     except BaseException as exc:
+        raised_at = getattr(exc, "raised_at", time.time())  # stamped by dist.process_group, before the rank left
         traceback.print_exc()
-        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc(),
+        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc(), "time": raised_at,
                        "rank_at_fault": getattr(exc, "rank_at_fault", None)})  # an error that knows whose it is
         exit_now(1)
     exit_now(0)
 
 
-# --- in the parent ------------------------------------------------------------------------------
-
-@contextmanager
-def output_to(path: Path) -> Iterator[None]:
-    """This process's stdout and stderr go to the file ``path`` while the body runs. A process
-    started meanwhile inherits them: its file holds what it writes before any code of ours runs
-    in it. Other threads' writes to file descriptors 1 and 2 would land there too: keep it short."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (log, *saved):
-            os.close(fd)
-
-
 def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
                 master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
                 on_event: Callable[[Event], None] | None = None) -> dict[int, Any]:
-    """Spawn ``world_size`` processes running ``job(rank, world_size, init_method, emit, *args)``
-    (a module-level function: spawn imports it by name) and return the ``result`` payloads by rank.
-
-    ``on_event`` sees every event as it arrives. A failure, a run longer than
-    ``launch_timeout_s`` or a Ctrl-C stops every worker before this raises. ``quiet=False``
-    shows the workers' output on this process's stderr too.
-    """
+    """Spawn ``world_size`` processes running ``job`` (module-level: spawn imports it by name); return
+    the ``result`` payloads by rank. ``on_event`` sees every event as it arrives; ``quiet=False`` copies
+    the workers' output to stderr. A failure, a timeout or a Ctrl-C stops every worker before this raises."""
     if master_port:
         check_port_free(master_addr, master_port)
     attempts = 1 if master_port else 3
@@ -161,7 +119,7 @@ class _Run:
 
     def __init__(self, job: Callable, world_size: int, args: tuple, init_method: str, workdir: Path, quiet: bool,
                  on_event: Callable[[Event], None] | None):
-        self.workdir, self.quiet = workdir, quiet
+        self.logs, self.on_event = RunLogs(workdir, world_size, quiet), on_event
         ctx = mp.get_context("spawn")
         pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]  # (parent's reading end, worker's writing end)
         self.readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
@@ -169,182 +127,123 @@ class _Run:
         self.procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
                                   args=(rank, world_size, job, args, init_method, str(workdir), writer))
                       for rank, writer in enumerate(self.writers)]
-        self.on_event = on_event
-        self.results: dict[int, Any] = {}
-        self.errors: dict[int, dict] = {}
-        self.heard: dict[int, dict] = {}  # rank -> its last progress payload
-        self.started: set[int] = set()  # ranks that sent "started": our code runs in them
-        self.shown = [0] * world_size  # quiet=False: bytes of each log already copied to stderr
-
-    def log(self, rank: int) -> Path:
-        return self.workdir / f"rank{rank}.log"
+        self.results, self.errors, self.heard = {}, {}, {}  # by rank: its result, its error, its last heartbeat
+        self.started: set[int] = set()  # ranks that sent anything: our code runs in them
+        self.ended: dict[int, float] = {}  # rank -> a time it was surely alive, shortly before we saw it end
+        self.alive_at = time.time()  # every rank not in ended was alive then (none has started yet)
 
     def start(self) -> None:
-        """Start every rank with its log as its stdout and stderr from its first instruction."""
         resource_tracker.ensure_running()  # else the first start launches it, and it would inherit rank 0's log
         for rank, p in enumerate(self.procs):
-            with output_to(self.log(rank)):
+            with output_to(self.logs.log(rank)):
                 p.start()
+        self.pids = [p.pid for p in self.procs]
         for writer in self.writers:
             writer.close()  # the workers hold the writing ends: a dead worker's pipe reads as closed
 
-    def show_output(self, final: bool = False) -> None:
-        """quiet=False: copy what the ranks wrote since the last call to this process's stderr; whole
-        lines only until the end, so that two ranks' lines do not mix."""
-        if self.quiet:
-            return
-        for rank in range(len(self.procs)):
-            if not self.log(rank).exists():  # that rank was never started
-                continue
-            with open(self.log(rank), "rb") as fh:
-                fh.seek(self.shown[rank])
-                new = fh.read()
-            new = new if final else new[:new.rfind(b"\n") + 1]
-            self.shown[rank] += len(new)
-            sys.stderr.write(new.decode(errors="replace"))
-        sys.stderr.flush()
-
     def receive(self, reader) -> None:
-        """Every message waiting in one rank's pipe; a pipe whose writer died is closed."""
-        rank = self.readers[reader]
+        """Every message waiting in one rank's pipe, kept and passed on; a pipe whose writer died is closed."""
         try:
             while reader.poll():
-                kind, payload = reader.recv()
-                self.dispatch(Event(rank, kind, payload))
+                event = Event(self.readers[reader], *reader.recv())
+                self.started.add(event.rank)  # it said something: our code runs in it
+                kept = {"result": self.results, "error": self.errors, "progress": self.heard}.get(event.kind)
+                if kept is not None:
+                    kept[event.rank] = event.payload
+                if self.on_event is not None:
+                    self.on_event(event)
         except (EOFError, OSError):  # the rank ended (perhaps in the middle of a message)
             del self.readers[reader]
             reader.close()
 
-    def dispatch(self, event: Event) -> None:
-        if event.kind == "started":
-            self.started.add(event.rank)
-        elif event.kind == "result":
-            self.results[event.rank] = event.payload
-        elif event.kind == "error":
-            self.errors[event.rank] = event.payload
-        elif event.kind == "progress":
-            self.heard[event.rank] = event.payload
-        if self.on_event is not None:
-            self.on_event(event)
-
     def drain(self, timeout: float = 0.0) -> None:
-        for reader in mp.connection.wait(list(self.readers), timeout=timeout):
+        """What the ranks sent, and which ranks ended; waits up to ``timeout`` for either."""
+        ends = {p.sentinel: rank for rank, p in enumerate(self.procs) if rank not in self.ended}
+        now = time.time()  # taken before looking: a rank this look sees alive was alive at this time
+        ready = connection.wait([*self.readers, *ends], timeout=timeout)
+        for rank in [ends[c] for c in ready if c in ends]:
+            self.ended[rank] = self.alive_at  # its peers notice its end only after it: before all they report
+            self.procs[rank].join()  # at once: its end was seen
+        self.alive_at = now
+        for reader in [c for c in ready if c not in ends]:
             self.receive(reader)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def wait(self, launch_timeout_s: float) -> dict[int, Any]:
         try:
             self.start()
-            waiting = {p.sentinel: rank for rank, p in enumerate(self.procs)}
             deadline = time.monotonic() + launch_timeout_s
-            while waiting:
-                self.show_output()
-                for ready in mp.connection.wait([*waiting, *self.readers], timeout=1.0):
-                    if ready in self.readers:
-                        self.receive(ready)
-                    if ready not in waiting:  # a pipe (or one closed by an earlier drain in this loop)
-                        continue
-                    rank = waiting.pop(ready)
-                    self.procs[rank].join()
-                    self.drain()  # what it sent before it ended
-                    if self.procs[rank].exitcode != 0:
-                        raise self.failure(rank)
+            while len(self.ended) < len(self.procs):
+                self.logs.show()
+                self.drain(timeout=0.25)  # looking often times a failure without an error finely (see drain)
+                if any(self.procs[rank].exitcode for rank in self.ended):
+                    raise self.failure()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the run took longer than launch_timeout_s={launch_timeout_s:g} s; "
                                        f"all {len(self.procs)} workers were stopped")
-            self.drain()
-            return self.results
+            return self.results  # all of it: a rank's messages are read together with its end
         finally:
             stop(self.procs)
-            for connection in [*self.readers, *self.writers]:  # closing twice is harmless
-                connection.close()
-            self.show_output(final=True)
+            for end in [*self.readers, *self.writers]:  # closing twice is harmless
+                end.close()
+            self.logs.show(final=True)
 
-    # --- who is to blame ---------------------------------------------------------------------
-
-    def _failed(self) -> dict[int, int]:
-        return {rank: p.exitcode for rank, p in enumerate(self.procs) if p.exitcode not in (None, 0)}
-
-    def _about_a_peer(self, rank: int) -> bool:
-        """Whether a failed rank's error is only about a peer (it waited, or lost the connection).
-        NCCL's watchdog ends a rank whose collective timed out with SIGABRT and no Python error."""
-        error = self.errors.get(rank)
-        if error is not None:
-            if error.get("rank_at_fault") is not None:
-                return error["rank_at_fault"] != rank
-            return any(word in error["headline"].lower() for word in ABOUT_A_PEER)
-        return self.procs[rank].exitcode == -signal.SIGABRT and \
-            any(word in self.output(rank).lower() for word in ("watchdog", "timeout", "timed out"))
-
-    def _own_failures(self) -> list[int]:
-        return [rank for rank in sorted(self._failed()) if not self._about_a_peer(rank)]
-
-    def failure(self, first: int) -> WorkerError:
-        """The error for a run in which rank ``first`` was the first seen to fail."""
+    def failure(self) -> WorkerError:
+        """The error for a run in which a rank failed, once the others had BLAME_GRACE_S to fail
+        too: the rank that failed by itself may be seen to end after the peers it took down."""
         deadline = time.monotonic() + BLAME_GRACE_S
-        while not self._own_failures() and time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
-            self.drain(timeout=0.1)  # let the other ranks fail too: one that failed by itself may just be late
-        own = self._own_failures()
-        if own:  # a rank that failed by itself (an exception, an exit, a signal) comes first
-            return self._own_failure(own[0])
-        silent = [rank for rank, p in enumerate(self.procs) if p.is_alive() and rank not in self.errors]
+        while len(self.ended) < len(self.procs) and time.monotonic() < deadline:
+            self.drain(timeout=0.1)
+        # (when, rank) of each failure: an error's own time, else a time it was alive (see drain); one host, one clock
+        failed = sorted((self.errors.get(rank, {}).get("time", self.ended[rank]), rank)
+                        for rank in self.ended if self.procs[rank].exitcode)
+        for _, rank in failed:  # an error that knows whose it is wins
+            at_fault = self.errors.get(rank, {}).get("rank_at_fault")
+            if at_fault is not None:
+                error = self.errors.get(at_fault, self.errors[rank])
+                return WorkerError(at_fault, error["headline"], self.pids, error["traceback"].rstrip())
+        first_at, first = failed[0]
+        silent = self.silent(first_at)
         if not silent:
-            return self._own_failure(first)
+            return self.own_failure(first)
+        # a rank that stopped making progress: its peers failed only because they waited for it
         culprit = min(silent, key=lambda rank: self.heard.get(rank, {}).get("time", 0.0))
-        return WorkerError(culprit, stopped_making_progress(self.heard.get(culprit), first),
-                           self.pids, f"rank {first}: {self.errors[first]['headline']}\n\n"
-                                      f"Python stack of rank {culprit} when it was stopped:\n{self._stack(culprit)}")
+        stack = self.logs.stack(culprit, self.procs[culprit].pid)
+        return WorkerError(culprit, stopped_making_progress(self.heard.get(culprit), first), self.pids,
+                           f"rank {first}: {self.what_failed(first)}\n\n"
+                           f"Python stack of rank {culprit} when it was stopped:\n{stack}")
 
-    def _own_failure(self, rank: int) -> WorkerError:
-        if rank in self.errors:
-            return WorkerError(rank, self.errors[rank]["headline"], self.pids, self.errors[rank]["traceback"].rstrip())
+    def silent(self, since: float) -> list[int]:
+        """Live ranks that sent no error and whose last heartbeat was clearly stale at ``since``, or
+        that never sent one while others did (a job that sends none gives no such sign)."""
+        return [rank for rank in range(len(self.procs)) if rank not in self.ended and rank not in self.errors
+                and (since - self.heard[rank]["time"] > STALE_AFTER_S if rank in self.heard else bool(self.heard))]
+
+    def what_failed(self, rank: int) -> str:
         code = self.procs[rank].exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        output = self.output(rank)
-        tail = "\n".join(output.splitlines()[-TAIL_LINES:])
+        return self.errors[rank]["headline"] if rank in self.errors else f"the process {how}"
+
+    def own_failure(self, rank: int) -> WorkerError:
+        if rank in self.errors:
+            return WorkerError(rank, self.errors[rank]["headline"], self.pids, self.errors[rank]["traceback"].rstrip())
+        tail = self.logs.tail(rank)
         if rank in self.started:
-            return WorkerError(rank, f"the process {how} without a Python exception", self.pids, tail)
-        if BOOTSTRAPPING in output:
+            return WorkerError(rank, f"{self.what_failed(rank)} without a Python exception", self.pids, tail)
+        if BOOTSTRAPPING in self.logs.output(rank):
             return WorkerError(rank, MAIN_GUARD_FIX, self.pids, tail)
-        return WorkerError(rank, f"the process {how} while starting, before the job ran (its output below)",
+        return WorkerError(rank, f"{self.what_failed(rank)} while starting, before the job ran (its output below)",
                            self.pids, tail or "(it wrote nothing)")
-
-    def output(self, rank: int) -> str:
-        """All that a rank wrote to its stdout and stderr."""
-        return self.log(rank).read_text(errors="replace") if self.log(rank).exists() else ""
-
-    def _stack(self, rank: int) -> str:
-        """Every thread's Python stack of a live rank (it may be frozen: SIGCONT lets the handler run)."""
-        pid, path = self.procs[rank].pid, self.workdir / f"stack{rank}.txt"
-        try:
-            os.kill(pid, signal.SIGUSR1)
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            return "(the process is gone)"
-        deadline = time.monotonic() + STACK_WAIT_S
-        while time.monotonic() < deadline and not (path.exists() and path.stat().st_size):
-            time.sleep(0.05)
-        time.sleep(0.1)  # let the handler finish writing
-        return path.read_text(errors="replace").rstrip() if path.exists() else "(no stack was written)"
 
 
 def stop(procs: list) -> None:
-    """SIGTERM every live worker (SIGCONT too: a frozen one would not act on it), then SIGKILL
-    what is left after a grace period; reap all."""
+    """SIGTERM every live worker (and SIGCONT: a frozen one would not act on it), SIGKILL what is left; reap all."""
     for p in procs:
         if p.is_alive():
             p.terminate()
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + STOP_GRACE_S
-    for p in procs:
-        if p.pid is None:
-            continue
+    for p in [p for p in procs if p.pid is not None]:  # those started
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()

@@ -74,7 +74,7 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
     import torch
 
     from ddp_helpers.dist import process_group, tcp_store
-    from ddp_helpers.local_sgd import OverlapLocalSGDSync
+    from ddp_helpers.sync import OverlapLocalSGDSync
 
     a, d = [[1.0, 2.0], [3.0, 6.0]][rank], [[0.5, 0.0], [0.0, -1.0]][rank]
     with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
@@ -94,34 +94,6 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
         emit("result", {"unchanged": unchanged, "collected": collected, "final": model.weight.tolist()[0]})
 
 
-def powersgd_with_cuda_available_job(rank, world_size, init_method, emit):
-    """A few PowerSGD steps on CPU tensors, with torch's PowerSGD hook believing that CUDA is
-    available, as it does on a GPU machine (the rest of torch sees this machine as it is)."""
-    import types
-
-    import torch
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as hook_module
-
-    from ddp_helpers import TrainConfig
-    from ddp_helpers.dist import process_group, tcp_store
-    from ddp_helpers.trainer import fit
-
-    class TorchOnAGpuMachine:
-        cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=torch.cuda.synchronize)
-
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    hook_module.torch = TorchOnAGpuMachine()
-    cfg = TrainConfig(world_size=world_size, sync="powersgd", backend="gloo", device="cpu", dataset="synthetic",
-                      train_subset=512, test_subset=64, epochs=1, max_steps_per_epoch=6, timeout_s=30)
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30) as ctx:
-        out = fit(cfg, ctx, lambda kind, payload: None)
-        emit("result", {"cuda_available": hook_module.torch.cuda.is_available(),
-                        "steps": out.history[0]["steps_per_worker"],
-                        "device": str(next(out.model.parameters()).device)})
-
-
 def killed_by_sigkill_job(rank, world_size, init_method, emit):
     """Rank 1 is killed by a signal (as the kernel's out-of-memory killer would); rank 0 waits."""
     import os
@@ -131,3 +103,37 @@ def killed_by_sigkill_job(rank, world_size, init_method, emit):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
+
+
+def own_error_saying_timed_out_job(rank, world_size, init_method, emit):
+    """Rank 1 fails by itself, with an error whose words say "timed out"; rank 0 waits for it in a
+    collective and, when that fails, goes on waiting (as a rank under NCCL does until its watchdog
+    fires). Blame by the words of an error would take rank 1's for one about a peer and name rank 0."""
+    import time
+
+    import torch.distributed as dist
+
+    from ddp_helpers.dist import process_group, tcp_store
+
+    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
+        if rank == 1:
+            raise RuntimeError("my own check timed out")
+        try:
+            dist.barrier()
+        except RuntimeError:
+            time.sleep(60)
+
+
+def aborted_while_a_peer_is_silent_job(rank, world_size, init_method, emit):
+    """Both ranks send a heartbeat; rank 0 then goes silent, and rank 1 ends 4 s later by SIGABRT
+    without a Python error (as NCCL's watchdog ends a rank whose collective timed out)."""
+    import os
+    import resource
+    import time
+
+    emit("progress", {"step": 0, "epoch": 1, "time": time.time()})
+    if rank == 0:
+        time.sleep(60)
+    time.sleep(4)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file where the tests run
+    os.abort()

@@ -15,7 +15,7 @@ import pytest
 
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import find_free_port
-from ddp_helpers.launchers import first_host, tasks_per_node, torchrun_env
+from ddp_helpers.cluster.env import first_host, tasks_per_node, torchrun_env
 from processes import no_process_left, spawned_workers_of
 
 ROOT = Path(__file__).resolve().parents[1]

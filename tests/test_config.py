@@ -88,7 +88,7 @@ def second_node_of_two(monkeypatch):
 
 
 def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two):
-    from ddp_helpers.launchers import torchrun_env
+    from ddp_helpers.cluster.env import torchrun_env
 
     env = torchrun_env()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (11, 16, 3, 8)
@@ -97,7 +97,7 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
 
 def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoints(second_node_of_two, monkeypatch,
                                                                                   tmp_path):
-    from ddp_helpers.launchers import torchrun_env
+    from ddp_helpers.cluster.env import torchrun_env
     from ddp_helpers.launch import attempt_config
 
     first = attempt_config(TrainConfig(dataset="synthetic"), torchrun_env())
@@ -111,7 +111,7 @@ def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoin
 
 def test_two_eight_gpu_nodes_may_use_nccl(second_node_of_two, eight_gpus):
     from ddp_helpers.dist import check_devices, pick_backend, pick_device
-    from ddp_helpers.launchers import torchrun_env
+    from ddp_helpers.cluster.env import torchrun_env
 
     check_devices("nccl", "auto", torchrun_env().local_world_size)  # 8 local ranks, 8 GPUs: accepted
     assert torchrun_env().local_world_size == 8
@@ -123,7 +123,7 @@ def test_nccl_is_refused_when_this_node_has_fewer_gpus_than_ranks(second_node_of
     import torch
 
     from ddp_helpers.dist import check_devices, pick_backend
-    from ddp_helpers.launchers import torchrun_env
+    from ddp_helpers.cluster.env import torchrun_env
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="8 local rank.*4 CUDA device"):
@@ -138,7 +138,8 @@ def test_auto_backend_is_gloo_when_the_device_is_the_cpu(eight_gpus):
 
 
 def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two, monkeypatch):
-    from ddp_helpers import dist, launchers
+    from ddp_helpers import dist
+    from ddp_helpers.cluster import env as launchers
 
     monkeypatch.setattr(dist, "usable_cores", lambda: 64)
     assert dist.threads_for(0, launchers.torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
@@ -147,22 +148,27 @@ def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two,
     assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins
 
 
-def test_nccl_is_told_its_device(monkeypatch, eight_gpus):
-    """Passing device_id avoids NCCL's 'Guessing device ID based on global rank' warning and hang."""
-    import torch
-    import torch.distributed as dist
+def test_each_rank_joins_with_the_gpu_of_its_local_rank(second_node_of_two, eight_gpus, monkeypatch):
+    """Global rank 11 is local rank 3 on the second node: it must take cuda:3 (cuda:11 does not
+    exist there, and NCCL told the wrong device hangs)."""
+    import contextlib
+    import importlib
 
-    from ddp_helpers.dist import process_group
+    import torch
+
+    from ddp_helpers.cluster.env import torchrun_env
+
+    launch = importlib.import_module("ddp_helpers.launch")  # the module (the package exports its launch function)
 
     seen = {}
-    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
-    monkeypatch.setattr("ddp_helpers.dist.leave_together", lambda *a: None)
-    with process_group(3, 8, store=None, backend="nccl", device=torch.device("cuda", 3)):
+
+    @contextlib.contextmanager
+    def joined(rank, world_size, store, **options):
+        seen.update(rank=rank, world_size=world_size, **options)
+        yield None
+
+    monkeypatch.setattr(launch, "process_group", joined)
+    with launch.rank_context(TrainConfig(), torchrun_env(), store=object()):
         pass
-    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 3)
-    with process_group(0, 2, store=None, backend="gloo"):
-        pass
-    assert seen["backend"] == "gloo" and seen["device_id"] is None
+    assert (seen["rank"], seen["world_size"], seen["backend"]) == (11, 16, "nccl")
+    assert seen["device"] == torch.device("cuda", 3) and seen["threads"] >= 1

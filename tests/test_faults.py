@@ -187,6 +187,32 @@ def test_a_worker_killed_by_a_signal_is_reported_by_rank_and_signal():
     assert no_process_left(info.value.pids)
 
 
+def test_a_rank_whose_own_error_says_timed_out_is_named_not_the_peer_that_waits_for_it():
+    """Blame rests on which rank failed first and who went silent, not on the words of an error."""
+    from ddp_helpers.workers import run_workers
+    from processes import own_error_saying_timed_out_job
+
+    with pytest.raises(WorkerError) as info:
+        run_workers(own_error_saying_timed_out_job, 2, launch_timeout_s=120)
+    assert info.value.rank == 1 and "RuntimeError: my own check timed out" in str(info.value)
+    assert no_process_left(info.value.pids)
+
+
+def test_a_rank_aborted_without_an_error_while_a_peer_is_silent_names_the_silent_peer():
+    """SIGABRT and no Python error, as NCCL's watchdog ends a rank that timed out: the peer whose
+    heartbeat went stale is named, whatever the aborted rank's output says."""
+    from ddp_helpers.workers import run_workers
+    from processes import aborted_while_a_peer_is_silent_job
+
+    with pytest.raises(WorkerError) as info:
+        run_workers(aborted_while_a_peer_is_silent_job, 2, launch_timeout_s=120)
+    message = str(info.value)
+    assert info.value.rank == 0 and "stopped making progress (its last heartbeat was at step 0" in message
+    assert "rank 1 timed out waiting for it" in message and "rank 1: the process was killed by SIGABRT" in message
+    assert "Python stack of rank 0" in message and "aborted_while_a_peer_is_silent_job" in message
+    assert no_process_left(info.value.pids)
+
+
 def test_launch_timeout_stops_every_worker_and_says_which_limit():
     pids = []
     cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=60000, test_subset=64, epochs=100,

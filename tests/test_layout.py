@@ -6,21 +6,26 @@ from pathlib import Path
 import ddp_helpers
 
 PACKAGE = Path(ddp_helpers.__file__).parent
-CORE = sorted(PACKAGE.glob("*.py"))
+CORE = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in ("study", "exhibits"))
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every name an import in the file may load: ``from .a import b`` gives ``.a`` and ``.a.b``
+    (``b`` may be a module)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
+            module = "." * node.level + (node.module or "")
+            names.add(module)
+            names.update(module.rstrip(".") + "." + alias.name if node.module else module + alias.name
+                         for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
 
 
 def test_no_core_module_imports_the_study_or_the_exhibits():
-    offenders = {path.name: sorted(m for m in imported_modules(path)
+    offenders = {module_name(path): sorted(m for m in imported_modules(path)
                                    if any(part in ("study", "exhibits") for part in m.replace(".", " ").split()))
                  for path in CORE}
     assert {name: mods for name, mods in offenders.items() if mods} == {}
@@ -30,18 +35,39 @@ def test_the_model_is_self_contained():
     assert not [m for m in imported_modules(PACKAGE / "model.py") if m.startswith(".") or "ddp_helpers" in m]
 
 
+def module_name(path: Path) -> str:
+    """A core file's module inside the package: "engine", "sync" (its __init__.py), "sync.base";
+    "__init__" for the package's own."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def resolve(importer: Path, module: str) -> str | None:
+    """What an import in ``importer`` names, as a module_name; None outside the package."""
+    if module == "ddp_helpers" or module.startswith("ddp_helpers."):
+        return module.partition(".")[2] or "__init__"
+    if not module.startswith("."):
+        return None
+    rest = module.lstrip(".")
+    level = len(module) - len(rest)  # 1: the importer's own package, 2: the one above, ...
+    package = importer.relative_to(PACKAGE).parent.parts
+    return ".".join(package[:len(package) - level + 1] + ((rest,) if rest else ())) or "__init__"
+
+
 def core_imports() -> dict[str, set[str]]:
     """Which core modules each core module imports, anywhere in the file (an import inside a
-    function counts: it only hides a cycle)."""
+    function counts: it only hides a cycle). Importing ``a.b`` runs ``a`` first, so it imports
+    ``a`` too, unless ``a`` is the importer's own package (already being imported)."""
+    nodes = {module_name(path) for path in CORE}
     graph = {}
     for path in CORE:
-        targets = set()
-        for module in imported_modules(path):
-            if module.startswith(".") and not module.startswith(".."):
-                targets.add(module[1:].split(".")[0] or "__init__")
-            elif module.startswith("ddp_helpers"):
-                targets.add(module.split(".")[1] if "." in module else "__init__")
-        graph[path.stem] = {target for target in targets if (PACKAGE / f"{target}.py").exists()}
+        name, targets = module_name(path), set()
+        own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)} | {"__init__"}
+        for target in filter(None, (resolve(path, m) for m in imported_modules(path))):
+            parts = target.split(".")
+            targets.add(target)
+            targets.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p not in own)
+        graph[name] = {target for target in targets if target in nodes and target != name}
     return graph
 
 
@@ -70,7 +96,15 @@ def a_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_core_modules_import_each_other_one_way_only():
     assert a_cycle(core_imports()) == []
-    assert a_cycle({"sync": {"local_sgd"}, "local_sgd": {"sync"}}) == ["local_sgd", "sync", "local_sgd"]
+    assert a_cycle({"sync": {"sync.ddp"}, "sync.ddp": {"sync"}}) == ["sync", "sync.ddp", "sync"]
+
+
+def test_every_strategy_builds_on_the_base_alone_and_only_the_table_imports_them_all():
+    graph = core_imports()
+    assert graph["sync.base"] == set()
+    assert graph["sync.ddp"] == graph["sync.manual"] == graph["sync.local_sgd"] == {"sync.base"}
+    assert graph["sync"] == {"sync.base", "sync.ddp", "sync.manual", "sync.local_sgd"}
+    assert "sync" in graph["trainer"]  # ``from .sync import make_sync``
 
 
 def test_every_strategy_the_config_accepts_has_one_row_in_the_table():

@@ -57,7 +57,7 @@ def draw_system() -> plt.Figure:
                               "shows the bar and epoch rows", palette[7], weight="bold")
     c.box(9.0, 4.9, 2.8, 1.5, "results/\nrecord JSON + journal\nJSONL (rows as they come)", palette[4])
     c.arrow(7.8, 5.65, 9.0, 5.65, "save")
-    c.box(0.2, 5.0, 3.0, 1.3, "event queue\nstarted, progress, epoch,\nresult, error", palette[5], fontsize=8)
+    c.box(0.2, 5.0, 3.0, 1.3, "one pipe per rank\nstarted, progress, epoch,\nresult, error", palette[5], fontsize=8)
     c.arrow(3.2, 5.65, 4.2, 5.65, "events")
     for rank, x in ((0, 0.2), (1, 8.0)):
         c.box(x, 0.6, 3.8, 2.4, f"worker rank {rank} (spawned)\nprocess group: gloo (CPU) or NCCL (GPU)\n"

@@ -16,7 +16,8 @@ from ..data import batches, load_datasets, train_indices
 from ..dist import process_group, tcp_store
 from ..engine import Tally, make_optimizer, train_steps
 from ..model import MLP
-from ..sync import DDP_HOOKS, DDPSync, LocalSync
+from ..sync import DDPSync, LocalSync
+from ..sync.ddp import DDP_HOOKS, refusal
 from ..workers import run_workers
 from .records import record
 
@@ -132,12 +133,13 @@ def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_
               steps: int) -> None:
     """One rank alone: the step plain and through each DDP hook. An all-reduce of one rank moves
     nothing, so the difference is the hook's own computation (bucket copies, fp16 casts,
-    PowerSGD's matrix products)."""
+    PowerSGD's matrix products). A hook that torch cannot run on CPU tensors here (PowerSGD on a
+    machine that has CUDA) is left out of the result."""
     cfg = TrainConfig.from_dict(cfg_dict)
     with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
         out = {"local": timed_steps(cfg, rank, world_size, LocalSync, train, warmup, steps)["ms"]}
-        for hook in DDP_HOOKS:
+        for hook in (h for h in DDP_HOOKS if refusal(h, torch.device("cpu")) is None):
             out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, h=hook: DDPSync(
                 model, opt, torch.device("cpu"), hook=h), train, warmup, steps)["ms"]
         emit("result", out)

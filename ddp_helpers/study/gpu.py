@@ -19,6 +19,7 @@ from ..data import TRAIN_SAMPLES, steps_per_epoch
 from ..engine import Tally, make_optimizer
 from ..launch import launch
 from ..model import MLP
+from ..sync import make_sync
 from .records import record
 
 
@@ -40,7 +41,7 @@ def step_floors(batch: int, steps: int) -> dict[str, float]:
     x, y = torch.randn(batch, 784, device=device), torch.randint(0, 10, (batch,), device=device)
     model = MLP().to(device)
     optimizer, _ = make_optimizer(model.parameters(), 1e-3, 1e-5, capturable=True)
-    graphed = GraphedStep(model, optimizer, Tally(device), x, y)
+    graphed = GraphedStep(make_sync("ddp", model, optimizer, 1, device), optimizer, Tally(device), x, y)
     _timed(lambda: graphed.step(x, y), 50)  # warm-up
     graph_s = _timed(lambda: graphed.step(x, y), steps)
 

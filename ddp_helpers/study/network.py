@@ -22,10 +22,11 @@ from typing import Callable
 
 import torch
 
+from ..cluster.env import torchrun_env
+from ..cluster.store import torchrun_store
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import process_group, single_process, torchrun_store
-from ..launchers import torchrun_env
+from ..dist import process_group, single_process
 from ..host import usable_cores
 from ..launch import launch
 from ..sync import LocalSync, make_sync

@@ -10,13 +10,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from .sync_base import LocalSync, broadcast_parameters
+from .base import LocalSync, broadcast_parameters
 
 
 class LocalSGDSync(LocalSync):
-    """Local SGD: every rank steps on its own gradients; every ``every`` optimizer steps
-    the ranks average their weights (one all-reduce of the flat parameter vector).
-    Adam's moment estimates stay local to each rank."""
+    """Every ``every`` optimizer steps, one all-reduce of the flat parameter vector averages
+    the ranks' weights."""
 
     name = "local_sgd"
 

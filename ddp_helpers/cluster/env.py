@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class TorchrunEnv:
+class RankPlace:
+    """Where a rank is in its job, and where the ranks meet."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -21,10 +23,15 @@ class TorchrunEnv:
     run_id: str
     master_addr: str
     master_port: int
-    launcher: str = "torchrun"  # or "slurm": one task of an srun job step
+    launcher: str = "torchrun"  # "slurm": one task of an srun job step; "spawn": started by launch() itself
+
+    @property
+    def external(self) -> bool:
+        """Started by torchrun or srun: no parent process hears this rank."""
+        return self.launcher != "spawn"
 
 
-def torchrun_env() -> TorchrunEnv | None:
+def torchrun_env() -> RankPlace | None:
     """This process's place in a torchrun job or an srun job step, or None when neither started it.
 
     torchrun's variables win: under ``srun torchrun ...`` each task is a torchrun agent, and
@@ -33,19 +40,19 @@ def torchrun_env() -> TorchrunEnv | None:
     return _from_torchrun() or _from_srun()
 
 
-def _from_torchrun() -> TorchrunEnv | None:
+def _from_torchrun() -> RankPlace | None:
     env = os.environ
     if "TORCHELASTIC_RUN_ID" not in env and not ("RANK" in env and "LOCAL_RANK" in env):
         return None
     world = int(env["WORLD_SIZE"])
-    return TorchrunEnv(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+    return RankPlace(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
                        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
                        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
                        run_id=env.get("TORCHELASTIC_RUN_ID", "run"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=int(env.get("MASTER_PORT", "0")))
 
 
-def _from_srun() -> TorchrunEnv | None:
+def _from_srun() -> RankPlace | None:
     """One task of an srun job step, read as PyTorch Lightning's SLURMEnvironment does.
 
     Only srun sets the SLURM_STEP_* variables: a batch script has SLURM_NTASKS and
@@ -64,7 +71,7 @@ def _from_srun() -> TorchrunEnv | None:
     if node >= len(per_node):
         raise ValueError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={env['SLURM_STEP_TASKS_PER_NODE']!r} "
                          f"names {len(per_node)} node(s). Fix: start the command with srun inside the job.")
-    return TorchrunEnv(rank=_slurm_number("SLURM_PROCID"), world_size=world, local_rank=_slurm_number("SLURM_LOCALID"),
+    return RankPlace(rank=_slurm_number("SLURM_PROCID"), world_size=world, local_rank=_slurm_number("SLURM_LOCALID"),
                        local_world_size=per_node[node], restart_count=0,
                        run_id=f"slurm-{job}-{env.get('SLURM_STEP_ID', '0')}",
                        master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", "")),

@@ -1,4 +1,4 @@
-"""Under torchrun: heartbeats and failures in the rendezvous store, and who is to blame.
+"""Under torchrun or srun: the rendezvous store, heartbeats and failures in it, and who is to blame.
 
 A spawned run's parent hears every rank over its pipe and names the one that failed
 (workers.py). Under torchrun (or srun) no process hears our events, so the ranks tell each
@@ -9,18 +9,34 @@ itself; a rank that fails because of another reads the store and names that rank
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
 from typing import Callable
 
 import torch.distributed as dist
 
-from .events import Event, Handler
-from .trainer import PROGRESS_EVERY_S
-from .workers import BLAME_GRACE_S, WorkerError, headline, stopped_making_progress
+from ..events import Event, Handler
+from ..trainer import PROGRESS_EVERY_S
+from ..workers import BLAME_GRACE_S, WorkerError, headline, stopped_making_progress
+from .env import RankPlace
 
 STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed
 STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone with its host
+
+
+def torchrun_store(env: RankPlace, timeout_s: float) -> dist.Store:
+    """The store of a torchrun worker, with keys private to this restart attempt.
+
+    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
+    a restarted rank can read the address its peer had in the attempt that crashed, and
+    gloo's connect then fails with "Connection refused" (seen here, intermittently).
+    Under srun no agent hosts it (TORCHELASTIC_USE_AGENT_STORE is torchrun's): rank 0 does.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts_it, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"ddp_helpers/{env.run_id}/attempt_{env.restart_count}", store)
 
 
 def store_emit(store: dist.Store, rank: int, handle: Handler) -> Callable[[str, dict], None]:

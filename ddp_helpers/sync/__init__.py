@@ -1,0 +1,56 @@
+"""Gradient-synchronisation strategies: how the ranks agree on one update per step.
+
+A strategy wraps one rank's model and optimizer and offers the engine the same methods:
+
+    module                  the nn.Module to run forward/backward through
+    zero_grad(set_to_none)  clear gradients before the next step (in place when False)
+    no_sync()               context for micro-batches whose gradients must not be synced yet
+    after_backward()        explicit gradient communication after backward (if any)
+    after_step()            communication after the optimizer step (if any)
+    consolidate()           make every rank's weights identical (before evaluation or a checkpoint)
+    pop_seconds()           communication seconds spent inside backward since the last call
+
+The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; only
+communication it cannot see, because it runs inside ``backward`` (DDP's hooks), is
+reported through ``pop_seconds`` so that the engine can move it from compute to sync.
+
+The modules each build on :mod:`.base` (``LocalSync``, the single process) and on nothing
+else of the package: :mod:`.ddp` (DDP with a plain, fp16 or PowerSGD hook), :mod:`.manual`
+(one flat all-reduce by hand) and :mod:`.local_sgd` (weights averaged every k steps instead
+of gradients every step). Only this module imports them all, for ``STRATEGIES``: the one
+table of every strategy by name. A new strategy is a class and a row there, and its name in
+``config.SYNC_STRATEGIES`` (a test holds the two together).
+"""
+
+import torch
+from torch import nn
+
+from .base import LocalSync
+from .ddp import DDPSync
+from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
+from .manual import AllReduceSync
+
+__all__ = ["STRATEGIES", "make_sync", "LocalSync", "DDPSync", "AllReduceSync", "LocalSGDSync",
+           "OverlapLocalSGDSync"]
+
+# every strategy by name, in config.SYNC_STRATEGIES's order:
+# (model, optimizer, device, local_sgd_every, DDP options) -> the strategy on this rank
+STRATEGIES = {
+    "ddp": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="ddp", **ddp),
+    "allreduce": lambda model, opt, device, every, ddp: AllReduceSync(model, opt),
+    "fp16": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="fp16", **ddp),
+    "powersgd": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="powersgd", **ddp),
+    "local_sgd": lambda model, opt, device, every, ddp: LocalSGDSync(model, opt, every),
+    "local_sgd_overlap": lambda model, opt, device, every, ddp: OverlapLocalSGDSync(model, opt, every),
+}
+
+
+def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
+              device: torch.device, local_sgd_every: int = 8, **ddp_options):
+    """The strategy object for a run; a single process always gets LocalSync.
+    ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph."""
+    if world_size == 1:
+        return LocalSync(model, optimizer)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sync strategy {name!r}. Fix: use one of {list(STRATEGIES)}")
+    return STRATEGIES[name](model, optimizer, device, local_sgd_every, ddp_options)

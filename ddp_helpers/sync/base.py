@@ -1,0 +1,49 @@
+"""The bottom of the strategies: ``LocalSync``, one process with nothing to agree on, whose
+methods every other strategy inherits and overrides (the interface is in :mod:`ddp_helpers.sync`).
+It imports nothing of the package, so that every strategy module can build on it."""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def broadcast_parameters(params) -> None:
+    """Start every rank from rank 0's weights (what DDP's constructor does)."""
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p, src=0)
+
+
+class LocalSync:
+    """One process: gradients are already the global ones."""
+
+    name = "local"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``set_to_none=False`` zeroes in place: a CUDA graph holds the gradients' addresses."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def consolidate(self) -> None:
+        """Strategies that synchronise gradients every step keep identical weights: nothing to do."""
+
+    def pop_seconds(self) -> float:
+        return 0.0  # nothing communicates inside backward

@@ -1,0 +1,38 @@
+"""Data parallelism by hand: what DDP does under the hood, in one flat all-reduce per step."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import LocalSync, broadcast_parameters
+
+
+class AllReduceSync(LocalSync):
+    """Every gradient is a view into one flat buffer that is all-reduced (summed) once per
+    step and divided by the world size."""
+
+    name = "allreduce"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__(model, optimizer)
+        self.world_size = dist.get_world_size()
+        params = [p for p in model.parameters() if p.requires_grad]
+        broadcast_parameters(params)
+        self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
+        offset = 0
+        for p in params:  # autograd accumulates into an existing .grad in place
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.params = params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Always in place, whatever ``set_to_none`` says: setting a gradient to None would
+        detach it from the flat buffer."""
+        self.flat.zero_()
+
+    def after_backward(self) -> None:
+        if self.params[0].grad.data_ptr() != self.flat.data_ptr():
+            raise RuntimeError("a gradient no longer aliases the flat buffer; was the optimizer's "
+                               "zero_grad(set_to_none=True) called instead of this strategy's?")
+        dist.all_reduce(self.flat, op=dist.ReduceOp.SUM)
+        self.flat.div_(self.world_size)
