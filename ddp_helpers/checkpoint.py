@@ -1,12 +1,9 @@
 """Checkpoints: atomic saves by rank 0, safe loading, resume from the latest good one.
 
-A checkpoint holds what continuing a run needs: model, optimizer and scheduler state,
-the epoch and step counters, the history so far, the RNG states of every rank (CPU and,
-on a GPU, CUDA) and the config. On the CPU a resumed DDP run ends bit-identical to an
-uninterrupted one; PowerSGD's error feedback and the other ranks' Adam moments under local
-SGD are not saved, so those strategies resume close to, not exactly on, their trajectory.
-Files are written to a temporary name, fsynced and renamed, so a crash mid-save leaves the
-previous checkpoint untouched. Loading uses ``torch.load(weights_only=True)``.
+A checkpoint holds model, optimizer and scheduler state, the epoch and step counters, the history,
+every rank's RNG states and the config. On the CPU a resumed DDP run ends bit-identical to an
+uninterrupted one; PowerSGD's error feedback and the other ranks' Adam moments under local SGD
+are not saved, so those strategies resume close to, not exactly on, their trajectory.
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ import torch
 
 FORMAT = 1
 NAME = re.compile(r"^ckpt_epoch(\d{4})\.pt$")
-# Fields that define the trajectory of a run: a checkpoint from a run that differs in
-# any of them cannot be continued as if nothing had happened.
+# Fields that define a run's trajectory: a checkpoint of a run that differs in any cannot be continued.
 MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "seed", "dtype",
               "world_size", "sync", "warmup_steps", "accumulation_steps", "local_sgd_every", "dataset",
               "train_subset", "test_subset", "max_steps_per_epoch")
@@ -44,7 +40,8 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
+    """torch.save to a temporary file, fsync it, rename it over ``path``, fsync the folder: a crash
+    mid-save leaves the previous file untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -90,20 +87,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     saved = state["config"]
-    diff = {k: (saved.get(k), config.get(k)) for k in MUST_MATCH if saved.get(k) != config.get(k)}
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs run {config.get(k)!r}"
+            for k in MUST_MATCH if saved.get(k) != config.get(k)]
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"checkpoint {path} belongs to a different run ({detail}). Fix: resume with the "
-                              f"same settings, or use another --checkpoint-dir for a new run.")
+        raise CheckpointError(f"checkpoint {path} belongs to a different run ({', '.join(diff)}). Fix: resume with "
+                              f"the same settings, or use another --checkpoint-dir for a new run.")
 
 
 def latest_good_checkpoint(folder: str | os.PathLike, config: dict[str, Any]) -> tuple[dict | None, list[str]]:
-    """The newest checkpoint that loads, checked against the run's config.
-
-    Unreadable files are skipped (and reported in the returned notes), never deleted;
-    a readable checkpoint of a different run is an error, not something to skip past.
-    Returns (None, notes) when the folder has no usable checkpoint.
-    """
+    """The newest checkpoint that loads, checked against the run's config, or None; and notes.
+    Unreadable files are skipped (and noted), never deleted; a readable checkpoint of a different
+    run is an error, not something to skip past."""
     notes = []
     for path in list_checkpoints(folder):
         try:

@@ -25,9 +25,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         default = field_default(f)
-        rule = f" {f.metadata['rule']};" if "rule" in f.metadata else ""
-        help_text = f"{f.metadata['help']} ({rule} default: {default})".replace("( ", "(")
-        common = dict(default=argparse.SUPPRESS, help=help_text)
+        rule = f"{f.metadata['rule']}; " if "rule" in f.metadata else ""
+        common = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({rule}default: {default})")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif isinstance(default, list):
@@ -89,9 +88,8 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | N
         print(f"training: world_size={cfg.world_size} ({mode(cfg, env)}), batch {cfg.batch_size}/worker, "
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
-    live = "rows" if args.no_progress else True
     try:
-        result = launch(cfg, live=live, journal=journal, quiet_workers=False, env=env)
+        result = launch(cfg, live="rows" if args.no_progress else True, journal=journal, quiet_workers=False, env=env)
     except (NonFiniteLossError, WorkerError) as exc:  # failed while training: the record says so
         if is_main:
             print(f"record of the failed run written to {save_failed_record(cfg, exc, journal)}", flush=True)
@@ -122,10 +120,8 @@ class Terminated(BaseException):
 @contextmanager
 def sigterm_raises(enabled: bool = True) -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` while the body runs; the previous handler is restored after.
-
-    Not in a rank of torchrun or srun: a rank blocked in a collective would run the handler
-    only when the collective returns (or times out), and its launcher stops it anyway.
-    """
+    Not in a rank of torchrun or srun: a rank blocked in a collective would run the handler only
+    when the collective returns (or times out), and its launcher stops it anyway."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -1,7 +1,6 @@
 """The one configuration object for every run: baseline, DDP, CLI and notebooks.
 
-Each field is declared with :func:`_field`, whose text is both the field's comment
-and its ``--help`` line on the command line, so the two can never drift apart.
+Each field's help text is both its comment here and its ``--help`` line, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ FAULT_KINDS = ("raise", "exit", "hang")
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field whose help text documents it in code and on the CLI."""
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: list(value) if isinstance(value, list) else dict(value),
-                     metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
+    metadata = {"help": help, **kwargs}
+    if isinstance(default, (list, dict)):  # a fresh copy for every instance
+        return field(default_factory=default.copy, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -104,7 +102,6 @@ class TrainConfig:
         self.hidden_sizes = list(self.hidden_sizes)
         self.validate()
 
-    # ------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field and what it accepts. Values only: whether
         this machine has the GPUs a config asks for is checked when a run starts (``dist.check_devices``)."""
@@ -138,7 +135,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
         return self
 
-    # ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,9 +1,7 @@
 """MNIST as preloaded tensors, and how each rank picks its share of them.
 
-The dataset is read once through ``torchvision.datasets.MNIST`` and kept as one
-normalised float tensor per split; a batch is an ``index_select`` into it. That
-replaces the per-sample PIL transform and DataLoader of the seed design, which
-cost seconds per epoch on this problem.
+Each split is one normalised float tensor and a batch is an ``index_select`` into it: the seed
+design's per-sample PIL transform and DataLoader cost seconds per epoch on this problem.
 """
 
 from __future__ import annotations
@@ -38,11 +36,8 @@ class MNISTDataError(RuntimeError):
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """The MNIST root: the explicit argument, then $MNIST_DATA_DIR, then data/ in the project."""
-    if data_dir:
-        return Path(data_dir).expanduser().resolve()
-    if os.environ.get("MNIST_DATA_DIR"):
-        return Path(os.environ["MNIST_DATA_DIR"]).expanduser().resolve()
-    return PROJECT_ROOT / "data"
+    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR")
+    return Path(data_dir).expanduser().resolve() if data_dir else PROJECT_ROOT / "data"
 
 
 def raw_folder(root: Path) -> Path:
@@ -81,12 +76,9 @@ def check_mnist_files(root: Path, verify_checksums: bool = True) -> None:
 
 
 def ensure_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Make sure genuine MNIST is under the data root and return the root.
-
-    Missing files are downloaded through torchvision when ``download`` is true; when
-    that fails (offline) or is not allowed the error names the folder and the fix.
-    Damaged files are never replaced silently: the error names the file.
-    """
+    """Make sure genuine MNIST is under the data root and return the root: missing files are downloaded
+    through torchvision if allowed, damaged ones never replaced silently; errors name the folder or
+    file and the fix."""
     root = resolve_data_root(data_dir)
     folder = raw_folder(root)
     missing = [n for n in RAW_FILES if not (folder / n).is_file()]
@@ -169,11 +161,9 @@ def load_datasets(dataset: str, data_dir: str = "", train_subset: int = 0, test_
 # --- who trains and evaluates on what -------------------------------------------------
 
 def train_indices(n: int, rank: int, world_size: int, epoch: int, seed: int) -> torch.Tensor:
-    """This rank's shuffled share of range(n) for an epoch, exactly as DistributedSampler gives it.
-
-    Every rank draws the same permutation (seed + epoch), pads it to a multiple of the
-    world size by repeating its start, and takes every world_size-th index from its rank.
-    """
+    """This rank's shuffled share of range(n) for an epoch, exactly as DistributedSampler gives it:
+    every rank draws the same permutation (seed + epoch), pads it to a multiple of the world size
+    by repeating its start, and takes every world_size-th index from its rank."""
     sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long)

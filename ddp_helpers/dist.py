@@ -1,15 +1,15 @@
 """The process group, from plain values: rank, world size, backend, device, threads, timeout.
 
-The idea fits in a few lines (nanoGPT's ``ddp_setup``)::
+The idea is nanoGPT's ``ddp_setup``::
 
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0)
     dist.init_process_group(backend, rank=rank, world_size=world_size, store=store, timeout=...)
     ...train...
     dist.destroy_process_group()
 
-Everything else here makes those lines safe: every wait has a timeout, NCCL is told its
-device, the ranks leave together, and the choices (backend, device, threads) are made
-from what *this node* has, so that a multi-node torchrun or srun job gets them right too.
+The rest makes it safe: every wait has a timeout, NCCL is told its device, the ranks leave
+together, and backend, device and threads are chosen from what *this node* has (so that a
+multi-node torchrun or srun job gets them right too).
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ from .host import usable_cores
 
 
 # --- choices made from this node's resources ------------------------------------------------
-
 def threads_for(requested: int, local_ranks: int) -> tuple[int, str]:
-    """Intra-op threads per rank, and the rule that gave them.
-
-    An explicit request wins, then $OMP_NUM_THREADS, then this node's cores shared out
-    among its ranks: two ranks with two threads each on two cores thrash.
-    """
+    """Intra-op threads per rank, and the rule that gave them: the request, else $OMP_NUM_THREADS, else this
+    node's cores shared out among its ranks (two ranks with two threads each on two cores thrash)."""
     if requested:
         return requested, f"threads_per_rank={requested} (config)"
     omp = os.environ.get("OMP_NUM_THREADS", "")
@@ -52,8 +48,7 @@ def gpu_count() -> int:
 
 
 def pick_backend(requested: str, local_ranks: int, device: str = "auto") -> str:
-    """'nccl' when asked for, or on auto when this node has a GPU per local rank and the device
-    is not the CPU; else 'gloo'."""
+    """On 'auto': 'nccl' when this node has a GPU per local rank and the device is not the CPU, else 'gloo'."""
     if requested != "auto":
         return requested
     gpus_for_all = gpu_count() >= local_ranks and dist.is_nccl_available()
@@ -79,7 +74,6 @@ def pick_device(requested: str, backend: str, local_rank: int) -> torch.device:
 
 
 # --- ports ------------------------------------------------------------------------------------
-
 def find_free_port(addr: str = "127.0.0.1") -> int:
     """A TCP port the OS reports free right now (bind to port 0 and read it back)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -109,10 +103,8 @@ def oversubscription_warning(local_ranks: int) -> list[str]:
 
 
 # --- rendezvous stores -------------------------------------------------------------------------
-
 def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The store behind ``tcp://host:port``, hosted by rank 0, kept in our hands so that the
-    ranks can also use it to leave together."""
+    """The store behind ``tcp://host:port``, hosted by rank 0; ours, so that the ranks can leave together."""
     url = urlparse(init_method)
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise ValueError(f"init_method must look like tcp://HOST:PORT, got {init_method!r}")
@@ -123,10 +115,10 @@ def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) ->
 def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
     """Return only when every rank has finished its last collective.
 
-    A rank that tears down its gloo connections while a peer is still inside a collective
-    can make that peer abort (``terminate called without an active exception``: seen at
-    exit, rarely, in CI). A gloo barrier would only move the problem to the barrier, so the
-    ranks meet in the rendezvous store instead. Rank 0 leaves last: it may host the store.
+    A rank that tears down its gloo connections while a peer is still inside a collective can make
+    that peer abort (``terminate called without an active exception``: seen at exit, rarely, in CI).
+    A gloo barrier would only move the problem there, so the ranks meet in the rendezvous store.
+    Rank 0 leaves last: it may host the store.
     """
     timeout = timedelta(seconds=timeout_s)
     store.set(f"exit/finished/{rank}", "1")
@@ -138,7 +130,6 @@ def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: flo
 
 
 # --- the context a rank trains in ----------------------------------------------------------------
-
 @dataclass
 class RankContext:
     """Who this process is in the run, and how to sum a tensor over all ranks."""
@@ -174,11 +165,9 @@ class RankContext:
 def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str = "gloo",
                   device: torch.device = torch.device("cpu"), threads: int = 1, timeout_s: float = 120.0,
                   threads_rule: str = "", restart_count: int = 0) -> Iterator[RankContext]:
-    """Join the process group (every wait bounded by ``timeout_s``), yield the context, always leave.
-
-    After a body that succeeded the ranks leave together (:func:`leave_together`); after
-    one that raised, at once: the others may be gone.
-    """
+    """Join the process group (every wait bounded by ``timeout_s``), yield the context, always leave:
+    together after a body that succeeded (:func:`leave_together`), at once after one that raised (the
+    others may be gone)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(threads)
@@ -190,8 +179,8 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
     try:
         yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count)
         leave_together(store, rank, world_size, timeout_s)
-    except BaseException as exc:  # when this rank failed: before it leaves, so before any peer can notice
-        exc.raised_at = getattr(exc, "raised_at", time.time())  # (the launcher blames the earliest failure)
+    except BaseException as exc:  # stamped before this rank leaves, so before any peer can notice:
+        exc.raised_at = getattr(exc, "raised_at", time.time())  # the launcher blames the earliest failure
         raise
     finally:
         dist.destroy_process_group()

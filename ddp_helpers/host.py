@@ -1,5 +1,4 @@
-"""Facts about where a run happens: this machine (cores, CPU, memory, GPU driver) and this
-checkout (its commit), gathered into the environment block every record carries."""
+"""Facts about this machine and this checkout, for the environment block every record carries."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""What the user sees while a run goes, in the parent process: a progress bar and each
-epoch's row as it arrives, in a terminal or a notebook cell; and a journal file that
-keeps every epoch's row, so that a crashed or interrupted run keeps its history.
+"""What the user sees while a run goes: a progress bar and each epoch's row, in a terminal or a
+notebook cell; and a journal of the rows, so that a crashed or interrupted run keeps its history.
 
-In a notebook the bar is plain text updated in place (an IPython display handle), so a
-saved notebook shows its last state as one readable line, not a widget placeholder.
+In a notebook the bar is plain text updated in place, so a saved notebook shows its last state as
+one readable line, not a widget placeholder.
 """
 
 from __future__ import annotations
@@ -38,11 +37,8 @@ def in_notebook() -> bool:
 
 
 class LiveReport:
-    """An event handler: rank 0's progress as a bar, each epoch's row as a line.
-
-    ``rows``: print the rows (the header before the first one, so that an early error
-    is not preceded by an empty table). ``bar``: show a progress bar.
-    """
+    """An event handler: rank 0's progress as a bar (``bar``), each epoch's row as a line (``rows``;
+    the header comes with the first row, so that an early error is not preceded by an empty table)."""
 
     def __init__(self, rows: bool = True, bar: bool = True, out=None):
         self.rows, self.out = rows, out or sys.stdout

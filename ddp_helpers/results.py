@@ -46,14 +46,12 @@ class RunResult:
         return model.eval()
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the record. The weights are kept apart (:meth:`save_weights`): the notebooks save
-        records into results/ and keep their models in memory."""
+        """Write the record; not the weights (:meth:`save_weights`): notebooks keep their models in memory."""
         return save_json(self.record, path or self.config.record_path)
 
     def save_weights(self, path: str | os.PathLike | None = None) -> Path:
-        """Write rank 0's final weights, by default beside the record (:func:`weights_path`): a plain
-        state_dict of CPU tensors, read back with ``torch.load(path, weights_only=True)`` into
-        ``MLP(cfg.hidden_sizes, cfg.dropout)``."""
+        """Write rank 0's final weights (by default beside the record) as a state_dict of CPU tensors, for
+        ``torch.load(path, weights_only=True)`` into ``MLP(cfg.hidden_sizes, cfg.dropout)``."""
         path = Path(path or weights_path(self.config.record_path))
         atomic_save(self.state_dict, path)
         return path
@@ -71,9 +69,9 @@ def record_header(cfg: TrainConfig, status: str) -> dict[str, Any]:
 
 
 def failed_record(cfg: TrainConfig, error: BaseException | str, epochs: list[dict]) -> dict[str, Any]:
-    """The record of a run that stopped with an error: why, and the epochs it finished (a spawned
-    run's history dies with its workers: they come from the journal). No summary, no weights:
-    nothing finished to summarise, so a chart that expects a summary fails instead of misleading."""
+    """The record of a run that stopped with an error: why, and the epochs it finished (from the
+    journal: a spawned run's history dies with its workers). No summary, so that a chart expecting
+    one fails instead of misleading."""
     return {**record_header(cfg, "failed"), "error": str(error), "epochs": epochs}
 
 

@@ -1,13 +1,13 @@
 """Spawned worker processes: start them, hear from them, stop them, and name the one that failed.
 
-Each rank talks to the parent over its own pipe (no shared lock: a rank killed mid-message blocks
-no other) as ``(kind, payload)``: ``started``, ``progress`` (its heartbeat), ``epoch``, ``fault``,
-``result``, ``error`` (the exception as text, and when it was raised). Its output is its log file (worker_logs.py).
+Each rank talks to the parent over its own pipe (no shared lock: a rank killed mid-message blocks no
+other) as ``(kind, payload)``: ``started``, ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result``,
+``error``. Its output goes to its log file (worker_logs.py).
 
-Blame rests on facts, not on the words of an error. A rank that fails by itself (raises, exits,
-is killed) fails before its peers can notice, so the earliest failure is the own one. A rank that
-stops making progress (hung, or frozen with SIGSTOP) fails nothing, its peers time out: so a live
-rank that sent no error and whose heartbeat is clearly stale is named instead, with its stack.
+Blame rests on facts, not on the words of an error. A rank that fails by itself (raises, exits, is
+killed) fails before its peers can notice, so the earliest failure is the own one. A rank that stops
+making progress (hung, or frozen with SIGSTOP) fails nothing, its peers time out: so a live rank that
+sent no error and whose heartbeat is clearly stale is named instead, with its stack.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class WorkerError(RuntimeError):
     def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
         self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
         self.detected_at = time.time()
-        self.fault: dict | None = None  # set by launch when the failure was an injected fault
         stopped = f" All {len(pids)} workers were stopped." if pids else ""
         super().__init__(f"rank {rank} failed: {reason}.{stopped}" + (f"\n{details}" if details else ""))
 
@@ -96,9 +95,9 @@ def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_m
 def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
                 master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
                 on_event: Callable[[Event], None] | None = None) -> dict[int, Any]:
-    """Spawn ``world_size`` processes running ``job`` (module-level: spawn imports it by name); return
-    the ``result`` payloads by rank. ``on_event`` sees every event as it arrives; ``quiet=False`` copies
-    the workers' output to stderr. A failure, a timeout or a Ctrl-C stops every worker before this raises."""
+    """Spawn ``world_size`` processes running ``job`` (module-level: spawn imports it by name); return the
+    ``result`` payloads by rank. ``on_event`` sees every event as it arrives; ``quiet=False`` copies the
+    workers' output to stderr. A failure, a timeout or a Ctrl-C stops every worker before this raises."""
     if master_port:
         check_port_free(master_addr, master_port)
     attempts = 1 if master_port else 3

@@ -160,19 +160,6 @@ def test_cli_replays_a_record_and_flags_override_it(tmp_path):
     assert (tmp_path / "replayed.epochs.jsonl").read_text().count("\n") == 1  # the journal beside the record
 
 
-def test_the_same_worker_runs_under_torchrun(tmp_path):
-    out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "ddp_helpers", "train", "--dataset", "synthetic", "--train-subset", "512",
-                  "--test-subset", "64", "--epochs", "1", "--no-progress",
-                  "--output-dir", str(tmp_path), "--run-name", "torchrun")
-    assert out.returncode == 0, out.stdout + out.stderr
-    import json
-
-    record = json.loads((tmp_path / "torchrun.json").read_text())
-    assert record["runtime"]["rank_count"] == 2 and record["runtime"]["backend"] == "gloo"
-    assert out.stdout.count("record written to") == 1  # only rank 0 reports
-
-
 def test_ranks_leave_together_and_rank_0_leaves_last():
     """The exit protocol, observed in the store at the moment each rank returns: nobody
     returns before every rank has finished, and rank 0 (which may host the store) returns

@@ -254,4 +254,6 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_pa
     assert "injected fault: rank 1 failed at step 40" in out.stderr  # it really crashed once
     record = json.loads((tmp_path / "elastic.json").read_text())
     assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3]
+    assert record["runtime"]["rank_count"] == 2 and record["runtime"]["backend"] == "gloo"  # the same worker code
+    assert out.stdout.count("record written to") == 1  # only rank 0 reports
     assert any("resumed from" in n and "epoch 2" in n for n in record["runtime"]["notes"])

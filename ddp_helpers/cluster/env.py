@@ -1,8 +1,4 @@
-"""Who started this process: torchrun's or srun's environment, read in one place.
-
-``torchrun_env()`` says whether this process is one rank of a job that a launcher started
-(and where the ranks meet), or None when it is not: then ``launch`` spawns the ranks itself.
-"""
+"""Who started this process: torchrun's or srun's environment, read in one place."""
 
 from __future__ import annotations
 
@@ -32,11 +28,9 @@ class RankPlace:
 
 
 def torchrun_env() -> RankPlace | None:
-    """This process's place in a torchrun job or an srun job step, or None when neither started it.
-
-    torchrun's variables win: under ``srun torchrun ...`` each task is a torchrun agent, and
-    its workers are the ranks.
-    """
+    """This process's place in a torchrun job or an srun job step, or None when neither started it
+    (then ``launch`` spawns the ranks itself). Under ``srun torchrun ...`` torchrun's variables win:
+    each task is a torchrun agent, and its workers are the ranks."""
     return _from_torchrun() or _from_srun()
 
 
@@ -46,19 +40,19 @@ def _from_torchrun() -> RankPlace | None:
         return None
     world = int(env["WORLD_SIZE"])
     return RankPlace(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
-                       local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-                       restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                       run_id=env.get("TORCHELASTIC_RUN_ID", "run"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=int(env.get("MASTER_PORT", "0")))
+                     local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+                     restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                     run_id=env.get("TORCHELASTIC_RUN_ID", "run"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                     master_port=int(env.get("MASTER_PORT", "0")))
 
 
 def _from_srun() -> RankPlace | None:
     """One task of an srun job step, read as PyTorch Lightning's SLURMEnvironment does.
 
-    Only srun sets the SLURM_STEP_* variables: a batch script has SLURM_NTASKS and
-    SLURM_PROCID too but is no step, so there (and in a step of one task) this returns None
-    and the CLI spawns its workers as usual. Rank 0 is the step's first task, which SLURM
-    places on the first node of the step, where the others look for the rendezvous store.
+    Only srun sets SLURM_STEP_*: a batch script has SLURM_NTASKS and SLURM_PROCID too but is no
+    step, so there (and in a step of one task) this returns None and the CLI spawns its workers.
+    Rank 0 is the step's first task, which SLURM places on the step's first node: the others look
+    for the rendezvous store there.
     """
     env = os.environ
     if "SLURM_STEP_NUM_TASKS" not in env:
@@ -72,11 +66,11 @@ def _from_srun() -> RankPlace | None:
         raise ValueError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE={env['SLURM_STEP_TASKS_PER_NODE']!r} "
                          f"names {len(per_node)} node(s). Fix: start the command with srun inside the job.")
     return RankPlace(rank=_slurm_number("SLURM_PROCID"), world_size=world, local_rank=_slurm_number("SLURM_LOCALID"),
-                       local_world_size=per_node[node], restart_count=0,
-                       run_id=f"slurm-{job}-{env.get('SLURM_STEP_ID', '0')}",
-                       master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", "")),
-                       master_port=int(env.get("MASTER_PORT") or 15000 + job % 10000),  # as Lightning: last 4 digits
-                       launcher="slurm")
+                     local_world_size=per_node[node], restart_count=0,
+                     run_id=f"slurm-{job}-{env.get('SLURM_STEP_ID', '0')}",
+                     master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", "")),
+                     master_port=int(env.get("MASTER_PORT") or 15000 + job % 10000),  # as Lightning: last 4 digits
+                     launcher="slurm")
 
 
 def _slurm_number(name: str) -> int:
@@ -88,10 +82,7 @@ def _slurm_number(name: str) -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'node[01-04,07],gpu5' -> 'node01', 'a,b' -> 'a'.
-
-    Where the ranks meet: rank 0 runs on the step's first node and hosts the store there.
-    """
+    """The first host of a SLURM node list, where rank 0 runs: 'node[01-04,07],gpu5' -> 'node01', 'a,b' -> 'a'."""
     first = re.match(r"(?:[^,\s\[\]]|\[[^\[\]]*\])+(?=$|[,\s])", nodelist.strip())  # up to a comma or space
     if not first:
         raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r} is not a node list like 'node[01-04],gpu5'. "

@@ -1,9 +1,8 @@
 """Under torchrun or srun: the rendezvous store, heartbeats and failures in it, and who is to blame.
 
-A spawned run's parent hears every rank over its pipe and names the one that failed
-(workers.py). Under torchrun (or srun) no process hears our events, so the ranks tell each
-other through the store: each writes its heartbeat there, and its headline when it fails by
-itself; a rank that fails because of another reads the store and names that rank.
+A spawned run's parent hears every rank over its pipe (workers.py). Under torchrun or srun no
+process hears them, so the ranks tell each other through the store: each writes its heartbeat
+there, and its headline when it fails by itself; a rank that fails because of another names it.
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone
 
 
 def torchrun_store(env: RankPlace, timeout_s: float) -> dist.Store:
-    """The store of a torchrun worker, with keys private to this restart attempt.
+    """The store of a torchrun (or srun) rank, with keys private to this restart attempt.
 
-    torchrun's agent keeps one store across elastic restarts; without a per-attempt prefix
-    a restarted rank can read the address its peer had in the attempt that crashed, and
-    gloo's connect then fails with "Connection refused" (seen here, intermittently).
-    Under srun no agent hosts it (TORCHELASTIC_USE_AGENT_STORE is torchrun's): rank 0 does.
+    torchrun's agent keeps one store across elastic restarts: without a per-attempt prefix a
+    restarted rank can read the address its peer had in the attempt that crashed, and gloo's
+    connect fails with "Connection refused" (seen here, intermittently). Under srun rank 0 hosts it.
     """
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
@@ -51,8 +49,7 @@ def store_emit(store: dist.Store, rank: int, handle: Handler) -> Callable[[str, 
 
 def read_ranks(store: dist.Store, kind: str, ranks: list[int]) -> dict[int, dict]:
     """What each of these ranks wrote under ``kind/<rank>``, for those that did (check does not block)."""
-    keys = {rank: f"{kind}/{rank}" for rank in ranks}
-    return {rank: json.loads(store.get(key)) for rank, key in keys.items() if store.check([key])}
+    return {rank: json.loads(store.get(f"{kind}/{rank}")) for rank in ranks if store.check([f"{kind}/{rank}"])}
 
 
 def peers_in_store(store: dist.Store, others: list[int]) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -66,10 +63,10 @@ def peers_in_store(store: dist.Store, others: list[int]) -> tuple[dict[int, dict
 def culprit_in_store(store: dist.Store, rank: int, world_size: int, exc: BaseException) -> WorkerError | None:
     """The error naming the rank that made this one fail, or None when the failure is this rank's own.
 
-    A rank that failed by itself comes first: it wrote its headline before it left the
-    process group, so before its peers could notice. Else the rank whose heartbeat is clearly
-    stale. With more than two ranks the healthy ones go silent too while they wait: each says
-    that it waited, and the others give them up to BLAME_GRACE_S to say so.
+    A rank that failed by itself comes first: it wrote its headline before it left the process
+    group, so before its peers could notice. Else the rank whose heartbeat is clearly stale; with
+    more than two ranks the healthy ones go silent too while they wait: each says that it waited,
+    and the others give them up to BLAME_GRACE_S to say so.
     """
     others = [r for r in range(world_size) if r != rank]
     try:

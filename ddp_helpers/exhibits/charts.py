@@ -15,6 +15,8 @@ from ..engine import PHASES
 
 Runs = dict[str, list[dict]]  # label -> per-epoch history
 
+PHASE_NAMES = {"sync": "sync (all-reduce + waiting)"}  # the phase includes waiting for the slower rank
+
 
 def history_frame(history: list[dict]) -> pd.DataFrame:
     """One row per epoch with the metrics, times and per-step split (ms) as columns."""
@@ -38,15 +40,15 @@ def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, st
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_acc.axhline(target, color="grey", lw=0.8, ls=":")
-    ax_acc.annotate(f"{target:g}%", (0, target), xytext=(4, 3), textcoords="offset points", fontsize=8,
+    ax_acc.annotate(f"{target:g}%", (0, target), xytext=(4, 3), textcoords="offset points", fontsize=9,
                     color="grey", xycoords=("axes fraction", "data"), ha="left")
     for ax in (ax_loss, ax_acc):
         for x, text in (marks or {}).items():
             ax.axvline(x, color="crimson", lw=1, ls="--")
             ax.annotate(text, (x, 1), xytext=(3, -3), textcoords="offset points", xycoords=("data", "axes fraction"),
-                        fontsize=8, color="crimson", va="top")
+                        fontsize=9, color="crimson", va="top")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -58,7 +60,7 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     sns.barplot(data=df, x="epoch", y="epoch_time_s", hue="run", ax=ax)
     ax.set(ylabel="training time per epoch (s)", title="Time per epoch")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -84,18 +86,18 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
         values = phases[f"{phase}_ms"].to_numpy(dtype=float)
         if values.max() < 0.005 * widest:
             continue  # nothing to show (a single process synchronises nothing)
-        ax.barh(labels, values, left=left, color=color, label=phase)
+        ax.barh(labels, values, left=left, color=color, label=PHASE_NAMES.get(phase, phase))
         for y, (x0, v) in enumerate(zip(left, values)):
             if v > 0.07 * widest:
-                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color="white", fontsize=9)
         left += values
     for y, (label, end) in enumerate(zip(labels, left)):
         total = end if totals is None else totals[label]
-        ax.text(end + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=8)
+        ax.text(end + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=9)
     ax.set(xlabel=xlabel, xlim=(0, widest * 1.25))
     ax.set_title(title, pad=22)
     ax.invert_yaxis()
-    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(ncol=4, fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -103,7 +105,7 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
 def plot_confusion(labels: Sequence[int], predictions: Sequence[int]) -> plt.Figure:
     matrix = pd.crosstab(pd.Series(labels, name="true digit"), pd.Series(predictions, name="predicted digit"))
     fig, ax = plt.subplots(figsize=(6.2, 5))
-    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, annot_kws={"fontsize": 7})
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax, annot_kws={"fontsize": 8})
     ax.set_title("Confusion matrix on the 10,000 test images")
     fig.tight_layout()
     return fig
@@ -121,7 +123,7 @@ def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = ""
         ax.axis("off")
     for ax, image, text in zip(axes.flat, images, titles):
         ax.imshow(image_of(image), cmap="gray_r")
-        ax.set_title(text, fontsize=8)
+        ax.set_title(text, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -136,14 +138,14 @@ def plot_shard_assignment(shards: Sequence[Sequence[int]], n_show: int = 24) -> 
     for pos in range(n_show):
         rank = pos % world
         ax.add_patch(plt.Rectangle((pos, 0), 0.92, 1, color=palette[rank]))
-        ax.text(pos + 0.46, 0.5, str(shards[rank][pos // world]), ha="center", va="center", fontsize=8.5,
+        ax.text(pos + 0.46, 0.5, str(shards[rank][pos // world]), ha="center", va="center", fontsize=9.5,
                 color="white", rotation=90)
     ax.set_title(f"Epoch 0, the first {n_show} positions: rank r takes positions r, r + {world}, r + {2 * world}, ...",
                  fontsize=10, pad=24)
     ax.set(xlim=(0, n_show), ylim=(0, 1), yticks=[], xlabel="position in the epoch's shuffled order "
            "(the number in each cell is the training-sample index)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[r]) for r in range(world)]
-    ax.legend(handles, [f"rank {r}" for r in range(world)], ncol=world, fontsize=8, loc="lower center",
+    ax.legend(handles, [f"rank {r}" for r in range(world)], ncol=world, fontsize=9, loc="lower center",
               bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     return fig

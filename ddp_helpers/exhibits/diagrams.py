@@ -24,7 +24,7 @@ class _Canvas:
                          arrowprops=dict(arrowstyle="<->" if both else "->", lw=1.3, color=color, shrinkA=0,
                                          shrinkB=0, ls="--" if dashed else "-"))
         if text:
-            self.ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, fontsize=7.5, ha="center", va="center",
+            self.ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, fontsize=8.5, ha="center", va="center",
                          color=color, bbox=dict(facecolor="white", edgecolor="none", pad=1))
 
 

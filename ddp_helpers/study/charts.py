@@ -9,7 +9,7 @@ import seaborn as sns
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
 
 
 def _finish_link_chart(fig, ax, y_format: str, ncol: int) -> plt.Figure:
@@ -34,7 +34,7 @@ def plot_allreduce(record: dict) -> plt.Figure:
     grad = record["gradient_bytes"]
     ax.axvline(grad, color="grey", ls=":", lw=1)
     ax.annotate(f"our gradient\n({grad / 1e6:.2f} MB)", (grad, ax.get_ylim()[1]), xytext=(-4, -4),
-                textcoords="offset points", ha="right", va="top", fontsize=8, color="grey")
+                textcoords="offset points", ha="right", va="top", fontsize=9, color="grey")
     ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
     _legend_below(ax)
     fig.tight_layout()
@@ -51,7 +51,7 @@ def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
     ax.barh(y + 0.2, table["measured ms"], height=0.4, color=orange, label="measured")
     top = float(table[["predicted ms", "measured ms"]].max().max())
     for yi, (p, m, err) in enumerate(zip(table["predicted ms"], table["measured ms"], table["error %"])):
-        ax.text(max(p, m) + 0.01 * top, yi, f"{err:+.0f}%", va="center", fontsize=8)
+        ax.text(max(p, m) + 0.01 * top, yi, f"{err:+.0f}%", va="center", fontsize=9)
     ax.set_yticks(y, table.index)
     ax.invert_yaxis()
     ax.set(xlabel="milliseconds per step, 2 workers (hatched: batch not measured for the inputs)",
@@ -100,7 +100,7 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
                 ls="--" if two else "-", color=palette[i // 2], label=name)
     ax.axhline(100 * tta["method"]["target"], color="grey", ls=":", lw=1)
     ax.annotate("target 98%", (ax.get_xlim()[1], 98), xytext=(-4, 3), textcoords="offset points", ha="right",
-                fontsize=8, color="grey")
+                fontsize=9, color="grey")
     ax.set(xlabel="training seconds (evaluation excluded)", ylabel="validation accuracy (%)",
            title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(95, 99))
     _legend_below(ax)

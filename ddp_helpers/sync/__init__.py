@@ -10,16 +10,12 @@ A strategy wraps one rank's model and optimizer and offers the engine the same m
     consolidate()           make every rank's weights identical (before evaluation or a checkpoint)
     pop_seconds()           communication seconds spent inside backward since the last call
 
-The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; only
-communication it cannot see, because it runs inside ``backward`` (DDP's hooks), is
-reported through ``pop_seconds`` so that the engine can move it from compute to sync.
+The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; ``pop_seconds``
+reports the communication it cannot see, inside ``backward`` (DDP's hooks), so that the engine
+can move it from compute to sync.
 
-The modules each build on :mod:`.base` (``LocalSync``, the single process) and on nothing
-else of the package: :mod:`.ddp` (DDP with a plain, fp16 or PowerSGD hook), :mod:`.manual`
-(one flat all-reduce by hand) and :mod:`.local_sgd` (weights averaged every k steps instead
-of gradients every step). Only this module imports them all, for ``STRATEGIES``: the one
-table of every strategy by name. A new strategy is a class and a row there, and its name in
-``config.SYNC_STRATEGIES`` (a test holds the two together).
+Each strategy module builds on :mod:`.base` alone; only this one imports them all, for ``STRATEGIES``.
+A new strategy is a class, a row there, and its name in ``config.SYNC_STRATEGIES`` (a test holds the two together).
 """
 
 import torch

@@ -1,6 +1,5 @@
-"""The bottom of the strategies: ``LocalSync``, one process with nothing to agree on, whose
-methods every other strategy inherits and overrides (the interface is in :mod:`ddp_helpers.sync`).
-It imports nothing of the package, so that every strategy module can build on it."""
+"""``LocalSync``: one process, nothing to agree on. Every strategy inherits its methods (the interface
+in :mod:`ddp_helpers.sync`); it imports nothing of ours, so that every strategy module can build on it."""
 
 import contextlib
 

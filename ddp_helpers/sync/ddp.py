@@ -45,19 +45,17 @@ DDP_HOOKS = {
     "ddp": (default_hooks.allreduce_hook, lambda: None),
     "fp16": (default_hooks.fp16_compress_hook, lambda: None),
     "powersgd": (powersgd.powerSGD_hook,
-                 lambda: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
-                                                start_powerSGD_iter=2, use_error_feedback=True,
-                                                warm_start=True)),
+                 lambda: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2,
+                                                use_error_feedback=True, warm_start=True)),
 }
 
 
 def refusal(hook: str, device: torch.device) -> str | None:
     """Why ``hook`` cannot run on gradients on ``device`` in this process, or None if it can.
 
-    torch's PowerSGD hooks (``powerSGD_hook`` and ``batched_powerSGD_hook`` alike) end with
-    ``if torch.cuda.is_available(): torch.cuda.synchronize(device)`` with the bucket's device,
-    and nothing in ``PowerSGDState`` turns that off: on a machine that has CUDA, a CPU bucket
-    fails there ("Expected a cuda device, but got: cpu") as soon as compression starts."""
+    torch's PowerSGD hooks (plain and batched) end with ``if torch.cuda.is_available():
+    torch.cuda.synchronize(device)`` on the bucket's device, and nothing in ``PowerSGDState`` turns
+    that off: with CUDA present, a CPU bucket fails there ("Expected a cuda device, but got: cpu")."""
     if hook == "powersgd" and device.type != "cuda" and torch.cuda.is_available():
         return ("PowerSGD cannot run on CPU tensors on a machine that has CUDA: torch's PowerSGD hook "
                 "synchronises the gradient bucket's device with CUDA whenever CUDA is available, which "
@@ -69,12 +67,11 @@ def refusal(hook: str, device: torch.device) -> str | None:
 class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
-    At the default 25 MB bucket size this model's whole 2.27 MB gradient is one bucket
-    whose all-reduce starts when backward has produced the last gradient: nothing
-    overlaps, and the hook's wall time is the exposed communication. Smaller buckets
-    (``bucket_cap_mb``) let the first layers' all-reduce run while backward goes on.
-    ``hook`` picks what a bucket's communication is: the plain mean all-reduce, fp16
-    compression, or PowerSGD low-rank compression (with error feedback).
+    At the default 25 MB bucket size this model's whole 2.27 MB gradient is one bucket whose
+    all-reduce starts when backward has produced the last gradient: nothing overlaps, and the hook's
+    wall time is the exposed communication. Smaller buckets (``bucket_cap_mb``) let the last layers'
+    all-reduce run while backward goes on. ``hook``: the plain mean all-reduce, fp16 compression,
+    or PowerSGD low-rank compression (with error feedback).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

@@ -1,8 +1,7 @@
 """Local SGD: each rank steps on its own gradients; every k steps the ranks average weights.
 
-One all-reduce of the weights every k steps instead of one of the gradients every step:
-k times fewer messages, at the price of replicas that drift apart between averages.
-Adam's moment estimates stay local to each rank.
+k times fewer messages than one all-reduce of the gradients every step, at the price of replicas
+that drift apart between averages. Adam's moment estimates stay local to each rank.
 """
 
 import torch
@@ -14,8 +13,7 @@ from .base import LocalSync, broadcast_parameters
 
 
 class LocalSGDSync(LocalSync):
-    """Every ``every`` optimizer steps, one all-reduce of the flat parameter vector averages
-    the ranks' weights."""
+    """Every ``every`` optimizer steps, one all-reduce of the flat parameter vector averages the weights."""
 
     name = "local_sgd"
 
@@ -56,16 +54,14 @@ class LocalSGDSync(LocalSync):
 class OverlapLocalSGDSync(LocalSGDSync):
     """Local SGD whose averaging runs in the background (the all-reduce is asynchronous).
 
-    Every ``every`` steps a rank sends a snapshot of its weights and keeps training. At the
-    next averaging point, ``every`` steps later, it collects the average of the snapshots
-    and keeps its own progress since it sent its snapshot:
+    Every ``every`` steps a rank sends a snapshot of its weights and keeps training. ``every`` steps
+    later it collects the average of the snapshots and keeps its own progress since:
 
         w  <-  mean of the snapshots  +  (w - own snapshot)
 
-    A rank therefore waits only if the all-reduce is still unfinished ``every`` steps
-    later, instead of waiting for the slower rank at each average; the price is that
-    each average arrives one period late. ``consolidate`` collects the pending average,
-    then averages once more, blocking, so that every rank holds the same weights."""
+    A rank waits only if that all-reduce is still unfinished, instead of for the slower rank at each
+    average; the price is that each average arrives one period late. ``consolidate`` collects the
+    pending average, then averages once more, blocking, so that every rank holds the same weights."""
 
     name = "local_sgd_overlap"
 
@@ -99,5 +95,3 @@ class OverlapLocalSGDSync(LocalSGDSync):
         work.wait()  # bounded by the process group's timeout
         correction = buffer.div_(self.world_size).sub_(own)  # mean of the snapshots - own snapshot
         self._scatter(correction, torch.Tensor.add_)
-
-

@@ -8,8 +8,7 @@ from .base import LocalSync, broadcast_parameters
 
 
 class AllReduceSync(LocalSync):
-    """Every gradient is a view into one flat buffer that is all-reduced (summed) once per
-    step and divided by the world size."""
+    """Each gradient is a view into one flat buffer, all-reduced (summed) once a step and divided by world size."""
 
     name = "allreduce"
 
@@ -26,8 +25,7 @@ class AllReduceSync(LocalSync):
         self.params = params
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Always in place, whatever ``set_to_none`` says: setting a gradient to None would
-        detach it from the flat buffer."""
+        """Always in place: a gradient set to None would no longer be a view into the flat buffer."""
         self.flat.zero_()
 
     def after_backward(self) -> None:
