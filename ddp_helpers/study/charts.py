@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -36,6 +37,9 @@ def plot_allreduce(record: dict) -> plt.Figure:
     ax.annotate(f"our gradient\n({grad / 1e6:.2f} MB)", (grad, ax.get_ylim()[1]), xytext=(-4, -4),
                 textcoords="offset points", ha="right", va="top", fontsize=9, color="grey")
     ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
+    ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))  # enough labels to read a point off
+    ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     _legend_below(ax)
     fig.tight_layout()
     return fig
@@ -92,17 +96,23 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
 def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     """Validation accuracy against training seconds for the six settings of one seed."""
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
-    palette = sns.color_palette("deep")
+    palette, first = sns.color_palette("deep"), []
     for i, (name, runs) in enumerate(tta["runs"].items()):
         points = next(r for r in runs if r["seed"] == seed)["points"]
+        first.append(points[0]["train_s"])
         two = name.startswith("2 workers")
         ax.plot([p["train_s"] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", ms=3,
                 ls="--" if two else "-", color=palette[i // 2], label=name)
     ax.axhline(100 * tta["method"]["target"], color="grey", ls=":", lw=1)
     ax.annotate("target 98%", (ax.get_xlim()[1], 98), xytext=(-4, 3), textcoords="offset points", ha="right",
                 fontsize=9, color="grey")
-    ax.set(xlabel="training seconds (evaluation excluded)", ylabel="validation accuracy (%)",
-           title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(95, 99))
+    ax.set_xscale("log")  # the fast settings crowd the first seconds on a linear axis
+    ax.set_xlim(left=0.8 * min(first))
+    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    ax.set(xlabel="training seconds (evaluation excluded; log scale)", ylabel="validation accuracy (%)",
+           title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(93, 99))
     _legend_below(ax)
     fig.tight_layout()
     return fig
