@@ -67,7 +67,8 @@ def refusal(hook: str, device: torch.device) -> str | None:
 class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
-    At the default 25 MB bucket size this model's whole 2.27 MB gradient is one bucket whose
+    At the config's 25 MB bucket size (passed explicitly: PyTorch's own default would cap the first
+    bucket at 1 MiB) this model's whole 2.27 MB gradient is one bucket whose
     all-reduce starts when backward has produced the last gradient: nothing overlaps, and the hook's
     wall time is the exposed communication. Smaller buckets (``bucket_cap_mb``) let the last layers'
     all-reduce run while backward goes on. ``hook``: the plain mean all-reduce, fp16 compression,
