@@ -22,11 +22,7 @@ def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
 def save(folder: str, keep: int, config: dict, ctx: RankContext, model, optimizer, scheduler, epoch: int,
          global_step: int, history: list[dict]) -> None:
     """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG states."""
-    mine = rng_states(ctx.device)
-    states: list[Any] = [mine]
-    if ctx.world_size > 1:
-        states = [None] * ctx.world_size
-        torch.distributed.all_gather_object(states, mine)
+    states = ctx.gather(rng_states(ctx.device))
     if ctx.is_main:
         save_checkpoint(folder, {
             "epoch": epoch, "global_step": global_step, "model": model.state_dict(),

@@ -127,6 +127,7 @@ class _Run:
                                   args=(rank, world_size, job, args, init_method, str(workdir), writer))
                       for rank, writer in enumerate(self.writers)]
         self.results, self.errors, self.heard = {}, {}, {}  # by rank: its result, its error, its last heartbeat
+        self.kept = {"result": self.results, "error": self.errors, "progress": self.heard}  # where each kind is kept
         self.started: set[int] = set()  # ranks that sent anything: our code runs in them
         self.ended: dict[int, float] = {}  # rank -> a time it was surely alive, shortly before we saw it end
         self.alive_at = time.time()  # every rank not in ended was alive then (none has started yet)
@@ -146,7 +147,7 @@ class _Run:
             while reader.poll():
                 event = Event(self.readers[reader], *reader.recv())
                 self.started.add(event.rank)  # it said something: our code runs in it
-                kept = {"result": self.results, "error": self.errors, "progress": self.heard}.get(event.kind)
+                kept = self.kept.get(event.kind)
                 if kept is not None:
                     kept[event.rank] = event.payload
                 if self.on_event is not None:

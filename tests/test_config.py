@@ -139,10 +139,10 @@ def test_auto_backend_is_gloo_when_the_device_is_the_cpu(eight_gpus):
 
 def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two, monkeypatch):
     from ddp_helpers import dist
-    from ddp_helpers.cluster import env as launchers
+    from ddp_helpers.cluster.env import torchrun_env
 
     monkeypatch.setattr(dist, "usable_cores", lambda: 64)
-    assert dist.threads_for(0, launchers.torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
+    assert dist.threads_for(0, torchrun_env().local_world_size) == (8, "64 usable cores // 8 rank(s) on this node")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert dist.threads_for(0, 8) == (2, "OMP_NUM_THREADS=2")
     assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins

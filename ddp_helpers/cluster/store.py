@@ -16,11 +16,9 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..events import Event, Handler
-from ..trainer import PROGRESS_EVERY_S
-from ..workers import BLAME_GRACE_S, WorkerError, headline, stopped_making_progress
+from ..workers import BLAME_GRACE_S, STALE_AFTER_S, WorkerError, headline, stopped_making_progress
 from .env import RankPlace
 
-STALE_AFTER_S = 4 * PROGRESS_EVERY_S  # a heartbeat this old is clearly stale: several in a row were missed
 STORE_READ_S = 2.0  # store reads while failing are short: the store may be gone with its host
 
 

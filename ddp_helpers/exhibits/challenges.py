@@ -3,6 +3,7 @@ answers it, and what was measured, read from the records in ``results/``."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -10,10 +11,6 @@ import pandas as pd
 from ..data import IMAGE_PIXELS, RAW_FILES
 from ..results import load_json
 from ..study import costmodel
-
-
-def _median(values) -> float:
-    return float(pd.Series(list(values)).median())
 
 
 def data_megabytes() -> float:
@@ -31,17 +28,15 @@ def memory_answer(ddp_run: dict, single_run: dict) -> str:
             f"(notebook 03), plus the launching process (not recorded); one process: {single[0]:,.0f} MB (CLI run)")
 
 
-def scaling_answer(results: Path) -> str:
+def scaling_answer(throughput: dict, allreduce: dict, network: dict) -> str:
     """The design's 3.2x at 4 workers and 5.6x at 8, against what was measured and what the cost model
     projects (same compute per worker, one all-reduce of the gradient per step, no overlap)."""
-    throughput, allreduce = load_json(results / "study_throughput.json"), load_json(results / "study_allreduce.json")
-    network = load_json(results / "study_network.json")
     cases = {c["id"]: c for c in throughput["cases"]}
-    step_s, nbytes = cases["w1_1t_b32"]["step_ms"] / 1000, allreduce["gradient_bytes"]
+    step_s, nbytes = cases[costmodel.LOCAL[32]]["step_ms"] / 1000, allreduce["gradient_bytes"]
     links = {**{k: v for k, v in costmodel.lab_links(network).items() if "1 Gb/s" in k}, **costmodel.CLUSTER_LINKS}
     projected = costmodel.project_speedup(step_s, nbytes, [4, 8], links)
     at = {link: rows.set_index("workers")["speedup"] for link, rows in projected.groupby("link")}
-    one_thread = 2 * cases["w1_1t_b32"]["step_ms"] / cases["ddp_b32"]["step_ms"]
+    one_thread = 2 * 1000 * step_s / cases["ddp_b32"]["step_ms"]
     two_threads = 1 / throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["median"]
     return (f"measured (2 workers, study): {one_thread:.2f}x one 1-thread worker, {two_threads:.2f}x one 2-thread "
             f"process. Projected at 4 / 8 workers, each with its own core: "
@@ -49,10 +44,9 @@ def scaling_answer(results: Path) -> str:
             + ". Not measured on 4 or 8 machines")
 
 
-def platforms_answer(results: Path) -> str:
-    gpu = load_json(results / "gpu" / "study_gpu.json")["runs"]
-    one = gpu["W=1, CUDA graph (default)"]["summary"]["median_epoch_time_s"]
-    two = gpu["W=2 over gloo on the one GPU"]["summary"]["median_epoch_time_s"]
+def platforms_answer(gpu: dict) -> str:
+    one = gpu["runs"]["W=1, CUDA graph (default)"]["summary"]["median_epoch_time_s"]
+    two = gpu["runs"]["W=2 over gloo on the one GPU"]["summary"]["median_epoch_time_s"]
     return (f"one GPU (Colab, an EC2 GPU instance, a local GPU): one process with the CUDA graph, {one:.2f} s per epoch "
             f"on the lent H100 (median of 5); two ranks sharing it over gloo, {two:.2f} s for their one epoch "
             f"({two / one:.0f}x slower). A cluster: "
@@ -72,15 +66,16 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
     """One row per challenge: (where and how it is answered, what was measured)."""
     base, ddp = load_json(results / "02_baseline.json"), load_json(results / "03_ddp.json")
     throughput, allreduce = load_json(results / "study_throughput.json"), load_json(results / "study_allreduce.json")
-    gpu = load_json(results / "gpu" / "study_gpu.json")
-    data_share = _median(r["step_ms"]["data"] / r["step_ms"]["total"] for r in base["epochs"])
+    gpu, network = load_json(results / "gpu" / "study_gpu.json"), load_json(results / "study_network.json")
+    data_mb = data_megabytes()
+    data_share = statistics.median(r["step_ms"]["data"] / r["step_ms"]["total"] for r in base["epochs"])
     study_ddp = next(c for c in throughput["cases"] if c["id"] == "ddp_b32")  # the all-reduce's host and run
     allreduce_ms = 1000 * allreduce["world_sizes"]["2"]["seconds"][str(allreduce["gradient_bytes"])]
-    sync_share = _median(r["sync_fraction"] for r in ddp["epochs"])
+    sync_share = statistics.median(r["sync_fraction"] for r in ddp["epochs"])
     rows = [
         ("6.1 data preprocessing is CPU-bound", "data.py: images preloaded as tensors; a batch is an index",
          f"data handling {100 * data_share:.0f}% of a baseline step (notebook 02)"),
-        ("6.1 memory", f"nothing to manage: both splits as tensors are {data_megabytes():.0f} MB (from their shapes)",
+        ("6.1 memory", f"nothing to manage: both splits as tensors are {data_mb:.0f} MB (from their shapes)",
          memory_answer(ddp, load_json(results / "train_ws1.json"))),
         ("6.1 CPU training is slow", "cuda_graph.py: the whole step as one CUDA graph on a GPU",
          f"{gpu['runs']['W=1, CUDA graph (default)']['summary']['median_epoch_time_s']:.2f} s/epoch on one H100, "
@@ -100,14 +95,14 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
         ("6.4 the download can fail", "data.py: no dummy data; a clear error naming the folder and the fix",
          "missing, truncated and corrupt files refused (section 4)"),
         ("6.4 memory-efficient data handling", "data.py: decoded once into tensors, shards are index lists",
-         f"not measured apart: each rank holds its own copy of both splits ({data_megabytes():.0f} MB); "
+         f"not measured apart: each rank holds its own copy of both splits ({data_mb:.0f} MB); "
          f"its shard is a list of indices"),
         ("6.5 worker failure and lost progress", "resume.py, checkpoint.py, workers.py, torchrun --max-restarts",
          f"resume bit-identical: {resumed_exactly}; torchrun restart finished: {restarted}"),
         ("7 scaling: 3.2x at 4 workers, 5.6x at 8", "study: cost model (notebook 04), network lab (notebook 06)",
-         scaling_answer(results)),
+         scaling_answer(throughput, allreduce, network)),
         ("5.2 other platforms: Colab, AWS EC2, a local GPU", "the same code: device and backend chosen per node",
-         platforms_answer(results)),
+         platforms_answer(gpu)),
         ("5.3 CUDA and cuML", "CUDA through PyTorch (NCCL, CUDA graphs); cuML not used: it speeds up classical models behind "
          "scikit-learn's interface, and this model is a network trained by backpropagation, which PyTorch runs on "
          "the GPU itself", "the GPU path: row 6.1 above"),

@@ -11,9 +11,8 @@ from __future__ import annotations
 import statistics
 
 from ..config import TrainConfig
-from ..host import environment
 from ..launch import launch
-from ..results import command_line, now_iso
+from ..study.records import record
 
 
 def interleaved_pairs(one: TrainConfig, ddp: TrainConfig, pairs: int) -> dict:
@@ -30,8 +29,8 @@ def interleaved_pairs(one: TrainConfig, ddp: TrainConfig, pairs: int) -> dict:
         rows.append({"pair": i + 1, "first": order[0][0], **{f"{k}_{n}": v[k] for n, v in times.items() for k in v},
                      "ratio": times["ddp"]["epoch_s"] / times["one"]["epoch_s"]})
     ratios = [row["ratio"] for row in rows]
-    return {"kind": "pairs", "created": now_iso(), "command": command_line(), "environment": environment(),
-            "method": f"{pairs} pairs, one epoch each (training time only), the order alternating; ratio = DDP's "
-                      f"epoch time / one process's", "configs": {"one": one.to_dict(), "ddp": ddp.to_dict()},
-            "pairs": rows, "summary": {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                                       "ratio_max": max(ratios), "pairs": pairs}}
+    method = {"pairs": pairs, "timed": "one epoch each, training time only, the order alternating",
+              "ratio": "DDP's epoch time / one process's"}
+    return record("pairs", False, method, configs={"one": one.to_dict(), "ddp": ddp.to_dict()}, pairs=rows,
+                  summary={"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                           "ratio_max": max(ratios), "pairs": pairs})

@@ -21,6 +21,13 @@ def _finish_link_chart(fig, ax, y_format: str, ncol: int) -> plt.Figure:
     return fig
 
 
+def _plain_log_ticks(axis) -> None:
+    """A log axis labelled at 1, 2 and 5 of each decade, as plain numbers."""
+    axis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(mticker.NullFormatter())
+
+
 def plot_allreduce(record: dict) -> plt.Figure:
     """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -37,9 +44,7 @@ def plot_allreduce(record: dict) -> plt.Figure:
     ax.annotate(f"our gradient\n({grad / 1e6:.2f} MB)", (grad, ax.get_ylim()[1]), xytext=(-4, -4),
                 textcoords="offset points", ha="right", va="top", fontsize=9, color="grey")
     ax.set(xlabel="message size (bytes)", ylabel="all-reduce time (ms, median)", title="gloo all-reduce on loopback")
-    ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))  # enough labels to read a point off
-    ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    _plain_log_ticks(ax.yaxis)  # enough labels to read a point off
     _legend_below(ax)
     fig.tight_layout()
     return fig
@@ -108,9 +113,7 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
                 fontsize=9, color="grey")
     ax.set_xscale("log")  # the fast settings crowd the first seconds on a linear axis
     ax.set_xlim(left=0.8 * min(first))
-    ax.xaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))
-    ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
+    _plain_log_ticks(ax.xaxis)
     ax.set(xlabel="training seconds (evaluation excluded; log scale)", ylabel="validation accuracy (%)",
            title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(93, 99))
     _legend_below(ax)

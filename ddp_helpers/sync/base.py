@@ -2,6 +2,7 @@
 in :mod:`ddp_helpers.sync`); it imports nothing of ours, so that every strategy module can build on it."""
 
 import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,14 @@ def broadcast_parameters(params) -> None:
     with torch.no_grad():
         for p in params:
             dist.broadcast(p, src=0)
+
+
+def views(flat: torch.Tensor, params) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter with its slice of ``flat`` (laid out in parameter order), shaped like it."""
+    offset = 0
+    for p in params:
+        yield p, flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 class LocalSync:

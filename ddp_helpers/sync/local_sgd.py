@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from .base import LocalSync, broadcast_parameters
+from .base import LocalSync, broadcast_parameters, views
 
 
 class LocalSGDSync(LocalSync):
@@ -45,10 +45,8 @@ class LocalSGDSync(LocalSync):
         """``apply(parameter, its slice of flat)`` for every parameter, in order. Not torch's
         ``vector_to_parameters``: that rebinds each parameter to a view of ``flat`` instead of
         writing into it, and cannot add (the overlapped average adds a correction)."""
-        offset = 0
-        for p in self.params:
-            apply(p, flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, view in views(flat, self.params):
+            apply(p, view)
 
 
 class OverlapLocalSGDSync(LocalSGDSync):

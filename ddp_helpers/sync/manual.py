@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import LocalSync, broadcast_parameters
+from .base import LocalSync, broadcast_parameters, views
 
 
 class AllReduceSync(LocalSync):
@@ -18,10 +18,8 @@ class AllReduceSync(LocalSync):
         params = [p for p in model.parameters() if p.requires_grad]
         broadcast_parameters(params)
         self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
-        offset = 0
-        for p in params:  # autograd accumulates into an existing .grad in place
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for p, view in views(self.flat, params):  # autograd accumulates into an existing .grad in place
+            p.grad = view
         self.params = params
 
     def zero_grad(self, set_to_none: bool = True) -> None:
