@@ -101,3 +101,18 @@ def test_the_phases_add_up_to_the_step(monkeypatch):
     outside = ticks["total"] - sum(ticks[p] for p in PHASES)
     assert sum(ticks[p] for p in PHASES) > 5 * row["steps_per_worker"]  # every step's laps were counted
     assert 0 <= outside <= 2 * cfg.evals_per_epoch, ticks
+
+
+def test_each_rank_records_its_own_peak_memory_not_its_parents():
+    """A worker started by (v)fork and exec inherits its parent's ``ru_maxrss``: with that, every rank
+    of a run launched from a big process (a notebook kernel) reported the parent's peak. Here the
+    parent holds 1 GB more than any small rank needs, and each rank's figure must stay well below it."""
+    from ddp_helpers import launch
+    from ddp_helpers.host import peak_rss_mb
+
+    ballast = torch.ones(2**28)  # 1 GiB of float32, touched, so resident
+    parent = peak_rss_mb()
+    result = launch(TrainConfig(world_size=2, epochs=1, **TINY), live=False)
+    peaks = result.record["runtime"]["peak_rss_mb_per_rank"]
+    assert len(peaks) == 2 and all(0 < mb < parent - 512 for mb in peaks), (peaks, parent)
+    del ballast

@@ -72,33 +72,43 @@ def test_powersgd_on_cpu_tensors_is_refused_where_cuda_is_available(monkeypatch)
     assert "device='cuda' with backend='nccl'" in str(refused.value) and "sync='fp16'" in str(refused.value)
 
 
+TORCH_POWERSGD = """
+import json, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16))  # 16x16: compressed
+state = powersgd.PowerSGDState(None, start_powerSGD_iter=2)
+model.register_comm_hook(state, powersgd.powerSGD_hook)
+error = None
+try:
+    for _ in range(4):
+        model(torch.randn(8, 16)).sum().backward()
+except RuntimeError as err:
+    error = str(err)
+print(json.dumps({"error": error, "iter": state.iter, "compressed": state.total_numel_after_compression
+                  < state.total_numel_before_compression, "cuda": torch.cuda.is_available()}))
+"""
+
+
 def test_torch_powersgd_on_cpu_tensors_trains_without_cuda_and_fails_with_it():
     """Why the refusal above: torch's hook ends with ``if torch.cuda.is_available():
-    torch.cuda.synchronize(device)`` on the bucket's device. One rank in this process, torch's
-    hook (not ours) past the start of compression; on a GPU machine this asserts that the
-    failure is still there (if a torch release drops it, so can the refusal)."""
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    torch.cuda.synchronize(device)`` on the bucket's device. One rank, torch's hook (not ours) past
+    the start of compression; on a GPU machine this asserts that the failure is still there (if a
+    torch release drops it, so can the refusal). In a process of its own: a gloo group and a DDP
+    model torn down inside pytest's process once aborted a later test from a C++ thread."""
+    import json
+    import subprocess
+    import sys
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16))  # 16x16: compressed
-        state = powersgd.PowerSGDState(None, start_powerSGD_iter=2)
-        model.register_comm_hook(state, powersgd.powerSGD_hook)
-        error = None
-        try:
-            for _ in range(4):
-                model(torch.randn(8, 16)).sum().backward()
-        except RuntimeError as err:
-            error = str(err)
-    finally:
-        dist.destroy_process_group()
-    assert state.total_numel_after_compression < state.total_numel_before_compression  # it compressed
-    if torch.cuda.is_available():
-        assert error and "Expected a cuda device, but got: cpu" in error
+    out = subprocess.run([sys.executable, "-c", TORCH_POWERSGD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compressed"]
+    if result["cuda"]:
+        assert result["error"] and "Expected a cuda device, but got: cpu" in result["error"]
     else:
-        assert error is None and state.iter == 4
+        assert result["error"] is None and result["iter"] == 4
 
 
 def test_evaluating_inside_an_epoch_changes_nothing_but_adds_points(mnist):

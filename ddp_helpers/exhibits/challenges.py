@@ -31,12 +31,9 @@ def memory_answer(ddp_run: dict, single_run: dict) -> str:
 def scaling_answer(throughput: dict, allreduce: dict, network: dict) -> str:
     """The design's 3.2x at 4 workers and 5.6x at 8, against what was measured and what the cost model
     projects (same compute per worker, one all-reduce of the gradient per step, no overlap)."""
-    cases = {c["id"]: c for c in throughput["cases"]}
-    step_s, nbytes = cases[costmodel.LOCAL[32]]["step_ms"] / 1000, allreduce["gradient_bytes"]
-    links = {**{k: v for k, v in costmodel.lab_links(network).items() if "1 Gb/s" in k}, **costmodel.CLUSTER_LINKS}
-    projected = costmodel.project_speedup(step_s, nbytes, [4, 8], links)
-    at = {link: rows.set_index("workers")["speedup"] for link, rows in projected.groupby("link")}
-    one_thread = 2 * 1000 * step_s / cases["ddp_b32"]["step_ms"]
+    projection, _, one_thread = costmodel.scaling(throughput, allreduce, network, [4, 8])
+    shown = projection[projection["link"].isin(["lab 1 Gb/s", *costmodel.CLUSTER_LINKS])]
+    at = {link: rows.set_index("workers")["speedup"] for link, rows in shown.groupby("link", sort=False)}
     two_threads = 1 / throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["median"]
     return (f"measured (2 workers, study): {one_thread:.2f}x one 1-thread worker, {two_threads:.2f}x one 2-thread "
             f"process. Projected at 4 / 8 workers, each with its own core: "

@@ -29,14 +29,17 @@ def history_frame(history: list[dict]) -> pd.DataFrame:
 
 
 def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, str] | None = None) -> plt.Figure:
-    """Loss and validation accuracy per epoch, one colour per run; legends below the axes.
+    """Loss and validation accuracy per epoch, one colour per run; legends below the axes. Runs after
+    the first have hollow, larger markers, so a run that lies on another stays visible around it.
     ``marks``: {epoch position: label} drawn as vertical lines (a crash, say)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for (label, history), color in zip(runs.items(), sns.color_palette("deep")):
+    for i, ((label, history), color) in enumerate(zip(runs.items(), sns.color_palette("deep"))):
         df = history_frame(history)
-        ax_loss.plot(df.index, df["train_loss"], "-o", color=color, label=f"{label}: training")
-        ax_loss.plot(df.index, df["val_loss"], "--s", color=color, label=f"{label}: validation")
-        ax_acc.plot(df.index, 100 * df["val_accuracy"], "-o", color=color, label=label)
+        style = {"color": color, "lw": 1.8 if i == 0 else 1.0, "ms": 5 if i == 0 else 5 + 4 * i,
+                 "mfc": color if i == 0 else "none", "mew": 1.5}
+        ax_loss.plot(df.index, df["train_loss"], "-o", label=f"{label}: training", **style)
+        ax_loss.plot(df.index, df["val_loss"], "--s", label=f"{label}: validation", **style)
+        ax_acc.plot(df.index, 100 * df["val_accuracy"], "-o", label=label, **style)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_acc.axhline(target, color="grey", lw=0.8, ls=":")
@@ -66,18 +69,21 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
 
 
 def plot_step_breakdown(runs: Runs) -> plt.Figure:
-    """Per-step milliseconds by phase (medians over epochs), one stacked bar per run, labelled
-    with the median step time itself."""
-    frames = {label: history_frame(h) for label, h in runs.items()}
-    medians = pd.DataFrame({label: df[[f"{p}_ms" for p in PHASES]].median() for label, df in frames.items()}).T
-    totals = pd.Series({label: df["total_ms"].median() for label, df in frames.items()})
-    return plot_phase_bars(medians, "milliseconds per step (median over epochs)", totals=totals)
+    """Per-step milliseconds by phase in each run's median epoch (the lower middle one of an even
+    count), one stacked bar per run: the phases of one epoch add up to its step time."""
+    rows = {}
+    for label, history in runs.items():
+        df = history_frame(history).sort_values("total_ms").reset_index(drop=True)
+        rows[label] = df.iloc[(len(df) - 1) // 2]
+    medians = pd.DataFrame({label: row[[f"{p}_ms" for p in PHASES]] for label, row in rows.items()}).T
+    totals = pd.Series({label: row["total_ms"] for label, row in rows.items()})
+    return plot_phase_bars(medians, "milliseconds per step (each run's median epoch)", totals=totals)
 
 
 def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
                     title: str = "Where a training step's time goes", totals: pd.Series | None = None) -> plt.Figure:
     """Stacked horizontal bars: one row per label, columns '<phase>_ms'; ``totals`` labels each
-    bar (the phases' medians need not add up to the median step). Empty phases are left out."""
+    bar with the step time its phases add up to. Empty phases are left out."""
     labels = list(phases.index)
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))

@@ -85,3 +85,26 @@ def show_source(*objects, **kwargs):
     from IPython.display import Code
 
     return Code(source(*objects, **kwargs), language="python")
+
+
+class Table:
+    """A table shown as Markdown, so that long text wraps inside its cells in any viewer; as plain text,
+    each row is a block of wrapped ``column: value`` lines rather than one line too wide to read."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame.reset_index()
+
+    @staticmethod
+    def _cell(value) -> str:
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    def _repr_markdown_(self) -> str:
+        rows = [self.frame.columns, *self.frame.itertuples(index=False)]
+        lines = ["| " + " | ".join(self._cell(v) for v in row) + " |" for row in rows]
+        return "\n".join([lines[0], "|" + " --- |" * len(self.frame.columns), *lines[1:]])
+
+    def __repr__(self) -> str:
+        return "\n\n".join("\n".join(textwrap.fill(f"{column}: {self._cell(value)}", 100, subsequent_indent="    ")
+                                     for column, value in zip(self.frame.columns, row))
+                           for row in self.frame.itertuples(index=False))

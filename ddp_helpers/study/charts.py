@@ -33,11 +33,11 @@ def plot_allreduce(record: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for (w, data), color in zip(record["world_sizes"].items(), sns.color_palette("deep")):
         sizes = np.array([int(k) for k in data["seconds"]])
-        label = f"{w} ranks" + (" (4 ranks on 2 cores: oversubscribed)" if data["oversubscribed"] else "")
+        label = f"{w} ranks" + (" (oversubscribed: more ranks than cores)" if data["oversubscribed"] else "")
         ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color, label=label)
         grid = np.geomspace(sizes.min(), sizes.max(), 50)
         ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), "-", color=color, lw=1,
-                  label=f"fit, {w} ranks: {1e6 * data['alpha_s']:.0f} µs + "
+                  label=f"fit: {1e6 * data['alpha_s']:.0f} µs + "
                         f"{1e9 * data['beta_s_per_byte']:.2f} ns/byte")
     grad = record["gradient_bytes"]
     ax.axvline(grad, color="grey", ls=":", lw=1)

@@ -1,5 +1,5 @@
-"""A cost model of a two-worker step, built from measurements of its parts, and checked on runs
-and batch sizes it was not built from.
+"""A cost model of a two-worker step, built from one study run's measurements of its parts, and
+checked on that run's other batch sizes and on other runs (time to accuracy; the network lab's links).
 
     t_step = t_local(b) * c(b) + t_compress + (t_sync(b) + t_bytes) / k
 
@@ -158,6 +158,16 @@ def lab_speedups(network: dict, compute_s: float, nbytes: int) -> pd.DataFrame:
              "speedup": r["nodes"] * compute_s / (compute_s + r["allreduce"]["seconds"][str(nbytes)])}
             for r in network["runs"] if r["rate_mbit"] and r["rate_mbit"] <= 1000]
     return pd.DataFrame(rows)
+
+
+def scaling(throughput: dict, allreduce: dict, network: dict, world_sizes: list[int]
+            ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Speedup over one 1-thread worker: projected on the stated and the lab's links, computed from the
+    all-reduce measured between the lab's nodes, and measured here with 2 workers (same run, same statistic)."""
+    step_ms = {c["id"]: c["step_ms"] for c in throughput["cases"]}
+    step_s, nbytes = step_ms[LOCAL[32]] / 1000, allreduce["gradient_bytes"]
+    projection = project_speedup(step_s, nbytes, world_sizes, {**CLUSTER_LINKS, **lab_links(network)})
+    return projection, lab_speedups(network, step_s, nbytes), 2 * step_ms[LOCAL[32]] / step_ms["ddp_b32"]
 
 
 def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], links: dict[str, tuple[float, float]],

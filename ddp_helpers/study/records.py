@@ -1,10 +1,10 @@
-"""What every study record carries: kind, date, command, method, environment, CPU-time shares."""
+"""What every study record carries: kind, date, command, method, environment, peak memory, CPU-time shares."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..host import environment
+from ..host import environment, peak_rss_mb
 from ..results import command_line, now_iso
 
 
@@ -29,5 +29,7 @@ def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> d
 
 
 def record(kind: str, quick: bool, method: dict[str, Any], **data: Any) -> dict[str, Any]:
+    """``study_process_peak_rss_mb``: the study's own process so far (it runs the parts in order, so a
+    later part's figure covers the earlier ones); workers' peaks are in the parts' rows."""
     return {"kind": kind, "created": now_iso(), "command": command_line(), "quick": quick, "method": method,
-            "environment": environment(), **data}
+            "environment": environment(), "study_process_peak_rss_mb": round(peak_rss_mb(), 1), **data}

@@ -1,7 +1,8 @@
 """Step time and its split for every strategy, the compute floors, and the original design's
 implementation, measured in interleaved rounds (every case once per round, so that a drift
 of the host hits all alike). Every case: ``warmup`` steps, then the mean over ``steps``
-timed steps; the median over rounds. Epoch times are that step time x steps per epoch."""
+timed steps (our loop: one epoch of each, cut at ``steps``, so fewer where an epoch is shorter; each
+case records its own counts); the median round. Epoch times are that step time x steps per epoch."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def cases(quick: bool) -> list[Case]:
         Case("nosync4_b32", "DDP no_sync k=4 W=2, b32", "train", c(world_size=2, accumulation_steps=4)),
         Case("localsgd8_b32", "local SGD k=8 W=2, b32", "train", c(world_size=2, sync="local_sgd")),
         Case("ddp_b128", "DDP W=2, b128", "train", c(world_size=2, batch_size=128)),
-        # not used by the cost model's inputs: its out-of-sample check at other batch sizes
+        # not used by the cost model's inputs: its check at other batch sizes (same rounds)
         Case("ddp_b64", "DDP W=2, b64", "train", c(world_size=2, batch_size=64)),
         Case("ddp_b256", "DDP W=2, b256", "train", c(world_size=2, batch_size=256)),
     ]
@@ -79,31 +80,37 @@ def _pair_job(rank: int, world_size: int, init_method: str, emit: Callable, batc
 
 def measure(case: Case, steps: int, data_root: str) -> dict:
     """One round of one case: step milliseconds (and the split, for our loop)."""
+    counts = {"warmup_steps": steps, "timed_steps": steps}
     if case.kind == "floor":
-        return {"ms": compute_floor(case.batch, case.threads, steps, steps)}
+        return {"ms": compute_floor(case.batch, case.threads, steps, steps), **counts}
     if case.kind == "pair":
         both = run_workers(_pair_job, 2, (case.batch, steps, time.time() + 8.0))
-        return {"ms": max(both.values())}  # the slower of the two sets the pace
+        return {"ms": max(both.values()), **counts}  # the slower of the two sets the pace
     if case.kind == "design":
         out = run_workers(design_style_job, 2, (data_root, steps, steps), launch_timeout_s=900)[0]
-        return {"ms": out["step_ms"], "threads": out["threads"]}
+        return {"ms": out["step_ms"], "threads": out["threads"], **counts}
     cfg = case.cfg.replace(epochs=2, max_steps_per_epoch=steps, test_subset=500, lr_step=10)  # epoch 1 warms up
     result = launch(cfg, live=False)
-    row = result.history[-1]
+    warmup, row = result.history
     return {"ms": row["step_ms"]["total"], "split_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
-            "threads": result.record["runtime"]["threads_per_rank"]}
+            "threads": result.record["runtime"]["threads_per_rank"],
+            "warmup_steps": warmup["steps_per_worker"], "timed_steps": row["steps_per_worker"],
+            "peak_rss_mb_per_rank": result.record["runtime"]["peak_rss_mb_per_rank"]}
 
 
 def summarise(case: Case, rounds: list[dict]) -> dict:
+    """The median round (the lower middle one of an even count), so that its phases add up to its step."""
     ms = [r["ms"] for r in rounds]
+    median = next(r for r in rounds if r["ms"] == statistics.median_low(ms))
     out = {"id": case.id, "label": case.label, "kind": case.kind, "world_size": case.world_size,
-           "batch_per_rank": case.batch_per_rank, "rounds_ms": ms, "step_ms": statistics.median(ms),
+           "batch_per_rank": case.batch_per_rank, "rounds_ms": ms, "step_ms": median["ms"],
            "step_ms_range": [min(ms), max(ms)], "threads_per_rank": rounds[0].get("threads", case.threads),
+           "warmup_steps": median["warmup_steps"], "timed_steps": median["timed_steps"],
            "config": case.cfg.to_dict() if case.cfg else None}
     out["epoch_s"] = out["step_ms"] * steps_per_epoch(TRAIN_SAMPLES, case.world_size, case.batch_per_rank) / 1000
     if case.kind == "train":
-        out["split_ms"] = {p: statistics.median(r["split_ms"][p] for r in rounds) for p in rounds[0]["split_ms"]}
-        out["sync_fraction"] = statistics.median(r["sync_fraction"] for r in rounds)
+        out["split_ms"], out["sync_fraction"] = median["split_ms"], median["sync_fraction"]
+        out["peak_rss_mb_per_rank"] = median["peak_rss_mb_per_rank"]  # a run in the study's process: its peak
     return out
 
 
@@ -130,7 +137,11 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
              "ddp_w2_vs_w1_2t_epoch": ("ddp_b32", "w1_2t_b32")}
     comparisons = {name: ratio(rows, a, b) for name, (a, b) in pairs.items() if a in rows and b in rows}
     return record("study_throughput", quick, {
-        "rounds": repeats, "warmup_steps": steps, "timed_steps": steps,
-        "statistic": "per round: mean step time over the timed steps after the warm-up; median over rounds",
+        "rounds": repeats, "steps_cap": steps,
+        "steps": f"floors, pairs and the design: {steps} warm-up, then {steps} timed steps; our loop: epoch 1 "
+                 f"warms up, epoch 2 is timed, each cut at {steps} steps (an epoch at W=2 and b128 has 235, at "
+                 "b256 118 on 60,000 samples); every case records its warmup_steps and timed_steps",
+        "statistic": "per round: mean step time over the timed steps after the warm-up; the median round "
+                     "(its phases add up to its step time)",
         "epoch_time": "step time x steps per epoch of 60,000 samples"}, cases=list(rows.values()),
         comparisons=comparisons)
