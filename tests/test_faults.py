@@ -94,17 +94,24 @@ def test_resume_needs_a_checkpoint_dir():
 
 
 def test_interrupted_and_resumed_equals_uninterrupted_with_two_ranks(tmp_path):
-    """Dropout on, so the per-rank RNG states in the checkpoint matter too."""
+    """Dropout on, so the per-rank RNG states in the checkpoint matter too. The journal beside the run
+    keeps the epochs that finished before the crash, and the resumed run appends to it."""
+    from ddp_helpers.report import read_journal
+
     whole = launch(TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "a"), **SMALL))
     steps = whole.history[0]["steps_per_worker"]
     broken = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "b"), fail_rank=1,
                          fail_step=steps + steps // 2, **SMALL)  # dies half-way through epoch 2
+    journal = tmp_path / "run.epochs.jsonl"
     with pytest.raises(WorkerError, match="rank 1 failed"):
-        launch(broken)
+        launch(broken, journal=journal)
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["ckpt_epoch0001.pt"]
-    resumed = launch(broken.replace(fail_rank=-1, resume=True))
+    rows = read_journal(journal)
+    assert [row["epoch"] for row in rows] == [1] and "val_accuracy" in rows[0]  # the crash kept epoch 1
+    resumed = launch(broken.replace(fail_rank=-1, resume=True), journal=journal)
     assert any("resumed from" in n and "epoch 1" in n for n in resumed.record["runtime"]["notes"])
     assert len(resumed.history) == 3
+    assert [row["epoch"] for row in read_journal(journal)] == [1, 2, 3]  # appended, epoch 1 kept
     # the same arithmetic in the same order, the RNG states restored: bit for bit the same
     for a, b in zip(whole.history, resumed.history):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
@@ -153,28 +160,6 @@ def test_a_checkpoint_dir_that_cannot_be_created_fails_before_any_training(tmp_p
                on_event=events.append)
     assert events == []  # no worker was started
     assert blocker.read_text() == "not a folder"
-
-
-def test_a_run_that_crashes_keeps_its_finished_epochs_in_the_journal(tmp_path):
-    from ddp_helpers.report import read_journal
-
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=3,
-                      fail_rank=1, fail_step=20, timeout_s=30, launch_timeout_s=120)  # 8 steps per epoch
-    with pytest.raises(WorkerError):
-        launch(cfg, journal=tmp_path / "run.epochs.jsonl")
-    rows = read_journal(tmp_path / "run.epochs.jsonl")
-    assert [row["epoch"] for row in rows] == [1, 2] and all("val_accuracy" in row for row in rows)
-
-
-def test_a_resumed_run_appends_to_its_journal(tmp_path):
-    from ddp_helpers.report import read_journal
-
-    journal, ckpt = tmp_path / "run.epochs.jsonl", str(tmp_path / "ckpt")
-    cfg = TrainConfig(world_size=1, dataset="synthetic", train_subset=256, test_subset=64, epochs=2,
-                      checkpoint_dir=ckpt)
-    launch(cfg, journal=journal, live=False)
-    launch(cfg.replace(epochs=3, resume=True), journal=journal, live=False)
-    assert [row["epoch"] for row in read_journal(journal)] == [1, 2, 3]  # the first run's rows are kept
 
 
 def test_a_worker_killed_by_a_signal_is_reported_by_rank_and_signal():
