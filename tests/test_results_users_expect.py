@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from ddp_helpers import MLP, TrainConfig, load_datasets, run_single_process
+from ddp_helpers import MLP, TrainConfig, launch, load_datasets, run_single_process
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import RankContext
 from ddp_helpers.engine import NonFiniteLossError, Tally
+from ddp_helpers.host import peak_rss_mb
 from ddp_helpers.trainer import LossWatch
 
 TINY = dict(dataset="synthetic", device="cpu", train_subset=512, test_subset=64, threads_per_rank=1)
@@ -107,9 +108,6 @@ def test_each_rank_records_its_own_peak_memory_not_its_parents():
     """A worker started by (v)fork and exec inherits its parent's ``ru_maxrss``: with that, every rank
     of a run launched from a big process (a notebook kernel) reported the parent's peak. Here the
     parent holds 1 GB more than any small rank needs, and each rank's figure must stay well below it."""
-    from ddp_helpers import launch
-    from ddp_helpers.host import peak_rss_mb
-
     ballast = torch.ones(2**28)  # 1 GiB of float32, touched, so resident
     parent = peak_rss_mb()
     result = launch(TrainConfig(world_size=2, epochs=1, **TINY), live=False)

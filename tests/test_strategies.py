@@ -1,5 +1,9 @@
 """Synchronisation strategies: each checked against a reference computed another way."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -97,10 +101,6 @@ def test_torch_powersgd_on_cpu_tensors_trains_without_cuda_and_fails_with_it():
     the start of compression; on a GPU machine this asserts that the failure is still there (if a
     torch release drops it, so can the refusal). In a process of its own: a gloo group and a DDP
     model torn down inside pytest's process once aborted a later test from a C++ thread."""
-    import json
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", TORCH_POWERSGD], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
