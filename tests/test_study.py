@@ -8,6 +8,7 @@ import pytest
 from ddp_helpers.results import RESULTS_DIR
 from ddp_helpers.study.comm import GRAD_BYTES, fit_alpha_beta
 from ddp_helpers.study.costmodel import inputs_at, project_speedup, ring_allreduce_s, strategy_bytes
+from ddp_helpers.study.records import median_item
 from ddp_helpers.study.tta import decompose, time_to_target
 
 
@@ -15,6 +16,14 @@ def test_alpha_beta_fit_recovers_known_costs():
     sizes = [2**k for k in range(10, 24)]
     alpha, beta = fit_alpha_beta(sizes, [50e-6 + 1e-9 * s for s in sizes])
     assert alpha == pytest.approx(50e-6, rel=1e-6) and beta == pytest.approx(1e-9, rel=1e-6)
+
+
+def test_the_median_item_is_one_whole_item_the_lower_middle_of_an_even_count():
+    rounds = [{"ms": 9.0, "tag": "a"}, {"ms": 3.0, "tag": "b"}, {"ms": 5.0, "tag": "c"}, {"ms": 7.0, "tag": "d"}]
+    assert median_item(rounds, key=lambda r: r["ms"])["tag"] == "c"  # sorted 3 5 7 9: the lower middle is 5
+    assert median_item(rounds[:3], key=lambda r: r["ms"])["tag"] == "c"  # 3 5 9
+    tied = [{"ms": 4.0, "tag": "first"}, {"ms": 4.0, "tag": "second"}, {"ms": 1.0, "tag": "low"}]
+    assert median_item(tied, key=lambda r: r["ms"])["tag"] == "first"  # among equal keys, the first item
 
 
 def test_bytes_on_the_wire_come_from_the_model():

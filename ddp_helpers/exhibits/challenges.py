@@ -66,7 +66,7 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
     gpu, network = load_json(results / "gpu" / "study_gpu.json"), load_json(results / "study_network.json")
     data_mb = data_megabytes()
     data_share = statistics.median(r["step_ms"]["data"] / r["step_ms"]["total"] for r in base["epochs"])
-    study_ddp = next(c for c in throughput["cases"] if c["id"] == "ddp_b32")  # the all-reduce's host and run
+    study_ddp = costmodel.cases_by_id(throughput)["ddp_b32"]  # the all-reduce's host and run
     allreduce_ms = 1000 * allreduce["world_sizes"]["2"]["seconds"][str(allreduce["gradient_bytes"])]
     sync_share = statistics.median(r["sync_fraction"] for r in ddp["epochs"])
     rows = [

@@ -12,6 +12,7 @@ import seaborn as sns
 
 from ..data import MNIST_MEAN, MNIST_STD, ceil_div
 from ..engine import PHASES
+from ..study.records import median_item
 
 Runs = dict[str, list[dict]]  # label -> per-epoch history
 
@@ -71,12 +72,10 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
 def plot_step_breakdown(runs: Runs) -> plt.Figure:
     """Per-step milliseconds by phase in each run's median epoch (the lower middle one of an even
     count), one stacked bar per run: the phases of one epoch add up to its step time."""
-    rows = {}
-    for label, history in runs.items():
-        df = history_frame(history).sort_values("total_ms").reset_index(drop=True)
-        rows[label] = df.iloc[(len(df) - 1) // 2]
-    medians = pd.DataFrame({label: row[[f"{p}_ms" for p in PHASES]] for label, row in rows.items()}).T
-    totals = pd.Series({label: row["total_ms"] for label, row in rows.items()})
+    epochs = {label: median_item(history, key=lambda row: row["step_ms"]["total"])["step_ms"]
+              for label, history in runs.items()}
+    medians = pd.DataFrame({label: {f"{p}_ms": ms[p] for p in PHASES} for label, ms in epochs.items()}).T
+    totals = pd.Series({label: ms["total"] for label, ms in epochs.items()})
     return plot_phase_bars(medians, "milliseconds per step (each run's median epoch)", totals=totals)
 
 

@@ -46,9 +46,14 @@ def _linear(values: dict[int, float], batch: int) -> float:
     return v0 + (v1 - v0) * (batch - b0) / (b1 - b0)
 
 
+def cases_by_id(throughput: dict) -> dict[str, dict]:
+    """The throughput record's cases by their id ("ddp_b32", "w1_1t_b32", ...)."""
+    return {c["id"]: c for c in throughput["cases"]}
+
+
 def inputs_at(batch: int, throughput: dict, syncstep: dict) -> dict:
     """The model's inputs at ``batch``, each linear in the batch through its values at 32 and 128."""
-    cases = {c["id"]: c for c in throughput["cases"]}
+    cases = cases_by_id(throughput)
     split = {b: cases[i]["split_ms"] for b, i in LOCAL.items()}
     local = _linear({b: s["data"] + s["compute"] + s["sync"] for b, s in split.items()}, batch)
     optimizer = _linear({b: s["optimizer"] for b, s in split.items()}, batch)
@@ -164,10 +169,11 @@ def scaling(throughput: dict, allreduce: dict, network: dict, world_sizes: list[
             ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """Speedup over one 1-thread worker: projected on the stated and the lab's links, computed from the
     all-reduce measured between the lab's nodes, and measured here with 2 workers (same run, same statistic)."""
-    step_ms = {c["id"]: c["step_ms"] for c in throughput["cases"]}
-    step_s, nbytes = step_ms[LOCAL[32]] / 1000, allreduce["gradient_bytes"]
+    cases = cases_by_id(throughput)
+    one, ddp = cases[LOCAL[32]]["step_ms"], cases["ddp_b32"]["step_ms"]
+    step_s, nbytes = one / 1000, allreduce["gradient_bytes"]
     projection = project_speedup(step_s, nbytes, world_sizes, {**CLUSTER_LINKS, **lab_links(network)})
-    return projection, lab_speedups(network, step_s, nbytes), 2 * step_ms[LOCAL[32]] / step_ms["ddp_b32"]
+    return projection, lab_speedups(network, step_s, nbytes), 2 * one / ddp
 
 
 def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], links: dict[str, tuple[float, float]],

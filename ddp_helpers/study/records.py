@@ -1,10 +1,11 @@
-"""What every study record carries: kind, date, command, method, environment, peak memory, CPU-time shares."""
+"""What every study record carries: kind, date, command, method, environment, CPU-time shares."""
 
 from __future__ import annotations
 
-from typing import Any
+import statistics
+from typing import Any, Callable, Sequence
 
-from ..host import environment, peak_rss_mb
+from ..host import environment
 from ..results import command_line, now_iso
 
 
@@ -29,7 +30,12 @@ def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> d
 
 
 def record(kind: str, quick: bool, method: dict[str, Any], **data: Any) -> dict[str, Any]:
-    """``study_process_peak_rss_mb``: the study's own process so far (it runs the parts in order, so a
-    later part's figure covers the earlier ones); workers' peaks are in the parts' rows."""
     return {"kind": kind, "created": now_iso(), "command": command_line(), "quick": quick, "method": method,
-            "environment": environment(), "study_process_peak_rss_mb": round(peak_rss_mb(), 1), **data}
+            "environment": environment(), **data}
+
+
+def median_item(items: Sequence, key: Callable[[Any], float]) -> Any:
+    """The item whose key is the median (the lower middle one of an even count; the first such item),
+    whole: a round or an epoch whose parts add up to its total, which per-part medians need not."""
+    middle = statistics.median_low([key(item) for item in items])
+    return next(item for item in items if key(item) == middle)

@@ -6,7 +6,6 @@ case records its own counts); the median round. Epoch times are that step time x
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,7 +15,7 @@ from ..data import TRAIN_SAMPLES, ensure_mnist, steps_per_epoch
 from ..launch import launch
 from ..workers import run_workers
 from .floors import compute_floor
-from .records import record
+from .records import median_item, record
 from .seed_reference import design_style_job
 
 
@@ -101,7 +100,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
 def summarise(case: Case, rounds: list[dict]) -> dict:
     """The median round (the lower middle one of an even count), so that its phases add up to its step."""
     ms = [r["ms"] for r in rounds]
-    median = next(r for r in rounds if r["ms"] == statistics.median_low(ms))
+    median = median_item(rounds, key=lambda r: r["ms"])
     out = {"id": case.id, "label": case.label, "kind": case.kind, "world_size": case.world_size,
            "batch_per_rank": case.batch_per_rank, "rounds_ms": ms, "step_ms": median["ms"],
            "step_ms_range": [min(ms), max(ms)], "threads_per_rank": rounds[0].get("threads", case.threads),
