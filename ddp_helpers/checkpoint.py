@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import ConfigError, DDPError, SetupError
+from .files import write_torch
 
 FORMAT = 1
 NAME = re.compile(r"^ckpt_epoch(\d{4})\.pt$")
@@ -23,7 +27,7 @@ MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr
               "train_subset", "test_subset", "max_steps_per_epoch")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DDPError, RuntimeError):
     """A checkpoint cannot be used: corrupt, truncated, or from a different run."""
 
 
@@ -39,33 +43,28 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync it, rename it over ``path``, fsync the folder: a crash
-    mid-save leaves the previous file untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def check_checkpoint_dir(folder: str, resume: bool) -> None:
+    """Before any work: the folder can be created and written, and a new run does not start on
+    top of another run's checkpoints (which it would prune, and a later --resume would pick up)."""
+    path = Path(folder)
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the previous checkpoints stay exactly as they were
-        raise
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SetupError(f"--checkpoint-dir {folder!r} cannot be used ({exc.strerror or exc}). "
+                         f"Fix: pass a folder that can be created and written.") from None
+    if not resume and list_checkpoints(path):
+        raise ConfigError(f"--checkpoint-dir {folder!r} already holds checkpoints. Fix: pass --resume to "
+                          f"continue that run, or use an empty folder for a new one.")
 
 
 def save_checkpoint(folder: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
     """Write the checkpoint of a finished epoch and delete older ones beyond the newest ``keep``."""
     path = checkpoint_path(folder, state["epoch"])
-    atomic_save({"format": FORMAT, **state}, path)
-    older = [p for p in list_checkpoints(folder) if int(NAME.match(p.name).group(1)) <= state["epoch"]]
-    for old in older[keep:]:
+    older = [p for p in list_checkpoints(folder) if p != path and int(NAME.match(p.name).group(1)) < state["epoch"]]
+    write_torch(path, {"format": FORMAT, **state})  # atomic: a crash mid-save leaves the previous ones
+    for old in older[keep - 1:]:  # a newer run's checkpoints (a higher epoch) are never this run's to prune
         old.unlink(missing_ok=True)
     return path
 

@@ -11,12 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .checkpoint import NAME, CheckpointError, list_checkpoints
+from .checkpoint import NAME, list_checkpoints
 from .config import TrainConfig, config_fields, field_default
-from .data import MNISTDataError
-from .cluster.env import RankPlace, torchrun_env
-from .engine import NonFiniteLossError
-from .workers import WorkerError
+from .errors import DDPError
+from .place import RankPlace, launcher_place
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,19 +64,17 @@ def mode(cfg: TrainConfig, env: RankPlace | None) -> str:
     return "single process" if cfg.world_size == 1 else "spawned workers"
 
 
-def save_failed_record(cfg: TrainConfig, error: BaseException, journal: Path) -> Path:
-    """The record of a run that failed while training, with the epochs it finished (from the journal)."""
-    from .report import read_journal
+def save_failed_record(cfg: TrainConfig, error: DDPError) -> Path:
+    """The record of a run that failed while training, with the epochs this process heard finish."""
     from .results import failed_record, save_json, weights_path
 
-    # the last row of each epoch: a restarted torchrun attempt repeats the epochs after its checkpoint
-    epochs = list({row["epoch"]: row for row in read_journal(journal)}.values()) if journal.exists() else []
     weights_path(cfg.record_path).unlink(missing_ok=True)  # an earlier run's weights must not sit beside this record
-    return save_json(failed_record(cfg, error, epochs), cfg.record_path)
+    return save_json(failed_record(cfg, error, getattr(error, "history", [])), cfg.record_path)
 
 
 def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | None) -> int:
-    from .launch import launch
+    from .launcher import launch
+    from .rank import launch_rank
 
     if args.print_config:
         print(cfg.to_json())
@@ -88,11 +84,13 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | N
         print(f"training: world_size={cfg.world_size} ({mode(cfg, env)}), batch {cfg.batch_size}/worker, "
               f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
     journal = cfg.record_path.with_suffix(".epochs.jsonl")
+    live = "rows" if args.no_progress else True
     try:
-        result = launch(cfg, live="rows" if args.no_progress else True, journal=journal, quiet_workers=False, env=env)
-    except (NonFiniteLossError, WorkerError) as exc:  # failed while training: the record says so
-        if is_main:
-            print(f"record of the failed run written to {save_failed_record(cfg, exc, journal)}", flush=True)
+        result = launch_rank(cfg, env, live=live, journal=journal) if env else \
+            launch(cfg, live=live, journal=journal, quiet_workers=False)
+    except DDPError as exc:
+        if is_main and hasattr(exc, "history"):  # failed while training: the record says so
+            print(f"record of the failed run written to {save_failed_record(cfg, exc)}", flush=True)
         raise
     if result is None:
         return 0
@@ -168,11 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = env = None
     try:
-        env = torchrun_env()
+        env = launcher_place()
         cfg = resolve_config(args, env.world_size if env else None)
         with sigterm_raises(enabled=env is None):
             return train_command(args, cfg, env)
-    except (ValueError, OSError, MNISTDataError, CheckpointError, WorkerError, NonFiniteLossError) as exc:  # to fix
+    except DDPError as exc:  # ours: the message says what to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:

@@ -29,6 +29,17 @@ def graph_supported(device: torch.device, world_size: int, accumulation_steps: i
     return True, "captured"
 
 
+def captured_step(wanted: bool, sync, optimizer: torch.optim.Optimizer, tally: Tally, images: torch.Tensor,
+                  labels: torch.Tensor, batch_size: int, world_size: int, accumulation_steps: int
+                  ) -> tuple["GraphedStep | None", str]:
+    """The step captured for batches of ``batch_size`` (the first batch of ``images`` serves as the
+    example) where it is wanted and supported; else None. With a note for the record."""
+    if not wanted:
+        return None, "off (config)"
+    can, note = graph_supported(images.device, world_size, accumulation_steps)
+    return (GraphedStep(sync, optimizer, tally, images[:batch_size], labels[:batch_size]) if can else None), note
+
+
 class GraphedStep:
     """A captured training step for batches of exactly ``batch_size`` samples."""
 

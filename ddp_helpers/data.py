@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
+from .errors import ConfigError, DDPError
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_PIXELS = 28 * 28
 NUM_CLASSES = 10
@@ -30,7 +32,7 @@ TRAIN_SAMPLES = RAW_FILES["train-labels-idx1-ubyte"][1][0]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class MNISTDataError(RuntimeError):
+class MNISTDataError(DDPError, RuntimeError):
     """The MNIST files are missing, cannot be downloaded, or are damaged."""
 
 
@@ -154,7 +156,7 @@ def load_datasets(dataset: str, data_dir: str = "", train_subset: int = 0, test_
         root = resolve_data_root(data_dir)
         train, test = load_mnist_split(root, True), load_mnist_split(root, False)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; expected 'mnist' or 'synthetic'")
+        raise ConfigError(f"unknown dataset {dataset!r}; expected 'mnist' or 'synthetic'")
     return train.head(train_subset), test.head(test_subset)
 
 

@@ -1,8 +1,8 @@
 """The process group, from plain values: rank, world size, backend, device, threads, timeout.
 
-The idea is nanoGPT's ``ddp_setup``::
+The idea is the ``ddp_setup`` of pytorch/examples' DDP tutorial series (and of rasbt's DDP script)::
 
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0)
+    store = dist.TCPStore(host, port, world_size, is_master=False)   # the launcher hosts it
     dist.init_process_group(backend, rank=rank, world_size=world_size, store=store, timeout=...)
     ...train...
     dist.destroy_process_group()
@@ -22,12 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError, SetupError
 from .host import usable_cores
+from .place import RankPlace
 
 
 # --- choices made from this node's resources ------------------------------------------------
@@ -59,10 +60,10 @@ def check_devices(backend: str, device: str, local_ranks: int) -> None:
     """NCCL needs one GPU per rank on *this* node (a 2 x 8-GPU torchrun job has 8 local ranks, not 16)."""
     have = gpu_count()
     if backend == "nccl" and have < local_ranks:
-        raise ValueError(f"TrainConfig.backend='nccl' needs one CUDA device per worker on this node: {local_ranks} "
+        raise ConfigError(f"TrainConfig.backend='nccl' needs one CUDA device per worker on this node: {local_ranks} "
                          f"local rank(s) but {have} CUDA device(s) are visible. Use backend='gloo' (or 'auto').")
     if device == "cuda" and have == 0:
-        raise ValueError("TrainConfig.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
+        raise ConfigError("TrainConfig.device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
 
 
 def pick_device(requested: str, backend: str, local_rank: int) -> torch.device:
@@ -73,24 +74,42 @@ def pick_device(requested: str, backend: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-# --- ports ------------------------------------------------------------------------------------
+# --- the rendezvous store -------------------------------------------------------------------------
 def find_free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port the OS reports free right now (bind to port 0 and read it back)."""
+    """A TCP port the OS reports free right now (bind to port 0 and read it back); for a launcher's
+    endpoint that must be named before it is bound (torchrun's --rdzv-endpoint)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
 
 
-def check_port_free(addr: str, port: int) -> None:
-    """Raise a clear error if an explicitly requested rendezvous port is taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the TCP store does: connections of a finished run in TIME_WAIT do not block it
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((addr, port))
-        except OSError as exc:
-            raise OSError(f"rendezvous port {addr}:{port} is not available ({exc.strerror}). "
-                          f"Fix: pass another --master-port, or 0 to pick a free one.") from exc
+def host_store(addr: str, port: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """The store of a run whose ranks this process starts, as torchrun's agent hosts one: port 0 lets
+    the system pick a free port (read it back from ``.port``), so no other process can take it first."""
+    try:
+        return dist.TCPStore(addr, port, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as exc:
+        if port and "in use" in str(exc).lower():
+            raise SetupError(f"rendezvous port {addr}:{port} is not available (address already in use). "
+                             f"Fix: pass another --master-port, or 0 to pick a free one.") from None
+        raise
+
+
+def job_store(place: RankPlace, timeout_s: float) -> dist.Store:
+    """A rank's view of its job's store, with the keys of this attempt only: a client of the store
+    that the launching process hosts (torchrun's agent, or ``launch``), or, under srun where nobody
+    is above the ranks, hosted by rank 0."""
+    host = place.rank == 0 and not place.agent_store
+    try:
+        store = dist.TCPStore(place.master_addr, place.master_port, place.world_size, is_master=host,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (RuntimeError, OSError) as exc:
+        if host and "in use" in str(exc).lower():
+            raise SetupError(f"rendezvous port {place.master_addr}:{place.master_port} is not available (address "
+                             f"already in use). Fix: set MASTER_PORT to a free port.") from None
+        raise
+    return dist.PrefixStore(place.store_prefix, store)
 
 
 def oversubscription_warning(local_ranks: int) -> list[str]:
@@ -102,16 +121,7 @@ def oversubscription_warning(local_ranks: int) -> list[str]:
     return []
 
 
-# --- rendezvous stores -------------------------------------------------------------------------
-def tcp_store(init_method: str, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """The store behind ``tcp://host:port``, hosted by rank 0; ours, so that the ranks can leave together."""
-    url = urlparse(init_method)
-    if url.scheme != "tcp" or not url.hostname or not url.port:
-        raise ValueError(f"init_method must look like tcp://HOST:PORT, got {init_method!r}")
-    return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
-                         timeout=timedelta(seconds=timeout_s))
-
-
+# --- leaving ----------------------------------------------------------------------------------------
 def leave_together(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
     """Return only when every rank has finished its last collective.
 
@@ -184,6 +194,11 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
         raise
     finally:
         dist.destroy_process_group()
+
+
+def job_group(place: RankPlace, timeout_s: float, **options) -> "contextmanager[RankContext]":
+    """The process group of a rank's job, from its place (a study or demonstration job's one line)."""
+    return process_group(place.rank, place.world_size, job_store(place, timeout_s), timeout_s=timeout_s, **options)
 
 
 @contextmanager

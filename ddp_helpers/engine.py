@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import Split, batches
+from .errors import DDPError
 
 PHASES = ("data", "compute", "sync", "optimizer")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DDPError, FloatingPointError):
     """The training loss became NaN or infinite: the run has diverged. It stops and says where,
     rather than train on and write a record whose accuracy looks like a result. ``rank_at_fault``:
     the rank whose loss it was (every rank raises it together), so that the launcher names that one."""
@@ -60,17 +61,23 @@ def warmup_scale(warmup_steps: int) -> Callable[[int], float] | None:
     return lambda step: min(1.0, (step + 1) / warmup_steps)
 
 
-class PhaseTimer:
-    """Seconds per phase of the steps. On the CPU, wall clock between laps. On CUDA, events
+class Profiler:
+    """Seconds per phase of the training steps (``PHASES``), for the record's step split. Optional:
+    the step runs the same without one. On the CPU, wall clock between laps. On CUDA, events
     recorded in stream order and read once at the end, so timing never stalls the GPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.events: list[tuple[str, torch.cuda.Event]] = []
+        self.within = 0.0  # seconds of the open lap spent communicating (reported by DDP's hook)
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the first lap now (at the start of a stretch of steps)."""
         self._last = time.perf_counter()
         if self.cuda:
-            self.events.append(("", self._record()))
+            self.events = [("", self._record())]
 
     @staticmethod
     def _record() -> "torch.cuda.Event":
@@ -78,31 +85,32 @@ class PhaseTimer:
         event.record()
         return event
 
+    def communicated(self, seconds: float) -> None:
+        """The open lap spent ``seconds`` communicating: DDP all-reduces inside backward, where the
+        lap is "compute". Exact with one bucket; with smaller buckets part of it overlaps backward and
+        counts as synchronisation too. On CUDA the host cannot see it: it stays in the lap."""
+        self.within += seconds
+
     def lap(self, phase: str) -> None:
-        """Close the current phase and count its time."""
+        """Close the current lap and count its time as ``phase``."""
         if self.cuda:
             self.events.append((phase, self._record()))
             return
         now = time.perf_counter()
-        self.seconds[phase] += now - self._last
-        self._last = now
+        elapsed, moved = now - self._last, min(self.within, now - self._last)
+        self.seconds[phase] += elapsed - moved
+        self.seconds["sync"] += moved
+        self._last, self.within = now, 0.0
 
-    def move(self, seconds: float, source: str, target: str) -> None:
-        """Count ``seconds`` of ``source`` as ``target``: DDP communicates inside backward. Exact with
-        one bucket (the default here); with smaller buckets part of it overlaps backward and this
-        counts the overlapped part as synchronisation. On CUDA the host cannot see it: it stays put."""
-        if not self.cuda:
-            seconds = min(seconds, self.seconds[source])
-            self.seconds[source] -= seconds
-            self.seconds[target] += seconds
-
-    def totals(self) -> dict[str, float]:
+    def take(self) -> dict[str, float]:
+        """Seconds per phase so far; counting starts again from zero."""
         if self.cuda and len(self.events) > 1:
             self.events[-1][1].synchronize()
             for (_, start), (phase, end) in zip(self.events, self.events[1:]):
                 self.seconds[phase] += start.elapsed_time(end) / 1000
             self.events = self.events[-1:]
-        return dict(self.seconds)
+        taken, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        return taken
 
 
 class Tally:
@@ -124,94 +132,35 @@ class Tally:
         return out
 
 
-def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
-    """Each item with a flag that says whether it is the last one."""
-    iterator = iter(items)
-    try:
-        current = next(iterator)
-    except StopIteration:
-        return
-    for following in iterator:
-        yield current, False
-        current = following
-    yield current, True
-
-
-class NoTimer:
-    """A timer that counts nothing: a step captured in a CUDA graph is timed as one replay."""
-
-    def lap(self, phase: str) -> None:
-        pass
-
-    def move(self, seconds: float, source: str, target: str) -> None:
-        pass
-
-
 def step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
-         timer: PhaseTimer | NoTimer = NoTimer(), *, starts_step: bool = True, ends_step: bool = True,
+         profiler: Profiler | None = None, *, starts_step: bool = True, ends_step: bool = True,
          accumulate: int = 1, set_to_none: bool = True) -> torch.Tensor:
-    """One micro-batch, the only training step there is (the CUDA graph captures this function too):
-    forward and backward; on the last micro-batch of a step, also sync and Adam. A short last group
-    of micro-batches is still divided by ``accumulate``. ``set_to_none=False`` zeroes gradients in
-    place (a CUDA graph holds their addresses). Returns the loss."""
+    """One micro-batch, the only training step there is: the plain listing's four lines (zero_grad,
+    forward and loss, backward, optimizer step), and the lines marked ``+``. With accumulation, the
+    last micro-batch of a step also syncs and steps; a short last group is still divided by
+    ``accumulate``. ``set_to_none=False`` zeroes gradients in place (a CUDA graph holds their
+    addresses; it captures this function too). Returns the loss."""
+    lap = profiler.lap if profiler is not None else _no_lap              # + timing, when asked
     if starts_step:
         sync.zero_grad(set_to_none=set_to_none)
-    with contextlib.nullcontext() if ends_step else sync.no_sync():
+    with contextlib.nullcontext() if ends_step else sync.no_sync():      # + accumulate: sync on the last only
         logits = sync.module(x)
         loss = F.cross_entropy(logits, y)
-        (loss / accumulate).backward()              # DDP all-reduces inside backward...
-    tally.add(loss, logits, y)
-    timer.lap("compute")
-    timer.move(sync.pop_seconds(), "compute", "sync")  # ...and that part of it is synchronisation
+        (loss / accumulate).backward()                                   # DDP all-reduces inside backward
+    tally.add(loss, logits, y)                                           # + metrics, kept on the device
+    lap("compute")
     if ends_step:
-        sync.after_backward()                       # an explicit all-reduce (the manual strategy)
-        timer.lap("sync")
+        sync.after_backward()                                            # + an explicit all-reduce (manual)
+        lap("sync")
         optimizer.step()
-        timer.lap("optimizer")
-        sync.after_step()                           # local SGD averages the weights here
-        timer.lap("sync")
+        lap("optimizer")
+        sync.after_step()                                                # + local SGD averages weights here
+        lap("sync")
     return loss
 
 
-def train_steps(sync, optimizer: torch.optim.Optimizer, steps: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                tally: Tally, *, accumulate: int = 1, lr_scale: Callable[[int], float] | None = None,
-                first_step: int = 0, before_step: Callable[[int], None] | None = None, graph=None,
-                check_loss: Callable[[torch.Tensor, int], None] | None = None) -> dict:
-    """Train on the given mini-batches; return how many steps were taken and the time per phase.
-
-    Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of
-    them only. ``first_step`` is the run's count of micro-batches so far; ``lr_scale(n)``
-    scales the rate of optimizer step n (warm-up); ``before_step(step)`` runs first (progress,
-    fault injection). ``graph`` (a :class:`ddp_helpers.cuda_graph.GraphedStep`) replays the
-    captured :func:`step` for each full batch. ``check_loss(loss, step)`` sees the loss of each step
-    run eagerly (a captured step's loss stays on the GPU, in the tally).
-    """
-    sync.module.train()
-    timer = PhaseTimer(tally.sums.device)
-    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-    done = optimizer_steps = 0
-    first_optimizer_step = first_step // accumulate
-    for (x, y), last_batch in with_last(steps):
-        if before_step is not None:
-            before_step(first_step + done)
-        timer.lap("data")
-        starts_step, ends_step = done % accumulate == 0, (done + 1) % accumulate == 0 or last_batch
-        if ends_step and lr_scale is not None:
-            set_lr(optimizer, [lr * lr_scale(first_optimizer_step + optimizer_steps) for lr in base_lrs])
-        if graph is not None and graph.fits(x):
-            graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
-            timer.lap("compute")
-        else:
-            loss = step(sync, optimizer, x, y, tally, timer, starts_step=starts_step, ends_step=ends_step,
-                        accumulate=accumulate, set_to_none=graph is None)
-            if check_loss is not None:
-                check_loss(loss, first_step + done)
-        optimizer_steps += ends_step
-        done += 1
-    set_lr(optimizer, base_lrs)  # the epoch-level scheduler owns the base rate
-    sync.consolidate()  # local SGD: average the pending steps, so that every rank evaluates one model
-    timer.lap("sync")
-    return {"steps": done, "optimizer_steps": optimizer_steps, "phase_s": timer.totals()}
+def _no_lap(phase: str) -> None:
+    pass
 
 
 @torch.no_grad()

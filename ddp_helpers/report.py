@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import Event
+from .files import append_line
 
 HEADER = (f"{'epoch':>5} {'lr':>9} {'train loss':>10} {'train acc':>9} {'val loss':>9} {'val acc':>8} "
           f"{'epoch s':>8} {'step ms':>8} | {'data':>5} {'comp':>5} {'sync':>5} {'opt':>5}")
@@ -106,18 +107,23 @@ class LiveReport:
 
 
 class Journal:
-    """An event handler that appends each epoch's row to a JSON-lines file as it arrives."""
+    """An event handler that appends each epoch's row to a JSON-lines file as it arrives. A run that
+    starts from its first step starts the file anew; a resumed run (or a restarted torchrun attempt
+    that resumes) adds to it."""
 
-    def __init__(self, path: str | Path, append: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append:  # a new run starts a new journal; a resumed one (or a torchrun restart) adds to it
-            self.path.write_text("")
+    def __init__(self, path: str | Path):
+        self.path, self.started = Path(path), False
 
     def __call__(self, event: Event) -> None:
-        if event.rank == 0 and event.kind == "epoch":
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(event.payload) + "\n")
+        if event.rank != 0:
+            return
+        if not self.started and event.kind == "progress":
+            self.started = True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if event.payload["step"] == 0:  # a new run, not a resumed one
+                self.path.write_text("")
+        if event.kind == "epoch":
+            append_line(self.path, json.dumps(event.payload))
 
 
 def read_journal(path: str | Path) -> list[dict]:

@@ -1,8 +1,9 @@
-"""Self-describing records: what ran, where, with what, and what came out; and where they live."""
+"""Self-describing records, written in one place: each epoch's row, a run's runtime block and
+summary, the header every record starts with (training runs, the study, the notebooks' exhibits),
+its provenance (versions, hardware, code); and where records live."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -10,17 +11,76 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .checkpoint import atomic_save
 from .config import TrainConfig
 from .data import PROJECT_ROOT
+from .files import write_json, write_torch
 from .host import environment
 from .model import MLP
 
 RESULTS_DIR = PROJECT_ROOT / "results"
+
+
+# --- the parts of a training record ------------------------------------------------------------------
+def epoch_row(epoch: int, lr: float, train: dict, val: dict, train_s: float, eval_s: float, steps: int,
+              optimizer_steps: int, phase_s: dict[str, float] | None, evals: list[dict]) -> dict[str, Any]:
+    """One epoch as the journal, the live report and the record show it. ``phase_s``: seconds per
+    phase of the steps (data, compute, sync, optimizer), as the engine's profiler measured them."""
+    step_ms = {phase: 1000 * seconds / steps for phase, seconds in (phase_s or {}).items()}
+    step_ms["total"] = 1000 * train_s / steps
+    return {"epoch": epoch, "lr": lr, **train, **val, "epoch_time_s": train_s, "eval_time_s": eval_s,
+            "steps_per_worker": steps, "optimizer_steps": optimizer_steps,
+            "samples_per_s": train["train_samples"] / train_s, "step_ms": step_ms,
+            "sync_fraction": phase_s["sync"] / train_s if phase_s is not None else None, "evals": evals}
+
+
+def eval_point(done: int, steps: int, train_s: float, val: dict) -> dict[str, float]:
+    """One validation pass inside an epoch: where (a fraction of the epoch) and after how much training."""
+    return {"epoch_fraction": done / steps, "train_time_s": train_s, "val_accuracy": val["val_accuracy"],
+            "val_loss": val["val_loss"]}
+
+
+def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, threads: int, threads_rule: str,
+                  sync: str, optimizer: str, cuda_graph: bool, cuda_graph_note: str, parameters: int,
+                  train_samples: int, test_samples: int, global_batch: int, notes: list[str],
+                  peak_rss_mb_per_rank: list[float]) -> dict[str, Any]:
+    """How a run ran: what the ranks chose and measured for themselves."""
+    return {"rank_count": rank_count, "backend": backend, "device": device, "dtype": dtype,
+            "threads_per_rank": threads, "threads_rule": threads_rule, "sync": sync, "optimizer": optimizer,
+            "cuda_graph": cuda_graph, "cuda_graph_note": cuda_graph_note, "parameters": parameters,
+            "train_samples": train_samples, "test_samples": test_samples, "global_batch": global_batch,
+            "notes": notes, "peak_rss_mb_per_rank": [round(mb, 1) for mb in peak_rss_mb_per_rank]}
+
+
+def summary(history: list[dict]) -> dict[str, float]:
+    times = [row["epoch_time_s"] for row in history]
+    return {"final_val_accuracy": history[-1]["val_accuracy"],
+            "best_val_accuracy": max(row["val_accuracy"] for row in history),
+            "median_epoch_time_s": statistics.median(times), "total_train_time_s": sum(times),
+            "median_step_ms": statistics.median(row["step_ms"]["total"] for row in history)}
+
+
+# --- whole records ---------------------------------------------------------------------------------
+def header(kind: str, **fields: Any) -> dict[str, Any]:
+    """What every record starts with: its kind, when and by which command it was made, ``fields``
+    (config, method, ...), and the environment it was made in."""
+    return {"kind": kind, "created": now_iso(), "command": command_line(), **fields, "environment": environment()}
+
+
+def finished_record(cfg: TrainConfig, history: list[dict], runtime: dict, wall_s: float, notes: list[str]) -> dict:
+    """A run that finished: header, runtime, every epoch, summary (single process, spawned, torchrun)."""
+    return {**header("train", status="ok", config=cfg.to_dict()),
+            "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("notes", [])},
+            "epochs": history, "summary": summary(history)}
+
+
+def failed_record(cfg: TrainConfig, error: BaseException | str, epochs: list[dict]) -> dict[str, Any]:
+    """A run that stopped with an error: why, and the epochs the launching process heard finish. No
+    summary, so that a chart expecting one fails instead of misleading."""
+    return {**header("train", status="failed", config=cfg.to_dict()), "error": str(error), "epochs": epochs}
 
 
 @dataclass
@@ -52,9 +112,7 @@ class RunResult:
     def save_weights(self, path: str | os.PathLike | None = None) -> Path:
         """Write rank 0's final weights (by default beside the record) as a state_dict of CPU tensors, for
         ``torch.load(path, weights_only=True)`` into ``MLP(cfg.hidden_sizes, cfg.dropout)``."""
-        path = Path(path or weights_path(self.config.record_path))
-        atomic_save(self.state_dict, path)
-        return path
+        return write_torch(path or weights_path(self.config.record_path), self.state_dict)
 
 
 def weights_path(record_path: str | os.PathLike) -> Path:
@@ -62,50 +120,11 @@ def weights_path(record_path: str | os.PathLike) -> Path:
     return Path(record_path).with_suffix(".pt")
 
 
-def record_header(cfg: TrainConfig, status: str) -> dict[str, Any]:
-    """What every record starts with, finished or failed: what ran, where, and how it ended."""
-    return {"kind": "train", "status": status, "created": now_iso(), "command": command_line(), "config": cfg.to_dict(),
-            "environment": environment()}
-
-
-def failed_record(cfg: TrainConfig, error: BaseException | str, epochs: list[dict]) -> dict[str, Any]:
-    """The record of a run that stopped with an error: why, and the epochs it finished (from the
-    journal: a spawned run's history dies with its workers). No summary, so that a chart expecting
-    one fails instead of misleading."""
-    return {**record_header(cfg, "failed"), "error": str(error), "epochs": epochs}
-
-
-def run_result(cfg: TrainConfig, history: list[dict], runtime: dict, state_dict: dict[str, torch.Tensor],
-               wall_s: float, notes: list[str]) -> RunResult:
-    """The one place a finished run's record is put together (single process, spawned workers, torchrun)."""
-    times = [row["epoch_time_s"] for row in history]
-    record = {
-        **record_header(cfg, "ok"),
-        "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("notes", [])},
-        "epochs": history,
-        "summary": {
-            "final_val_accuracy": history[-1]["val_accuracy"],
-            "best_val_accuracy": max(row["val_accuracy"] for row in history),
-            "median_epoch_time_s": statistics.median(times),
-            "total_train_time_s": sum(times),
-            "median_step_ms": statistics.median(row["step_ms"]["total"] for row in history),
-        },
-    }
-    return RunResult(record, state_dict)
-
-
-def state_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    return buffer.getvalue()
-
-
-def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def median_item(items: Sequence, key: Callable[[Any], float]) -> Any:
+    """The item whose key is the median (the lower middle one of an even count; the first such item),
+    whole: a round or an epoch whose parts add up to its total, which per-part medians need not."""
+    middle = statistics.median_low([key(item) for item in items])
+    return next(item for item in items if key(item) == middle)
 
 
 def now_iso() -> str:
@@ -117,13 +136,8 @@ def command_line() -> str:
 
 
 def save_json(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a record as indented JSON (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write a record as indented JSON, atomically."""
+    return write_json(path, record)
 
 
 def load_json(path: str | os.PathLike) -> dict[str, Any]:

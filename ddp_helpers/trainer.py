@@ -1,29 +1,32 @@
 """The epoch loop: one function that every run goes through, on one rank or many.
 
-``fit`` builds the model, optimizer, scheduler and sync strategy (restoring them from a
-checkpoint on resume), then runs the epochs: training between evaluation points, a
-checkpoint after each epoch when asked to; a loss that is no longer finite stops the run
-(every rank together). It reports through ``emit(kind, payload)``:
-``progress`` about twice a second (the live bar, and the heartbeat that tells the launcher
-which rank stopped), ``epoch`` after each epoch, ``fault`` for an injected one.
+``fit`` reads in three parts: :func:`build` (model, optimizer, scheduler, sync strategy, restored
+from a checkpoint on resume), :func:`run_epoch` (training between evaluation points, each
+evaluated; a loss that is no longer finite stops every rank together), and the runtime block
+that :mod:`ddp_helpers.results` turns into the record. It reports through ``emit(kind, payload)``:
+``progress`` about twice a second (the live bar, and the heartbeat that names a rank that stops),
+``epoch`` after each epoch, ``restored`` with the history of a resumed run, ``fault`` for an
+injected one.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 
+from . import faults
 from .config import TrainConfig
-from .cuda_graph import GraphedStep, graph_supported
+from .cuda_graph import GraphedStep, captured_step
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
-from .engine import PHASES, NonFiniteLossError, Tally, evaluate, make_optimizer, metrics, train_steps, warmup_scale
+from .engine import NonFiniteLossError, Profiler, Tally, evaluate, make_optimizer, metrics, set_lr, step, warmup_scale
 from .host import peak_rss_mb
 from .model import MLP, count_parameters
+from .results import epoch_row, eval_point, runtime_block
 from .resume import restore, save
 from .sync import make_sync
 
@@ -40,24 +43,156 @@ class FitOutput:
     model: torch.nn.Module
 
 
-def before_step_hook(cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int, steps: int) -> Callable[[int], None]:
-    """Runs before every step: a ``progress`` event every half second, and the injected fault
-    (tests and demos: ``fail_rank`` fails at ``fail_step``; under torchrun on the first attempt
-    only, so that an elastic restart can finish)."""
-    fault = cfg.fail_rank == ctx.rank and ctx.restart_count == 0
-    last = [0.0]
+@dataclass
+class Training:
+    """What one rank trains with, built once by :func:`build`."""
+
+    watch: "LossWatch"
+    train_split: Split
+    test_split: Split
+    steps: int                       # per worker and epoch
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    optimizer_impl: str
+    scheduler: Any
+    profiler: Profiler
+    lr_scale: Callable[[int], float] | None  # warm-up
+    sync: Any
+    tally: Tally
+    graph: GraphedStep | None
+    graph_note: str
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def build(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = None) -> Training:
+    """Data on this rank's device, the same initial weights on every rank, Adam, StepLR, the sync
+    strategy; on resume, the state of the newest good checkpoint."""
+    watch, dtype = LossWatch(ctx, cfg.lr), getattr(torch, cfg.dtype)
+    train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset,
+                                                    cfg.seed)
+    train_split = train_split.head(cfg.train_subset).to(ctx.device, dtype)  # subsets apply to passed-in data too
+    test_split = test_split.head(cfg.test_subset).to(ctx.device, dtype)
+    steps = steps_per_epoch(len(train_split), ctx.world_size, cfg.batch_size)
+    steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in the baseline
+    model = MLP(cfg.hidden_sizes, cfg.dropout).to(ctx.device, dtype)
+    torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
+    # on CUDA the same (capturable) Adam with or without the graph: the graph changes only how the step is launched
+    optimizer, impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    profiler, lr_scale, tally = Profiler(ctx.device), warmup_scale(cfg.warmup_steps), Tally(ctx.device)
+    start_epoch, global_step, history, notes = (
+        restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume else (0, 0, [], []))
+    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
+                     profiler, bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+                     static_graph=cfg.static_graph)  # DDP broadcasts rank 0's (restored) weights
+    graph, graph_note = captured_step(cfg.cuda_graph, sync, optimizer, tally, train_split.images, train_split.labels,
+                                      cfg.batch_size, ctx.world_size, cfg.accumulation_steps)
+    return Training(watch, train_split, test_split, steps, model, optimizer, impl, scheduler, profiler, lr_scale, sync,
+                    tally, graph, graph_note, start_epoch, global_step, history, notes)
+
+
+def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split] | None = None) -> FitOutput:
+    """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
+    t = build(cfg, ctx, data)
+    if t.history:
+        emit("restored", {"history": t.history})
+    for epoch in range(t.start_epoch + 1, cfg.epochs + 1):
+        row = run_epoch(t, cfg, ctx, emit, epoch)
+        t.history.append(row)
+        t.scheduler.step()
+        if cfg.checkpoint_dir:
+            save(cfg.checkpoint_dir, cfg.keep_checkpoints, cfg.to_dict(), ctx, t.model, t.optimizer, t.scheduler,
+                 epoch, t.global_step, t.history)
+        emit("epoch", row)
+        if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in row["evals"]) >= cfg.stop_at_accuracy:
+            break  # every rank sees the same all-reduced accuracies, so all stop together
+    runtime = runtime_block(
+        rank_count=ctx.world_size, backend=ctx.backend, device=str(ctx.device), dtype=cfg.dtype, threads=ctx.threads,
+        threads_rule=ctx.threads_rule, sync=t.sync.name, optimizer=f"Adam ({t.optimizer_impl})",
+        cuda_graph=t.graph is not None, cuda_graph_note=t.graph_note, parameters=count_parameters(t.model),
+        train_samples=len(t.train_split), test_samples=len(t.test_split),
+        global_batch=cfg.batch_size * ctx.world_size * cfg.accumulation_steps, notes=t.notes,
+        # each rank's process at its peak (a run in this process: all it held before the run too)
+        peak_rss_mb_per_rank=ctx.gather(peak_rss_mb()))
+    return FitOutput(t.history, runtime, t.model)
+
+
+def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int) -> dict:
+    """One epoch (1-based): train up to each evaluation point, evaluate there; the epoch's row."""
+    points, check_loss = eval_points(t.steps, cfg.evals_per_epoch, cfg.accumulation_steps), t.watch.step_check(epoch)
+    before_step = progress_and_fault(ctx, emit, epoch, t.steps, cfg.epochs * t.steps, 10 * cfg.timeout_s + 3600)
+    lr, batch = float(t.optimizer.param_groups[0]["lr"]), cfg.batch_size
+    indices = train_indices(len(t.train_split), ctx.rank, ctx.world_size, epoch - 1, cfg.seed)[:t.steps * batch]
+    eval_idx = eval_indices(len(t.test_split), ctx.rank, ctx.world_size).to(t.test_split.images.device)
+    evals, done, optimizer_steps, train_s, eval_s = [], 0, 0, 0.0, 0.0
+    for end in points:
+        start, chunk = time.perf_counter(), indices[done * batch:end * batch]
+        steps_done, stepped = train_steps(t, batches(t.train_split, chunk, batch), end - done, t.global_step + done,
+                                          cfg.accumulation_steps, before_step, check_loss)
+        train_s += time.perf_counter() - start
+        done, optimizer_steps = done + steps_done, optimizer_steps + stepped
+        start = time.perf_counter()
+        t.watch.at_eval_point(t.tally, epoch, t.global_step + done - 1)  # before this epoch's checkpoint
+        val = metrics(ctx.reduce(evaluate(t.model, t.test_split, eval_idx)["sums"]), "val")
+        eval_s += time.perf_counter() - start
+        evals.append(eval_point(done, t.steps, train_s, val))
+    t.global_step += done
+    train = metrics(ctx.reduce(t.tally.take()), "train")
+    return epoch_row(epoch, lr, train, val, train_s, eval_s, done, optimizer_steps, t.profiler.take(), evals)
+
+
+def train_steps(t: Training, steps: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, first_step: int,
+                accumulate: int, before_step: Callable[[int], None],
+                check_loss: Callable[[torch.Tensor, int], None] | None) -> tuple[int, int]:
+    """Train on the ``count`` given mini-batches: (micro-batches taken, optimizer steps taken).
+
+    Every ``accumulate`` micro-batches make one optimizer step, synchronised on the last of them
+    only. ``first_step`` is the run's count of micro-batches so far; the warm-up scales the rate of
+    each optimizer step. A captured CUDA graph replays the step for each full batch; a step run
+    eagerly has its loss checked (``check_loss``).
+    """
+    base_lrs = [float(group["lr"]) for group in t.optimizer.param_groups]
+    t.sync.module.train()
+    t.profiler.restart()
+    done = optimizer_steps = 0
+    for x, y in steps:
+        before_step(first_step + done)
+        t.profiler.lap("data")
+        starts_step, ends_step = done % accumulate == 0, (done + 1) % accumulate == 0 or done + 1 == count
+        if ends_step and t.lr_scale is not None:
+            set_lr(t.optimizer, [lr * t.lr_scale(first_step // accumulate + optimizer_steps) for lr in base_lrs])
+        if t.graph is not None and t.graph.fits(x):
+            t.graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
+            t.profiler.lap("compute")
+        else:
+            loss = step(t.sync, t.optimizer, x, y, t.tally, t.profiler, starts_step=starts_step,
+                        ends_step=ends_step, accumulate=accumulate, set_to_none=t.graph is None)
+            if check_loss is not None:
+                check_loss(loss, first_step + done)
+        optimizer_steps += ends_step
+        done += 1
+    set_lr(t.optimizer, base_lrs)  # the epoch-level scheduler owns the base rate
+    t.sync.consolidate()  # local SGD: average the pending steps, so that every rank evaluates one model
+    t.profiler.lap("sync")
+    return done, optimizer_steps
+
+
+def progress_and_fault(ctx: RankContext, emit: Emit, epoch: int, steps: int, total_steps: int,
+                       hang_s: float) -> Callable[[int], None]:
+    """What runs before every step: a ``progress`` event every half second, and the planned fault
+    of the test hook (:mod:`ddp_helpers.faults`), if this rank has one."""
+    fault, last = faults.planned(ctx.rank, ctx.restart_count), [0.0]
 
     def before_step(step: int) -> None:
-        if fault and step == cfg.fail_step:
-            emit("fault", {"rank": ctx.rank, "step": step, "kind": cfg.fail_kind, "time": time.time()})
-            if cfg.fail_kind == "exit":
-                os._exit(17)
-            if cfg.fail_kind == "hang":
-                time.sleep(10 * cfg.timeout_s + 3600)
-            raise RuntimeError(f"injected fault: rank {ctx.rank} failed at step {step}")
+        if fault is not None and step == fault.step:
+            faults.fire(fault, emit, hang_s)
         if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
             last[0] = time.monotonic()
-            emit("progress", {"step": step, "epoch": epoch, "steps_in_epoch": steps, "total_steps": cfg.epochs * steps,
+            emit("progress", {"step": step, "epoch": epoch, "steps_in_epoch": steps, "total_steps": total_steps,
                               "pid": os.getpid(), "time": time.time()})
 
     return before_step
@@ -123,79 +258,3 @@ def eval_points(steps: int, evals: int, accumulation_steps: int = 1) -> list[int
     ending on an optimizer step; the last point is the epoch's end."""
     points = [(steps * j // evals) // accumulation_steps * accumulation_steps for j in range(1, evals)]
     return sorted({p for p in points if 0 < p < steps} | {steps})
-
-
-def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split] | None = None) -> FitOutput:
-    """Train ``cfg.epochs`` epochs on this rank and return the (global) history."""
-    dtype = getattr(torch, cfg.dtype)
-    train_split, test_split = data or load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset,
-                                                    cfg.seed)
-    train_split = train_split.head(cfg.train_subset).to(ctx.device, dtype)  # subsets apply to passed-in data too
-    test_split = test_split.head(cfg.test_subset).to(ctx.device, dtype)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in the baseline
-    model = MLP(cfg.hidden_sizes, cfg.dropout).to(ctx.device, dtype)
-    torch.manual_seed(cfg.seed + ctx.rank)  # dropout masks differ between ranks
-    # on CUDA the same (capturable) Adam with or without the graph: the graph changes only how the step is launched
-    optimizer, optimizer_impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay,
-                                               capturable=ctx.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    start_epoch, global_step, history, notes = (
-        restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume else (0, 0, [], []))
-    sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
-                     bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-                     static_graph=cfg.static_graph)  # DDP broadcasts rank 0's (restored) weights
-    steps = steps_per_epoch(len(train_split), ctx.world_size, cfg.batch_size)
-    steps = min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
-    tally, graph = Tally(ctx.device), None
-    can_graph, graph_note = graph_supported(ctx.device, ctx.world_size, cfg.accumulation_steps)
-    if cfg.cuda_graph and can_graph:
-        x, y = next(batches(train_split, torch.arange(cfg.batch_size), cfg.batch_size))
-        graph = GraphedStep(sync, optimizer, tally, x, y)
-    eval_idx = eval_indices(len(test_split), ctx.rank, ctx.world_size).to(test_split.images.device)
-    points, lr_scale = eval_points(steps, cfg.evals_per_epoch, cfg.accumulation_steps), warmup_scale(cfg.warmup_steps)
-    watch = LossWatch(ctx, cfg.lr)
-    for epoch in range(start_epoch, cfg.epochs):
-        indices = train_indices(len(train_split), ctx.rank, ctx.world_size, epoch, cfg.seed)[:steps * cfg.batch_size]
-        lr = float(optimizer.param_groups[0]["lr"])
-        before_step, check_loss = before_step_hook(cfg, ctx, emit, epoch + 1, steps), watch.step_check(epoch + 1)
-        phase_s, evals, done, optimizer_steps, train_s, eval_s = dict.fromkeys(PHASES, 0.0), [], 0, 0, 0.0, 0.0
-        for end in points:
-            start, chunk = time.perf_counter(), indices[done * cfg.batch_size:end * cfg.batch_size]
-            part = train_steps(sync, optimizer, batches(train_split, chunk, cfg.batch_size), tally,
-                               accumulate=cfg.accumulation_steps, lr_scale=lr_scale,
-                               first_step=global_step + done, before_step=before_step, graph=graph,
-                               check_loss=check_loss)
-            train_s += time.perf_counter() - start
-            phase_s = {p: phase_s[p] + part["phase_s"][p] for p in PHASES}
-            done, optimizer_steps = end, optimizer_steps + part["optimizer_steps"]
-            start = time.perf_counter()
-            watch.at_eval_point(tally, epoch + 1, global_step + done - 1)  # before this epoch's checkpoint
-            val = metrics(ctx.reduce(evaluate(model, test_split, eval_idx)["sums"]), "val")
-            eval_s += time.perf_counter() - start
-            evals.append({"epoch_fraction": done / steps, "train_time_s": train_s, "val_accuracy": val["val_accuracy"],
-                          "val_loss": val["val_loss"]})
-        train = metrics(ctx.reduce(tally.take()), "train")
-        global_step += done
-        step_ms = {p: 1000 * phase_s[p] / done for p in PHASES} | {"total": 1000 * train_s / done}
-        history.append({"epoch": epoch + 1, "lr": lr, **train, **val, "epoch_time_s": train_s, "eval_time_s": eval_s,
-                        "steps_per_worker": done, "optimizer_steps": optimizer_steps,
-                        "samples_per_s": train["train_samples"] / train_s, "step_ms": step_ms,
-                        "sync_fraction": phase_s["sync"] / train_s, "evals": evals})
-        scheduler.step()
-        if cfg.checkpoint_dir:
-            save(cfg.checkpoint_dir, cfg.keep_checkpoints, cfg.to_dict(), ctx, model, optimizer, scheduler, epoch + 1,
-                 global_step, history)
-        emit("epoch", history[-1])
-        if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in evals) >= cfg.stop_at_accuracy:
-            break  # every rank sees the same all-reduced accuracies, so all stop together
-    runtime = {
-        "rank_count": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device), "dtype": cfg.dtype,
-        "threads_per_rank": ctx.threads, "threads_rule": ctx.threads_rule, "sync": sync.name,
-        "optimizer": f"Adam ({optimizer_impl})", "cuda_graph": graph is not None,
-        "cuda_graph_note": graph_note if cfg.cuda_graph else "off (config)",
-        "parameters": count_parameters(model), "train_samples": len(train_split), "test_samples": len(test_split),
-        "global_batch": cfg.batch_size * ctx.world_size * cfg.accumulation_steps, "notes": notes,
-        # each rank's process at its peak (a run in this process: all it held before the run too)
-        "peak_rss_mb_per_rank": [round(mb, 1) for mb in ctx.gather(peak_rss_mb())],
-    }
-    return FitOutput(history, runtime, model)

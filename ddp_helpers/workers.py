@@ -1,18 +1,19 @@
-"""Spawned worker processes: start them, hear from them, stop them, and name the one that failed.
+"""Spawned worker processes: start them, hear from them, stop them; the run's store and its failures.
 
-Each rank talks to the parent over its own pipe (no shared lock: a rank killed mid-message blocks no
-other) as ``(kind, payload)``: ``started``, ``progress`` (its heartbeat), ``epoch``, ``fault``, ``result``,
-``error``. Its output goes to its log file (worker_logs.py).
-
-Blame rests on facts, not on the words of an error. A rank that fails by itself (raises, exits, is
-killed) fails before its peers can notice, so the earliest failure is the own one. A rank that stops
-making progress (hung, or frozen with SIGSTOP) fails nothing, its peers time out: so a live rank that
-sent no error and whose heartbeat is clearly stale is named instead, with its stack.
+The parent hosts the run's rendezvous store, as torchrun's agent does, and each worker is a rank
+of a torchrun-style job: its variables (``place.rank_variables``) are set in the worker, which
+joins that store. Each rank talks to the parent over its own pipe (no shared lock: a rank killed
+mid-message blocks no other) as ``(kind, payload)``: ``started``, ``progress``, ``epoch``,
+``fault``, ``result``, ``error``; its output goes to its log file (worker_logs.py). Who failed is
+read from the store with the one rule every launcher uses (:mod:`ddp_helpers.failures`), plus
+what only the parent can see: which processes ended, how, and the stack of a silent one.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -25,42 +26,24 @@ from multiprocessing import connection, resource_tracker
 from pathlib import Path
 from typing import Any, Callable
 
-from .dist import check_port_free, find_free_port
+import torch
+import torch.distributed as dist
+
+from .dist import host_store, job_store
 from .events import Event
+from .failures import (BLAME_GRACE_S, Board, Facts, Verdict, WorkerError, find_culprit, headline, heartbeating,
+                       raise_for_culprit, stopped_making_progress)
+from .place import launcher_place, rank_variables
 from .worker_logs import RunLogs, output_to, record_stacks
 
 STOP_GRACE_S = 5.0
-BLAME_GRACE_S = 2.0   # healthy ranks that wait for the same silent peer time out within this of each other
-STALE_AFTER_S = 2.0   # four heartbeats missed (the trainer sends one every 0.5 s): more than a slow step
 BOOTSTRAPPING = "bootstrapping phase"  # in multiprocessing's error for a process started while spawn imports main
 MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again in every worker, and at its top "
                   "level the script starts workers again (multiprocessing's bootstrapping error below). Fix: put the "
                   "call that starts the run under `if __name__ == \"__main__\":` in the script")
+_runs = itertools.count()
 
-
-class WorkerError(RuntimeError):
-    """A worker failed; all were stopped (under torchrun by torchrun: ``pids`` is empty, ranks may be elsewhere)."""
-
-    def __init__(self, rank: int, reason: str, pids: list[int], details: str = ""):
-        self.rank, self.reason, self.pids, self.details = rank, reason, pids, details
-        self.detected_at = time.time()
-        stopped = f" All {len(pids)} workers were stopped." if pids else ""
-        super().__init__(f"rank {rank} failed: {reason}.{stopped}" + (f"\n{details}" if details else ""))
-
-
-def stopped_making_progress(last: dict | None, waiter: int) -> str:
-    """The reason given for a silent rank, from its last heartbeat (a ``progress`` payload)."""
-    where = (f"its last heartbeat was at step {last['step']} of epoch {last['epoch']}, "
-             f"{time.time() - last['time']:.1f} s ago" if last else "it never sent a heartbeat")
-    return f"stopped making progress ({where}); rank {waiter} timed out waiting for it"
-
-
-def headline(exc: BaseException) -> str:
-    """'SomeError: first line', from the innermost error when torch wraps one in another
-    ('... Got the following error when running the callback: DistBackendError: ...')."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    marker = "when running the callback: "
-    return text.split(marker, 1)[1] if marker in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+Job = Callable[..., None]  # job(place, emit, *args), at module level: spawn imports it by name
 
 
 def exit_now(code: int) -> None:
@@ -70,64 +53,79 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _worker_entry(rank: int, world_size: int, job: Callable, args: tuple, init_method: str, workdir: str,
-                  pipe: Any) -> None:
+# --- tensors over the pipe ---------------------------------------------------------------------------
+def state_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+# --- in the worker ---------------------------------------------------------------------------------------
+def _worker_entry(job: Job, args: tuple, variables: dict[str, str], workdir: str, pipe: Any) -> None:
     """A rank's first code of ours; its output already goes to its log (see ``output_to``)."""
     with suppress(OSError, AttributeError):  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    record_stacks(workdir, rank)
+    os.environ.update(variables)  # what makes this process a rank: here only, never in the parent
+    place = launcher_place()
+    record_stacks(workdir, place.rank)
 
-    def emit(kind: str, payload: Any) -> None:
+    def send(kind: str, payload: Any) -> None:
         pipe.send((kind, payload))  # written synchronously: nothing is lost at exit
 
+    board = Board(job_store(place, timeout_s=60), place.world_size)
+    emit = heartbeating(board, place.rank, send)
     emit("started", {"pid": os.getpid()})
     try:
-        job(rank, world_size, init_method, emit, *args)
+        job(place, emit, *args)
     except BaseException as exc:
         raised_at = getattr(exc, "raised_at", time.time())  # stamped by dist.process_group, before the rank left
         traceback.print_exc()
-        emit("error", {"headline": headline(exc), "traceback": traceback.format_exc(), "time": raised_at,
-                       "rank_at_fault": getattr(exc, "rank_at_fault", None)})  # an error that knows whose it is
+        if isinstance(exc, Exception):
+            with suppress(WorkerError):  # the parent names the culprit from the board
+                raise_for_culprit(board, place.rank, exc)
+        send("error", {"headline": headline(exc), "traceback": traceback.format_exc(), "time": raised_at})
         exit_now(1)
     exit_now(0)
 
 
-def run_workers(job: Callable, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
+# --- in the parent ---------------------------------------------------------------------------------------
+def run_workers(job: Job, world_size: int, args: tuple = (), *, master_addr: str = "127.0.0.1",
                 master_port: int = 0, launch_timeout_s: float = 600.0, quiet: bool = True,
                 on_event: Callable[[Event], None] | None = None) -> dict[int, Any]:
-    """Spawn ``world_size`` processes running ``job`` (module-level: spawn imports it by name); return the
-    ``result`` payloads by rank. ``on_event`` sees every event as it arrives; ``quiet=False`` copies the
-    workers' output to stderr. A failure, a timeout or a Ctrl-C stops every worker before this raises."""
-    if master_port:
-        check_port_free(master_addr, master_port)
-    attempts = 1 if master_port else 3
-    for attempt in range(1, attempts + 1):
-        init_method = f"tcp://{master_addr}:{master_port or find_free_port(master_addr)}"
-        # the logs and stacks live in the folder: it is removed however the attempt ends (also by a signal)
+    """Spawn ``world_size`` ranks running ``job(place, emit, *args)``; return the ``result`` payloads by
+    rank. ``on_event`` sees every event as it arrives; ``quiet=False`` copies the workers' output to
+    stderr. A failure, a timeout or a Ctrl-C stops every worker before this raises."""
+    store = host_store(master_addr, master_port)  # port 0: the system picks a free one, and it is ours
+    run_id = f"spawn-{os.getpid()}-{next(_runs)}"
+    variables = [rank_variables(rank, world_size, master_addr, store.port, run_id) for rank in range(world_size)]
+    board = Board(dist.PrefixStore(launcher_place(variables[0]).store_prefix, store), world_size)
+    try:
+        # the logs and stacks live in the folder: it is removed however the run ends (also by a signal)
         with tempfile.TemporaryDirectory(prefix="ddp_run_", ignore_cleanup_errors=True) as workdir:
-            try:
-                return _Run(job, world_size, args, init_method, Path(workdir), quiet, on_event).wait(launch_timeout_s)
-            except WorkerError as exc:
-                # a port found free can be taken by someone else before rank 0's store binds it
-                if attempt == attempts or "EADDRINUSE" not in exc.details + exc.reason:
-                    raise
+            return _Run(job, args, variables, Path(workdir), quiet, on_event, board).wait(launch_timeout_s)
+    finally:
+        del board, store  # the store's server stops with its last reference
 
 
 class _Run:
-    """One attempt: the processes, what they said, and how it ended."""
+    """One run: the processes, what they said, and how it ended."""
 
-    def __init__(self, job: Callable, world_size: int, args: tuple, init_method: str, workdir: Path, quiet: bool,
-                 on_event: Callable[[Event], None] | None):
-        self.logs, self.on_event = RunLogs(workdir, world_size, quiet), on_event
+    def __init__(self, job: Job, args: tuple, variables: list[dict], workdir: Path, quiet: bool,
+                 on_event: Callable[[Event], None] | None, board: Board):
+        world_size = len(variables)
+        self.logs, self.on_event, self.board = RunLogs(workdir, world_size, quiet), on_event, board
         ctx = mp.get_context("spawn")
         pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]  # (parent's reading end, worker's writing end)
         self.readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
         self.writers = [writer for _, writer in pipes]
         self.procs = [ctx.Process(target=_worker_entry, name=f"ddp-rank{rank}",  # not daemonic: may start loaders
-                                  args=(rank, world_size, job, args, init_method, str(workdir), writer))
+                                  args=(job, args, variables[rank], str(workdir), writer))
                       for rank, writer in enumerate(self.writers)]
-        self.results, self.errors, self.heard = {}, {}, {}  # by rank: its result, its error, its last heartbeat
-        self.kept = {"result": self.results, "error": self.errors, "progress": self.heard}  # where each kind is kept
+        self.results, self.errors = {}, {}  # by rank: its result, its error
         self.started: set[int] = set()  # ranks that sent anything: our code runs in them
         self.ended: dict[int, float] = {}  # rank -> a time it was surely alive, shortly before we saw it end
         self.alive_at = time.time()  # every rank not in ended was alive then (none has started yet)
@@ -147,9 +145,8 @@ class _Run:
             while reader.poll():
                 event = Event(self.readers[reader], *reader.recv())
                 self.started.add(event.rank)  # it said something: our code runs in it
-                kept = self.kept.get(event.kind)
-                if kept is not None:
-                    kept[event.rank] = event.payload
+                if event.kind in ("result", "error"):
+                    (self.results if event.kind == "result" else self.errors)[event.rank] = event.payload
                 if self.on_event is not None:
                     self.on_event(event)
         except (EOFError, OSError):  # the rank ended (perhaps in the middle of a message)
@@ -188,40 +185,34 @@ class _Run:
             self.logs.show(final=True)
 
     def failure(self) -> WorkerError:
-        """The error for a run in which a rank failed, once the others had BLAME_GRACE_S to fail
-        too: the rank that failed by itself may be seen to end after the peers it took down."""
+        """The error for a run in which a rank failed, once the others had BLAME_GRACE_S to fail too
+        (the rank that failed by itself may be seen to end after the peers it took down)."""
         deadline = time.monotonic() + BLAME_GRACE_S
         while len(self.ended) < len(self.procs) and time.monotonic() < deadline:
             self.drain(timeout=0.1)
-        # (when, rank) of each failure: an error's own time, else a time it was alive (see drain); one host, one clock
-        failed = sorted((self.errors.get(rank, {}).get("time", self.ended[rank]), rank)
-                        for rank in self.ended if self.procs[rank].exitcode)
-        for _, rank in failed:  # an error that knows whose it is wins
-            at_fault = self.errors.get(rank, {}).get("rank_at_fault")
-            if at_fault is not None:
-                error = self.errors.get(at_fault, self.errors[rank])
-                return WorkerError(at_fault, error["headline"], self.pids, error["traceback"].rstrip())
-        first_at, first = failed[0]
-        silent = self.silent(first_at)
-        if not silent:
-            return self.own_failure(first)
-        # a rank that stopped making progress: its peers failed only because they waited for it
-        culprit = min(silent, key=lambda rank: self.heard.get(rank, {}).get("time", 0.0))
-        stack = self.logs.stack(culprit, self.procs[culprit].pid)
-        return WorkerError(culprit, stopped_making_progress(self.heard.get(culprit), first), self.pids,
-                           f"rank {first}: {self.what_failed(first)}\n\n"
-                           f"Python stack of rank {culprit} when it was stopped:\n{stack}")
-
-    def silent(self, since: float) -> list[int]:
-        """Live ranks that sent no error and whose last heartbeat was clearly stale at ``since``, or
-        that never sent one while others did (a job that sends none gives no such sign)."""
-        return [rank for rank in range(len(self.procs)) if rank not in self.ended and rank not in self.errors
-                and (since - self.heard[rank]["time"] > STALE_AFTER_S if rank in self.heard else bool(self.heard))]
+        ended = {rank: at for rank, at in self.ended.items() if self.procs[rank].exitcode}
+        try:
+            facts = self.board.read(ended)
+        except Exception:  # the store failed us: what the parent saw for itself still tells
+            facts = Facts(ended=ended)
+        verdict = find_culprit(facts, range(len(self.procs))) or Verdict(min(ended, key=ended.get), "ended", None)
+        culprit = verdict.rank
+        if culprit in self.ended or culprit in self.errors:
+            return self.own_failure(culprit)
+        stack = self.logs.stack(culprit, self.procs[culprit].pid)  # alive and silent: where it stopped
+        by = verdict.by if verdict.by is not None else min(ended, key=ended.get)
+        return WorkerError(culprit, stopped_making_progress(facts.beats.get(culprit), by), self.pids,
+                           f"rank {by}: {self.what_failed(by)}\n\nPython stack of rank {culprit} when it was "
+                           f"stopped:\n{stack}")
 
     def what_failed(self, rank: int) -> str:
+        if rank in self.errors:
+            return self.errors[rank]["headline"]
         code = self.procs[rank].exitcode
+        if code is None:
+            return "it is still running"
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        return self.errors[rank]["headline"] if rank in self.errors else f"the process {how}"
+        return f"the process {how}"
 
     def own_failure(self, rank: int) -> WorkerError:
         if rank in self.errors:
@@ -248,3 +239,6 @@ def stop(procs: list) -> None:
         if p.is_alive():
             p.kill()
             p.join(STOP_GRACE_S)
+
+
+__all__ = ["WorkerError", "run_workers", "state_bytes", "state_from_bytes", "stop"]

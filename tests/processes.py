@@ -68,16 +68,16 @@ def max_difference(a, b) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def overlap_local_sgd_job(rank, world_size, init_method, emit):
+def overlap_local_sgd_job(place, emit):
     """Two ranks drive the overlapped local SGD by hand (every=2) with known weights:
     rank r sets its weights to a_r, then adds its own progress d_r after the first average."""
     import torch
 
-    from ddp_helpers.dist import process_group, tcp_store
+    from ddp_helpers.dist import job_group
     from ddp_helpers.sync import OverlapLocalSGDSync
 
-    a, d = [[1.0, 2.0], [3.0, 6.0]][rank], [[0.5, 0.0], [0.0, -1.0]][rank]
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
+    a, d = [[1.0, 2.0], [3.0, 6.0]][place.rank], [[0.5, 0.0], [0.0, -1.0]][place.rank]
+    with job_group(place, 30):
         model = torch.nn.Linear(2, 1, bias=False)
         sync = OverlapLocalSGDSync(model, torch.optim.SGD(model.parameters(), lr=0.1), every=2)
         with torch.no_grad():
@@ -94,18 +94,18 @@ def overlap_local_sgd_job(rank, world_size, init_method, emit):
         emit("result", {"unchanged": unchanged, "collected": collected, "final": model.weight.tolist()[0]})
 
 
-def killed_by_sigkill_job(rank, world_size, init_method, emit):
+def killed_by_sigkill_job(place, emit):
     """Rank 1 is killed by a signal (as the kernel's out-of-memory killer would); rank 0 waits."""
     import os
     import signal
     import time
 
-    if rank == 1:
+    if place.rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
 
 
-def own_error_saying_timed_out_job(rank, world_size, init_method, emit):
+def own_error_saying_timed_out_job(place, emit):
     """Rank 1 fails by itself, with an error whose words say "timed out"; rank 0 waits for it in a
     collective and, when that fails, goes on waiting (as a rank under NCCL does until its watchdog
     fires). Blame by the words of an error would take rank 1's for one about a peer and name rank 0."""
@@ -113,10 +113,10 @@ def own_error_saying_timed_out_job(rank, world_size, init_method, emit):
 
     import torch.distributed as dist
 
-    from ddp_helpers.dist import process_group, tcp_store
+    from ddp_helpers.dist import job_group
 
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
-        if rank == 1:
+    with job_group(place, 30):
+        if place.rank == 1:
             raise RuntimeError("my own check timed out")
         try:
             dist.barrier()
@@ -124,7 +124,7 @@ def own_error_saying_timed_out_job(rank, world_size, init_method, emit):
             time.sleep(60)
 
 
-def aborted_while_a_peer_is_silent_job(rank, world_size, init_method, emit):
+def aborted_while_a_peer_is_silent_job(place, emit):
     """Both ranks send a heartbeat; rank 0 then goes silent, and rank 1 ends 4 s later by SIGABRT
     without a Python error (as NCCL's watchdog ends a rank whose collective timed out)."""
     import os
@@ -132,8 +132,24 @@ def aborted_while_a_peer_is_silent_job(rank, world_size, init_method, emit):
     import time
 
     emit("progress", {"step": 0, "epoch": 1, "time": time.time()})
-    if rank == 0:
+    if place.rank == 0:
         time.sleep(60)
     time.sleep(4)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file where the tests run
     os.abort()
+
+
+def place_job(place, emit):
+    """What a spawned rank knows of itself, and whether it could take its store's port (the parent holds it)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((place.master_addr, place.master_port))
+            port_taken = False
+        except OSError:
+            port_taken = True
+    emit("result", {"rank": place.rank, "world_size": place.world_size, "local_rank": place.local_rank,
+                    "launcher": place.launcher, "agent_store": place.agent_store, "port_taken": port_taken,
+                    "RANK": os.environ.get("RANK")})

@@ -86,7 +86,7 @@ def test_a_worker_that_fails_before_our_code_runs_is_reported_with_its_error(mon
     """The job's module exists only in this process: each worker fails while it unpickles the job,
     before any code of ours runs in it. quiet=False (the CLI's mode) shows the output here too."""
     jobs = types.ModuleType("jobs_only_in_the_parent")
-    exec("def job(rank, world_size, init_method, emit):\n    pass\n", jobs.__dict__)
+    exec("def job(place, emit):\n    pass\n", jobs.__dict__)
     monkeypatch.setitem(sys.modules, jobs.__name__, jobs)
     with pytest.raises(WorkerError) as info:
         run_workers(jobs.job, 2, launch_timeout_s=120, quiet=False)

@@ -15,7 +15,7 @@ import pytest
 
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import find_free_port
-from ddp_helpers.cluster.env import first_host, tasks_per_node, torchrun_env
+from ddp_helpers.place import first_host, launcher_place, tasks_per_node
 from processes import no_process_left, spawned_workers_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_tasks_per_node_expands_slurms_compressed_counts(spec, counts):
 
 def test_a_task_of_an_srun_step_is_read_like_lightning(launched):
     launched(SRUN_TASK)
-    env = torchrun_env()
+    env = launcher_place()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
     assert (env.master_addr, env.master_port) == ("node01", 15000 + 3456)  # the job id's last four digits
     assert (env.run_id, env.restart_count, env.launcher) == ("slurm-123456-7", 0, "slurm")
@@ -98,7 +98,7 @@ def test_a_task_of_an_srun_step_is_read_like_lightning(launched):
 
 def test_master_addr_and_port_from_the_environment_win_under_srun(launched):
     launched({**SRUN_TASK, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29511"})
-    env = torchrun_env()
+    env = launcher_place()
     assert (env.master_addr, env.master_port, env.launcher) == ("10.0.0.9", 29511, "slurm")
 
 
@@ -106,19 +106,19 @@ def test_torchrun_variables_win_over_slurms(launched):
     """``srun torchrun ...``: the ranks are torchrun's workers, in a step of one task per node."""
     launched({**SRUN_TASK, "TORCHELASTIC_RUN_ID": "job", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
               "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node01", "MASTER_PORT": "29500"})
-    env = torchrun_env()
+    env = launcher_place()
     assert (env.rank, env.world_size, env.local_world_size, env.launcher) == (5, 8, 4, "torchrun")
 
 
 def test_a_batch_script_is_no_step_and_spawns_as_usual(launched):
     launched(BATCH_SCRIPT)
-    assert torchrun_env() is None
+    assert launcher_place() is None
 
 
 def test_a_step_of_one_task_spawns_as_usual(launched):
     launched({**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
               "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_STEP_NODELIST": "node01"})
-    assert torchrun_env() is None
+    assert launcher_place() is None
 
 
 def test_a_broken_slurm_variable_is_reported_without_a_traceback():

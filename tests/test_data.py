@@ -36,12 +36,22 @@ def test_uneven_shards_are_padded_like_distributed_sampler():
     assert set(everything) == set(range(n)) and len(everything) - n == 2
 
 
-def test_shards_change_with_the_epoch_and_are_the_same_on_every_rank():
+def test_shards_change_with_the_epoch_and_another_process_draws_the_same_ones():
+    """Each rank draws the permutation itself: another process, whose global generator is in another
+    state (as a rank's is after its dropout masks), must draw the very same shards."""
+    import json
+    import subprocess
+    import sys
+
     a0, a1 = train_indices(1000, 0, 2, 0, 0), train_indices(1000, 0, 2, 1, 0)
     assert not torch.equal(a0, a1)
-    # each rank computes the shard of every other rank identically: the views agree
-    assert torch.equal(train_indices(1000, 1, 2, 3, 0), train_indices(1000, 1, 2, 3, 0))
     assert set(train_indices(1000, 0, 2, 3, 0).tolist()).isdisjoint(train_indices(1000, 1, 2, 3, 0).tolist())
+    code = ("import json, torch; torch.manual_seed(1234); torch.rand(99); "
+            "from ddp_helpers.data import train_indices; "
+            "print(json.dumps([train_indices(1000, r, 2, 3, 0).tolist() for r in (0, 1)]))")
+    other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                      check=True).stdout)
+    assert other == [train_indices(1000, r, 2, 3, 0).tolist() for r in (0, 1)]
 
 
 def test_batch_arithmetic():

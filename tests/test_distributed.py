@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from ddp_helpers import TrainConfig, WorkerError, launch, run_single_process
+from ddp_helpers import TrainConfig, WorkerError, launch
+from ddp_helpers.faults import injected
 from processes import EXACT, max_difference, no_process_left
 
 # A few hundred steps on real MNIST, dropout off so that DDP and one process compute the same
@@ -34,7 +35,7 @@ def allreduce_run():
 @pytest.fixture(scope="module")
 def reference_run():
     """One process with the global batch (2 x 16) over the same samples."""
-    return run_single_process(TrainConfig(world_size=1, batch_size=32, **SMALL))
+    return launch(TrainConfig(world_size=1, batch_size=32, **SMALL))
 
 
 def test_two_rank_run_returns_metrics_and_describes_itself(ddp_run):
@@ -44,13 +45,13 @@ def test_two_rank_run_returns_metrics_and_describes_itself(ddp_run):
     assert row["steps_per_worker"] == 2048 // 2 // 16
     assert row["train_samples"] == 2048 and row["val_samples"] == 1000
     assert row["val_accuracy"] > 0.85  # a real model learned real digits
-    assert set(row["step_ms"]) == {"data", "compute", "sync", "optimizer", "total"}
-    assert row["step_ms"]["sync"] > 0
+    phases = {k: v for k, v in row["step_ms"].items() if k != "total"}
+    assert set(phases) == {"data", "compute", "sync", "optimizer"}
+    assert sum(phases.values()) <= row["step_ms"]["total"]  # each second counted in one phase only, inside the step
     rt = record["runtime"]
     assert (rt["backend"], rt["rank_count"], rt["sync"], rt["global_batch"]) == ("gloo", 2, "ddp", 32)
-    assert rt["threads_per_rank"] >= 1 and rt["optimizer"].startswith("Adam")
-    env = record["environment"]
-    assert env["torch"] == torch.__version__ and env["cpu_cores_usable"] >= 1 and env["cpu_model"]
+    assert rt["optimizer"].startswith("Adam")
+    assert set(record["environment"]) >= {"python", "torch", "cpu_model", "cpu_cores_usable", "hostname", "code"}
     assert TrainConfig.from_dict(record["config"]).world_size == 2
 
 
@@ -72,21 +73,36 @@ def test_manual_allreduce_gives_the_same_parameters_as_ddp(ddp_run, allreduce_ru
 def test_a_rank_that_raises_makes_launch_raise_promptly_and_leaves_no_process():
     """Promptly: the parent sees the exit itself. Waiting for the peer's collective to time
     out (timeout_s=600) would run into launch_timeout_s (a TimeoutError, not a WorkerError)."""
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1,
-                      fail_rank=1, fail_step=3, timeout_s=600, launch_timeout_s=120)
-    with pytest.raises(WorkerError) as info:
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1, timeout_s=600,
+                      launch_timeout_s=120)
+    with pytest.raises(WorkerError) as info, injected(rank=1, step=3):
         launch(cfg)
     assert info.value.rank == 1 and "injected fault: rank 1 failed at step 3" in str(info.value)
     assert no_process_left(info.value.pids)
 
 
 def test_a_rank_that_exits_hard_is_reported_with_its_exit_code():
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1,
-                      fail_rank=0, fail_step=2, fail_kind="exit", timeout_s=30, launch_timeout_s=120)
-    with pytest.raises(WorkerError) as info:
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1, timeout_s=30,
+                      launch_timeout_s=120)
+    with pytest.raises(WorkerError) as info, injected(rank=0, step=2, kind="exit"):
         launch(cfg)
     assert info.value.rank == 0 and "exited with code 17" in str(info.value)
     assert no_process_left(info.value.pids)
+
+
+def test_spawned_ranks_read_torchrun_style_variables_and_the_launching_process_keeps_its_environment():
+    """Each spawned worker is a rank as torchrun's workers are (the same variables, read the same way),
+    and joins the store that the parent hosts; nothing of that lands in the parent's environment (a
+    notebook kernel's)."""
+    from ddp_helpers.workers import run_workers
+    from processes import place_job
+
+    before = dict(os.environ)
+    got = run_workers(place_job, 3, launch_timeout_s=120)
+    assert dict(os.environ) == before
+    assert [(got[r]["rank"], got[r]["local_rank"], got[r]["world_size"], got[r]["RANK"]) for r in range(3)] == \
+        [(0, 0, 3, "0"), (1, 1, 3, "1"), (2, 2, 3, "2")]
+    assert all(got[r]["launcher"] == "spawn" and got[r]["agent_store"] and got[r]["port_taken"] for r in range(3))
 
 
 def test_a_busy_port_given_explicitly_is_a_clear_error():
@@ -124,16 +140,10 @@ def test_cli_reports_bad_values_without_a_traceback():
     assert "epoch" not in out.stdout  # no table header before the error
 
 
-@pytest.mark.parametrize("flag, choices", [("--sync", "ddp,allreduce,fp16,powersgd,local_sgd,local_sgd_overlap"),
-                                           ("--backend", "auto,gloo,nccl"), ("--device", "auto,cpu,cuda"),
-                                           ("--dataset", "mnist,synthetic"), ("--fail-kind", "raise,exit,hang"),
-                                           ("--dtype", "float32,float64")])
-def test_cli_lists_and_enforces_the_choices(flag, choices, capsys):
+@pytest.mark.parametrize("flag", ["--sync", "--backend", "--device", "--dataset", "--dtype"])
+def test_cli_enforces_the_choices(flag, capsys):
     from ddp_helpers.cli import build_parser
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--help"])
-    assert "{" + choices + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", flag, "magic"])
     assert "invalid choice: 'magic'" in capsys.readouterr().err
@@ -166,6 +176,7 @@ def test_ranks_leave_together_and_rank_0_leaves_last():
     only after every other rank has left. Keys are only ever added, so what a rank sees
     when it returns cannot be changed by the others afterwards: no race with the threads."""
     import threading
+    from datetime import timedelta
 
     from torch.distributed import HashStore
 
@@ -181,8 +192,8 @@ def test_ranks_leave_together_and_rank_0_leaves_last():
     threads = {r: threading.Thread(target=rank, args=(r,)) for r in range(world)}
     for r in (0, 1):
         threads[r].start()
-    threads[0].join(0.5)
-    assert threads[0].is_alive() and threads[1].is_alive()  # rank 2 has not finished: nobody may leave
+    store.wait(["exit/finished/0", "exit/finished/1"], timedelta(seconds=60))  # both are in leave_together now
+    assert seen == {}  # rank 2 has not finished: nobody may have returned
     threads[2].start()
     for t in threads.values():
         t.join(60)

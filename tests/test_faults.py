@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ddp_helpers import TrainConfig, WorkerError, launch
+from ddp_helpers.faults import VARIABLE, injected
 from ddp_helpers.checkpoint import (CheckpointError, checkpoint_path, latest_good_checkpoint, list_checkpoints,
                                     load_checkpoint, save_checkpoint)
 from processes import no_process_left, spawned_workers_of
@@ -100,15 +101,14 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_two_ranks(tmp_path):
 
     whole = launch(TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "a"), **SMALL))
     steps = whole.history[0]["steps_per_worker"]
-    broken = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "b"), fail_rank=1,
-                         fail_step=steps + steps // 2, **SMALL)  # dies half-way through epoch 2
+    broken = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path / "b"), **SMALL)
     journal = tmp_path / "run.epochs.jsonl"
-    with pytest.raises(WorkerError, match="rank 1 failed"):
-        launch(broken, journal=journal)
+    with pytest.raises(WorkerError, match="rank 1 failed"), injected(rank=1, step=steps + steps // 2):
+        launch(broken, journal=journal)  # dies half-way through epoch 2
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["ckpt_epoch0001.pt"]
     rows = read_journal(journal)
     assert [row["epoch"] for row in rows] == [1] and "val_accuracy" in rows[0]  # the crash kept epoch 1
-    resumed = launch(broken.replace(fail_rank=-1, resume=True), journal=journal)
+    resumed = launch(broken.replace(resume=True), journal=journal)
     assert any("resumed from" in n and "epoch 1" in n for n in resumed.record["runtime"]["notes"])
     assert len(resumed.history) == 3
     assert [row["epoch"] for row in read_journal(journal)] == [1, 2, 3]  # appended, epoch 1 kept
@@ -121,9 +121,9 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_two_ranks(tmp_path):
 
 def test_a_hung_rank_is_named_with_its_last_step_and_its_stack():
     """Rank 1 stops at step 3; rank 0's collective times out. The report blames rank 1."""
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1,
-                      fail_rank=1, fail_step=3, fail_kind="hang", timeout_s=5, launch_timeout_s=120)
-    with pytest.raises(WorkerError) as info:
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=512, test_subset=64, epochs=1, timeout_s=5,
+                      launch_timeout_s=120)
+    with pytest.raises(WorkerError) as info, injected(rank=1, step=3, kind="hang"):
         launch(cfg)
     message = str(info.value)
     assert info.value.rank == 1 and "stopped making progress" in message
@@ -208,15 +208,16 @@ def test_launch_timeout_stops_every_worker_and_says_which_limit():
 
 
 def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
+    journal = tmp_path / "run.epochs.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "ddp_helpers", "train", "--world-size", "2", "--dataset",
-                             "synthetic", "--train-subset", "60000", "--epochs", "50", "--no-progress",
-                             "--output-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "synthetic", "--train-subset", "2048", "--test-subset", "64", "--epochs", "1000",
+                             "--no-progress", "--output-dir", str(tmp_path), "--run-name", "run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a shell's background job ignores SIGINT, and its children inherit that
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(spawned_workers_of(proc.pid)) < 2:
-        time.sleep(0.5)
-    time.sleep(3)  # let the ranks reach training
+    while time.monotonic() < deadline and proc.poll() is None and not (journal.exists() and journal.read_text()):
+        time.sleep(0.1)  # polling a file the run writes: its first epoch's row says the ranks train
     workers = spawned_workers_of(proc.pid)
     assert len(workers) >= 2
     proc.send_signal(signal.SIGINT)
@@ -225,16 +226,17 @@ def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
     assert no_process_left(workers)
 
 
-def torchrun(*args, timeout=240):
+def torchrun(*args, timeout=240, fault=""):
+    """torchrun with these arguments; ``fault``: the test hook's plan (RANK:STEP:KIND), which reaches its ranks."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", VARIABLE: fault})
 
 
 def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_path):
     out = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "3", "-m", "ddp_helpers", "train",
                    "--dataset", "synthetic", "--train-subset", "1024", "--test-subset", "128", "--epochs", "3",
-                   "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--fail-rank", "1", "--fail-step", "40",
-                   "--output-dir", str(tmp_path), "--run-name", "elastic", "--no-progress")
+                   "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume", "--output-dir", str(tmp_path),
+                   "--run-name", "elastic", "--no-progress", fault="1:40:raise")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "injected fault: rank 1 failed at step 40" in out.stderr  # it really crashed once
     record = json.loads((tmp_path / "elastic.json").read_text())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddp_helpers import TrainConfig, launch, run_single_process
+from ddp_helpers import TrainConfig, launch
 from processes import EXACT, max_difference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -14,8 +14,8 @@ EXACT_CONFIG = dict(dropout=0.0, dtype="float64", device="cuda", lr_step=1)
 @pytest.mark.parametrize("train_subset", [2048, 1000])  # 1000: each epoch ends with a short batch, run eagerly
 def test_the_captured_step_computes_what_the_eager_step_computes(mnist, train_subset):
     cfg = TrainConfig(world_size=1, epochs=2, train_subset=train_subset, test_subset=500, **EXACT_CONFIG)
-    graphed = run_single_process(cfg, data=mnist, live=False)
-    eager = run_single_process(cfg.replace(cuda_graph=False), data=mnist, live=False)
+    graphed = launch(cfg, data=mnist, live=False)
+    eager = launch(cfg.replace(cuda_graph=False), data=mnist, live=False)
     assert graphed.record["runtime"]["cuda_graph"] and not eager.record["runtime"]["cuda_graph"]
     assert max_difference(graphed.state_dict, eager.state_dict) < EXACT
     for a, b in zip(graphed.history, eager.history):
@@ -24,7 +24,7 @@ def test_the_captured_step_computes_what_the_eager_step_computes(mnist, train_su
 
 @cuda
 def test_the_default_run_on_a_gpu_captures_its_step_and_learns(mnist):
-    result = run_single_process(TrainConfig(world_size=1, epochs=1, train_subset=8192, test_subset=1000),
+    result = launch(TrainConfig(world_size=1, epochs=1, train_subset=8192, test_subset=1000),
                                 data=mnist, live=False)
     rt = result.record["runtime"]
     assert rt["device"].startswith("cuda") and rt["cuda_graph"] and rt["optimizer"] == "Adam (fused, capturable)"
@@ -45,8 +45,8 @@ def test_a_resumed_graphed_run_continues_exactly(mnist, tmp_path):
     """The graph's warm-up must put back the restored Adam state and RNG, not reset them."""
     cfg = TrainConfig(world_size=1, epochs=2, train_subset=2048, test_subset=500, checkpoint_dir=str(tmp_path / "a"),
                       **EXACT_CONFIG)
-    whole = run_single_process(cfg, data=mnist, live=False)
-    run_single_process(cfg.replace(epochs=1, checkpoint_dir=str(tmp_path / "b")), data=mnist, live=False)
-    resumed = run_single_process(cfg.replace(checkpoint_dir=str(tmp_path / "b"), resume=True), data=mnist, live=False)
+    whole = launch(cfg, data=mnist, live=False)
+    launch(cfg.replace(epochs=1, checkpoint_dir=str(tmp_path / "b")), data=mnist, live=False)
+    resumed = launch(cfg.replace(checkpoint_dir=str(tmp_path / "b"), resume=True), data=mnist, live=False)
     assert resumed.record["runtime"]["cuda_graph"] and any("resumed from" in n for n in resumed.record["runtime"]["notes"])
     assert max_difference(whole.state_dict, resumed.state_dict) < EXACT

@@ -1,6 +1,11 @@
-"""The architecture as a rule: the core package never imports the study or the notebook exhibits."""
+"""The architecture as rules, checked on the real import graph (every import in a file counts, one
+inside a function too): the core never imports the study or the exhibits; the exhibits' charts read
+records and import no study code; the model imports nothing of ours; the torchrun path never imports
+the spawn supervisor; the records import no checkpoint code; and the imports go one way only."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ddp_helpers
@@ -102,14 +107,58 @@ def test_the_core_modules_import_each_other_one_way_only():
 def test_every_strategy_builds_on_the_base_alone_and_only_the_table_imports_them_all():
     graph = core_imports()
     assert graph["sync.base"] == set()
-    assert graph["sync.ddp"] == graph["sync.manual"] == graph["sync.local_sgd"] == {"sync.base"}
-    assert graph["sync"] == {"sync.base", "sync.ddp", "sync.manual", "sync.local_sgd"}
+    for strategy in ("sync.ddp", "sync.manual", "sync.local_sgd"):
+        assert graph[strategy] - {"errors"} == {"sync.base"}, strategy
+    assert graph["sync"] - {"errors"} == {"sync.base", "sync.ddp", "sync.manual", "sync.local_sgd"}
     assert "sync" in graph["trainer"]  # ``from .sync import make_sync``
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module that importing ``start`` loads (itself included)."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
+def test_the_torchrun_path_never_imports_the_spawn_supervisor():
+    """A rank under torchrun or srun runs ``rank.launch_rank``: nothing it loads starts processes."""
+    graph = core_imports()
+    assert "workers" not in reachable(graph, "rank")
+    assert "workers" not in reachable(graph, "failures") and "workers" not in reachable(graph, "place")
+
+
+def test_the_records_import_no_checkpoint_code_and_write_through_the_one_atomic_writer():
+    graph = core_imports()
+    assert "checkpoint" not in reachable(graph, "results") and "resume" not in reachable(graph, "results")
+    assert "files" in graph["results"] and "files" in graph["checkpoint"]
+
+
+def test_the_plain_listing_is_torch_the_model_and_the_data_loader():
+    assert core_imports()["plain_ddp"] == {"model", "data"}
+    assert reachable(core_imports(), "data") <= {"data", "errors"}
+
+
+def test_importing_the_package_loads_no_process_machinery():
+    """The package's __init__ loads its names on first use: importing the model or a chart stays cheap."""
+    code = ("import sys, ddp_helpers; from ddp_helpers.model import MLP; "
+            "print(sorted(m for m in sys.modules if m.startswith('ddp_helpers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['ddp_helpers', 'ddp_helpers.model']"
+
+
+def test_the_exhibits_charts_read_records_and_import_no_study_code():
+    charts = PACKAGE / "exhibits" / "charts.py"
+    assert not [m for m in imported_modules(charts) if "study" in m.replace(".", " ").split()]
+    assert not [m for m in imported_modules(charts) if m.lstrip(".") in ("launcher", "rank", "workers", "trainer")]
 
 
 def test_every_strategy_the_config_accepts_has_one_row_in_the_table():
     """config.py names the strategies as plain values (it imports neither torch nor any module of
-    ours); sync.STRATEGIES builds them. The two lists are one list."""
+    ours but the error types); sync.STRATEGIES builds them. The two lists are one list."""
     from ddp_helpers.config import SYNC_STRATEGIES
     from ddp_helpers.sync import STRATEGIES
 

@@ -15,9 +15,10 @@ import torch
 from ddp_helpers import TrainConfig, launch
 from ddp_helpers.checkpoint import list_checkpoints, save_checkpoint
 from ddp_helpers.dist import find_free_port
+from ddp_helpers.faults import VARIABLE
 from processes import no_process_left, processes_with
 
-# 512 samples, batch 32, 2 ranks: 8 steps per epoch; fail_step counts from 0 over the whole run
+# 512 samples, batch 32, 2 ranks: 8 steps per epoch; a fault's step counts from 0 over the whole run
 SMALL = dict(dataset="synthetic", train_subset=512, test_subset=64, epochs=3, threads_per_rank=1)
 IN_EPOCH_2 = 12
 RUN_S = 90  # no torchrun job here needs half of this on 2 CPUs
@@ -42,7 +43,7 @@ def ended(proc: subprocess.Popen) -> tuple[str, str]:
                 proc.wait()
 
 
-def two_nodes(tmp_path, name, torchrun_args, train_args, folders):
+def two_nodes(tmp_path, name, torchrun_args, train_args, folders, fault=""):
     """Run the CLI as two torchrun nodes, node i with its own checkpoint folder ``folders[i]``:
     (exit codes, outputs). c10d ranks the nodes by address (it ignores --node-rank), so
     --local-addr makes node i rank i."""
@@ -53,7 +54,8 @@ def two_nodes(tmp_path, name, torchrun_args, train_args, folders):
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--node-rank", str(i),
                                "--local-addr", f"127.0.0.{i + 1}", *torchrun, *train,
                                "--checkpoint-dir", str(folders[i])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, VARIABLE: fault}) for i in range(2)]
     outs = [ended(node) for node in nodes]
     return [node.returncode for node in nodes], [out + err for out, err in outs]
 
@@ -61,8 +63,7 @@ def two_nodes(tmp_path, name, torchrun_args, train_args, folders):
 def test_a_restart_resumes_every_rank_from_rank_0s_folder_and_ends_where_an_uninterrupted_run_ends(tmp_path):
     """Rank 1 fails in epoch 2; each node has its own folder, and only rank 0's holds checkpoints."""
     folders = [tmp_path / "node0", tmp_path / "node1"]
-    codes, outs = two_nodes(tmp_path, "restarted", ["--max-restarts", "1"],
-                            flags(fail_rank=1, fail_step=IN_EPOCH_2), folders)
+    codes, outs = two_nodes(tmp_path, "restarted", ["--max-restarts", "1"], [], folders, fault=f"1:{IN_EPOCH_2}:raise")
     assert codes == [0, 0], outs
     assert f"injected fault: rank 1 failed at step {IN_EPOCH_2}" in outs[1]  # it really failed once
     assert list_checkpoints(folders[0]) and not list_checkpoints(folders[1])
@@ -99,9 +100,9 @@ def torchrun_failing_rank_1(tmp_path, kind):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "ddp_helpers", "train", "--backend", "gloo", "--device", "cpu", "--no-progress",
                "--output-dir", str(tmp_path), *flags(dataset="synthetic", train_subset=512, test_subset=64, epochs=1,
-                                                      fail_rank=1, fail_step=3, fail_kind=kind, timeout_s=5)]
+                                                      timeout_s=5)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", VARIABLE: f"1:3:{kind}"})
     ranks, deadline = [], time.monotonic() + RUN_S
     while proc.poll() is None and len(ranks) < 2 and time.monotonic() < deadline:
         ranks = [pid for pid in processes_with(str(tmp_path)) if pid != proc.pid]  # the agent's two workers

@@ -73,13 +73,28 @@ def test_sigterm_removes_the_lab_and_stops_its_processes(tmp_path):
     while time.monotonic() < deadline and len(namespaces_of(proc.pid)) < 2:
         time.sleep(0.2)
     assert len(namespaces_of(proc.pid)) == 2, "the lab was never built"
-    time.sleep(2)  # torchrun is starting in the nodes
+    while time.monotonic() < deadline and len(torchruns_in(nodes_processes(proc.pid))) < 2:
+        time.sleep(0.2)  # until a torchrun runs in each node
+    assert len(torchruns_in(nodes_processes(proc.pid))) == 2
     lab_pids = nodes_processes(proc.pid)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "interrupted" in err
     assert namespaces_of(proc.pid) == []
     assert no_process_left(lab_pids)
+
+
+def torchruns_in(pids: list[int]) -> list[int]:
+    """Those of the processes that are torchrun agents."""
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"torch.distributed.run" in fh.read():
+                    found.append(pid)
+        except FileNotFoundError:
+            pass
+    return found
 
 
 def nodes_processes(pid: int) -> list[int]:

@@ -2,9 +2,8 @@
 
 import torch
 
-from ddp_helpers import MLP, TrainConfig, launch, plain_ddp
-from ddp_helpers.results import state_from_bytes
-from ddp_helpers.workers import run_workers
+from ddp_helpers import MLP, TrainConfig, launch
+from ddp_helpers.exhibits.demos import run_plain_listing
 from processes import EXACT, max_difference
 
 # Real MNIST, dropout on (so each rank's dropout masks must be drawn as the engine draws them),
@@ -17,8 +16,7 @@ CONFIG = TrainConfig(world_size=2, sync="ddp", dataset="mnist", device="cpu", dt
 
 def test_the_plain_listing_ends_with_the_engines_weights():
     engine = launch(CONFIG, live=False).state_dict
-    results = run_workers(plain_ddp.train_rank, 2, (CONFIG.to_dict(),), launch_timeout_s=120)
-    plain = state_from_bytes(results[0]["state"])
+    plain = run_plain_listing(CONFIG, timeout_s=120)  # spawned ranks that read their place as under torchrun
     torch.manual_seed(CONFIG.seed)
     initial = MLP(CONFIG.hidden_sizes, CONFIG.dropout).double().state_dict()
     assert plain.keys() == engine.keys() == initial.keys()

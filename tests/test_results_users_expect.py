@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ddp_helpers import MLP, TrainConfig, launch, load_datasets, run_single_process
+from ddp_helpers import MLP, TrainConfig, launch, load_datasets
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import RankContext
 from ddp_helpers.engine import NonFiniteLossError, Tally
@@ -35,7 +35,7 @@ def train_cli(tmp_path, world_size, timeout=180, **values):
 def test_a_loss_that_is_not_finite_stops_one_process_at_that_step():
     events = []
     with pytest.raises(NonFiniteLossError, match=r"not finite \(NaN or inf\) at epoch 1, global step 1\. Fix: "):
-        run_single_process(TrainConfig(world_size=1, lr=1e30, epochs=2, **TINY), on_event=events.append, live=False)
+        launch(TrainConfig(world_size=1, lr=1e30, epochs=2, **TINY), on_event=events.append, live=False)
     assert [e for e in events if e.kind == "epoch"] == []
 
 
@@ -97,7 +97,7 @@ def test_the_phases_add_up_to_the_step(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
     cfg = TrainConfig(world_size=1, dataset="synthetic", train_subset=256, test_subset=64, epochs=1,
                       evals_per_epoch=2)
-    row = run_single_process(cfg, live=False).history[0]
+    row = launch(cfg, live=False).history[0]
     ticks = {name: round(ms * row["steps_per_worker"] / 1000) for name, ms in row["step_ms"].items()}
     outside = ticks["total"] - sum(ticks[p] for p in PHASES)
     assert sum(ticks[p] for p in PHASES) > 5 * row["steps_per_worker"]  # every step's laps were counted

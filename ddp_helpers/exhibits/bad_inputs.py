@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..checkpoint import latest_good_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from ..data import RAW_FILES, ensure_mnist, raw_folder
-from ..launch import launch
+from ..launcher import launch
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:

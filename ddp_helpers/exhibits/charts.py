@@ -11,8 +11,7 @@ import pandas as pd
 import seaborn as sns
 
 from ..data import MNIST_MEAN, MNIST_STD, ceil_div
-from ..engine import PHASES
-from ..study.records import median_item
+from ..results import median_item
 
 Runs = dict[str, list[dict]]  # label -> per-epoch history
 
@@ -74,7 +73,8 @@ def plot_step_breakdown(runs: Runs) -> plt.Figure:
     count), one stacked bar per run: the phases of one epoch add up to its step time."""
     epochs = {label: median_item(history, key=lambda row: row["step_ms"]["total"])["step_ms"]
               for label, history in runs.items()}
-    medians = pd.DataFrame({label: {f"{p}_ms": ms[p] for p in PHASES} for label, ms in epochs.items()}).T
+    medians = pd.DataFrame({label: {f"{p}_ms": v for p, v in ms.items() if p != "total"}
+                            for label, ms in epochs.items()}).T
     totals = pd.Series({label: ms["total"] for label, ms in epochs.items()})
     return plot_phase_bars(medians, "milliseconds per step (each run's median epoch)", totals=totals)
 
@@ -83,11 +83,11 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
                     title: str = "Where a training step's time goes", totals: pd.Series | None = None) -> plt.Figure:
     """Stacked horizontal bars: one row per label, columns '<phase>_ms'; ``totals`` labels each
     bar with the step time its phases add up to. Empty phases are left out."""
-    labels = list(phases.index)
+    labels, names = list(phases.index), [c[:-len("_ms")] for c in phases.columns if c.endswith("_ms")]
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))
-    widest = phases[[f"{p}_ms" for p in PHASES]].sum(axis=1).max()
-    for phase, color in zip(PHASES, sns.color_palette("deep")):
+    widest = phases[[f"{p}_ms" for p in names]].sum(axis=1).max()
+    for phase, color in zip(names, sns.color_palette("deep")):
         values = phases[f"{phase}_ms"].to_numpy(dtype=float)
         if values.max() < 0.005 * widest:
             continue  # nothing to show (a single process synchronises nothing)

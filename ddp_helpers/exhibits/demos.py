@@ -1,25 +1,33 @@
-"""Live demonstrations: two spawned processes all-reduce a tensor (notebook 01); rank 1 of a
-short run fails in five ways, and what the user is told (notebook 05)."""
+"""Live demonstrations: two spawned processes all-reduce a tensor (notebook 01); the plain DDP
+listing run on spawned ranks (notebook 03, and its test); rank 1 of a short run fails in five
+ways, and what the user is told (notebook 05)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from .. import plain_ddp
 from ..config import TrainConfig
-from ..dist import process_group, tcp_store
-from ..launch import launch
-from ..workers import WorkerError, run_workers
+from ..dist import job_group
+from ..faults import injected
+from ..launcher import launch
+from ..place import RankPlace
+from ..failures import WorkerError
+from ..workers import run_workers
 
 
-def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, values: list[list[float]]) -> None:
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 30), timeout_s=30):
-        tensor = torch.tensor(values[rank])
+def _allreduce_job(place: RankPlace, emit: Callable, values: list[list[float]]) -> None:
+    with job_group(place, 30):
+        tensor = torch.tensor(values[place.rank])
         before = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         emit("result", {"before": before.tolist(), "after": tensor.tolist()})
@@ -41,8 +49,6 @@ def fail_rank_1(how: str, timeout_s: float) -> dict:
     cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=8192, test_subset=256, epochs=1,
                       timeout_s=timeout_s, launch_timeout_s=300)
     from_outside = how in ("SIGSTOP", "SIGKILL")
-    if not from_outside:
-        cfg = cfg.replace(fail_rank=1, fail_step=10, fail_kind=how)
     began: dict = {}
 
     def watch(event) -> None:
@@ -54,10 +60,25 @@ def fail_rank_1(how: str, timeout_s: float) -> dict:
             os.kill(event.payload["pid"], getattr(signal, how))
 
     try:
-        launch(cfg, on_event=watch, live=False)
+        with contextlib.nullcontext() if from_outside else injected(rank=1, step=10, kind=how):
+            launch(cfg, on_event=watch, live=False)
     except WorkerError as err:
         return {"rank 1 ...": FAILURES[how], "blamed": f"rank {err.rank}", "reported as": err.reason,
                 "reported after (s)": round(err.detected_at - began["time"], 1),
                 "workers left": sum(os.path.exists(f"/proc/{p}") for p in err.pids),
                 "stack shown": "Python stack of rank" in str(err)}
     raise RuntimeError(f"rank 1 was to fail ({how}) but the run finished")
+
+
+def _plain_listing_job(place: RankPlace, emit: Callable, cfg: dict, weights_path: str) -> None:
+    plain_ddp.train(cfg, weights_path)  # it reads its place from the variables, as under torchrun
+
+
+def run_plain_listing(cfg: TrainConfig, timeout_s: float = 300) -> dict[str, torch.Tensor]:
+    """The plain listing (``plain_ddp.train``) on ``cfg.world_size`` spawned ranks; rank 0's final weights."""
+    values = cfg.to_dict()
+    with tempfile.TemporaryDirectory(prefix="plain_ddp_") as folder:
+        path = Path(folder) / "weights.pt"
+        run_workers(_plain_listing_job, cfg.world_size, ({k: values[k] for k in plain_ddp.DESIGN}, str(path)),
+                    launch_timeout_s=timeout_s)
+        return torch.load(path, weights_only=True)

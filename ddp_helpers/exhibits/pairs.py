@@ -11,8 +11,8 @@ from __future__ import annotations
 import statistics
 
 from ..config import TrainConfig
-from ..launch import launch
-from ..study.records import record
+from ..launcher import launch
+from ..results import header
 
 
 def interleaved_pairs(one: TrainConfig, ddp: TrainConfig, pairs: int) -> dict:
@@ -31,6 +31,6 @@ def interleaved_pairs(one: TrainConfig, ddp: TrainConfig, pairs: int) -> dict:
     ratios = [row["ratio"] for row in rows]
     method = {"pairs": pairs, "timed": "one epoch each, training time only, the order alternating",
               "ratio": "DDP's epoch time / one process's"}
-    return record("pairs", False, method, configs={"one": one.to_dict(), "ddp": ddp.to_dict()}, pairs=rows,
+    return header("pairs", quick=False, method=method, configs={"one": one.to_dict(), "ddp": ddp.to_dict()}, pairs=rows,
                   summary={"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                            "ratio_max": max(ratios), "pairs": pairs})

@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..data import batches, load_datasets, train_indices
-from ..dist import process_group, tcp_store
-from ..engine import Tally, make_optimizer, train_steps
+from ..dist import job_group
+from ..engine import Profiler, Tally, make_optimizer, step
+from ..place import RankPlace
 from ..model import MLP
 from ..sync import DDPSync, LocalSync
 from ..sync.ddp import DDP_HOOKS, refusal
@@ -62,11 +63,10 @@ def allreduce_medians(sizes: list[int], repeats: int) -> dict[int, float]:
     return out
 
 
-def _allreduce_job(rank: int, world_size: int, init_method: str, emit: Callable, sizes: list[int],
-                   repeats: int) -> None:
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+def _allreduce_job(place: RankPlace, emit: Callable, sizes: list[int], repeats: int) -> None:
+    with job_group(place, 60):
         out = allreduce_medians(sizes, repeats)
-        if rank == 0:
+        if place.rank == 0:
             emit("result", out)
 
 
@@ -92,7 +92,7 @@ class ProbeSync(LocalSync):
 
     name = "probe"
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, profiler=None):
         super().__init__(model, optimizer)
         self.flag = torch.zeros(1)
 
@@ -102,46 +102,51 @@ class ProbeSync(LocalSync):
 
 def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Callable, train, warmup: int,
                 steps: int) -> dict:
-    """Milliseconds per step of a fresh model trained through the shared engine with the strategy,
-    and their split by phase: {"ms": ..., "split_ms": {phase: ...}}."""
+    """Milliseconds per step of a fresh model trained through the shared engine with the strategy
+    (``make_strategy(model, optimizer, profiler)``), and their split by phase: {"ms": ..., "split_ms": {phase: ...}}."""
     torch.manual_seed(cfg.seed)
     model = MLP(cfg.hidden_sizes, cfg.dropout)
     optimizer, _ = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
-    sync, tally = make_strategy(model, optimizer), Tally(torch.device("cpu"))
+    profiler = Profiler(torch.device("cpu"))
+    sync, tally = make_strategy(model, optimizer, profiler), Tally(torch.device("cpu"))
     b, epochs = cfg.batch_size, 1
     while epochs * (len(train) // world_size) < (warmup + steps) * b:  # enough epochs' shards for every step
         epochs += 1
     indices = torch.cat([train_indices(len(train), rank, world_size, epoch, cfg.seed) for epoch in range(epochs)])
-    train_steps(sync, optimizer, batches(train, indices[:warmup * b], b), tally)
-    start = time.perf_counter()
-    timed = train_steps(sync, optimizer, batches(train, indices[warmup * b:(warmup + steps) * b], b), tally)
+    for timed, part in ((False, indices[:warmup * b]), (True, indices[warmup * b:(warmup + steps) * b])):
+        profiler.take()  # the warm-up's laps are dropped
+        profiler.restart()
+        start = time.perf_counter()
+        for x, y in batches(train, part, b):
+            profiler.lap("data")
+            step(sync, optimizer, x, y, tally, profiler)
     return {"ms": 1000 * (time.perf_counter() - start) / steps,
-            "split_ms": {phase: 1000 * s / steps for phase, s in timed["phase_s"].items()}}
+            "split_ms": {phase: 1000 * s / steps for phase, s in profiler.take().items()}}
 
 
-def _probe_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
-               steps: int) -> None:
+def _probe_job(place: RankPlace, emit: Callable, cfg_dict: dict, warmup: int, steps: int) -> None:
     cfg = TrainConfig.from_dict(cfg_dict)
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+    with job_group(place, 60):
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        ms = timed_steps(cfg, rank, world_size, ProbeSync, train, warmup, steps)["ms"]
-        if rank == 0:
+        ms = timed_steps(cfg, place.rank, place.world_size, ProbeSync, train, warmup, steps)["ms"]
+        if place.rank == 0:
             emit("result", ms)
 
 
-def _hook_job(rank: int, world_size: int, init_method: str, emit: Callable, cfg_dict: dict, warmup: int,
-              steps: int) -> None:
+def _hook_job(place: RankPlace, emit: Callable, cfg_dict: dict, warmup: int, steps: int) -> None:
     """One rank alone: the step plain and through each DDP hook. An all-reduce of one rank moves
     nothing, so the difference is the hook's own computation (bucket copies, fp16 casts,
     PowerSGD's matrix products). A hook that torch cannot run on CPU tensors here (PowerSGD on a
     machine that has CUDA) is left out of the result."""
     cfg = TrainConfig.from_dict(cfg_dict)
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 60), timeout_s=60):
+    rank, world_size = place.rank, place.world_size
+    with job_group(place, 60):
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        out = {"local": timed_steps(cfg, rank, world_size, LocalSync, train, warmup, steps)["ms"]}
+        out = {"local": timed_steps(cfg, rank, world_size, lambda model, opt, profiler: LocalSync(model, opt), train,
+                                    warmup, steps)["ms"]}
         for hook in (h for h in DDP_HOOKS if refusal(h, torch.device("cpu")) is None):
-            out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, h=hook: DDPSync(
-                model, opt, torch.device("cpu"), hook=h), train, warmup, steps)["ms"]
+            out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, profiler, h=hook: DDPSync(
+                model, opt, torch.device("cpu"), hook=h, profiler=profiler), train, warmup, steps)["ms"]
         emit("result", out)
 
 

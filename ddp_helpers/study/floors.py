@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..dist import process_group, tcp_store
+from ..dist import job_group
+from ..place import RankPlace
 from ..engine import make_optimizer
 from ..model import MLP
 from ..workers import run_workers
@@ -61,12 +62,13 @@ class FloorSetup:
     both: bool = False
 
 
-def _slots_job(rank: int, world_size: int, init_method: str, emit: Callable, setups: list[FloorSetup],
-               rounds: int, seconds: float, warmup: int) -> None:
+def _slots_job(place: RankPlace, emit: Callable, setups: list[FloorSetup], rounds: int, seconds: float,
+               warmup: int) -> None:
     """Two long-lived processes take turns: in each slot the set-up's ranks run floor steps for
     ``seconds`` while the other rank sleeps. The set-ups rotate from round to round, so that a
     drift of the host hits all of them alike."""
-    with process_group(rank, world_size, tcp_store(init_method, rank, world_size, 120), timeout_s=120):
+    rank = place.rank
+    with job_group(place, 120):
         states = {}
         for s in setups:  # every model, optimizer and batch built and warmed up before the first slot
             if (rank == 0 or s.both) and (s.batch, s.threads) not in states:

@@ -17,7 +17,7 @@ from ..config import TrainConfig
 from ..cuda_graph import GraphedStep
 from ..data import TRAIN_SAMPLES, steps_per_epoch
 from ..engine import Tally, make_optimizer
-from ..launch import launch
+from ..launcher import launch
 from ..model import MLP
 from ..sync import make_sync
 from .records import record

@@ -17,7 +17,7 @@ import statistics
 from typing import Callable
 
 from ..config import TrainConfig
-from ..launch import launch
+from ..launcher import launch
 from .records import record
 
 SETTINGS = {

@@ -22,13 +22,12 @@ from typing import Callable
 
 import torch
 
-from ..cluster.env import torchrun_env
-from ..cluster.store import torchrun_store
+from ..place import launcher_place
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import process_group, single_process
+from ..dist import job_group, single_process
 from ..host import usable_cores
-from ..launch import launch
+from ..launcher import launch
 from ..sync import LocalSync, make_sync
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
@@ -68,17 +67,16 @@ def plan(quick: bool) -> list[dict]:
 
 def job(spec: dict) -> dict | None:
     """One rank: the all-reduce sweep, then every case in interleaved rounds; rank 0's result."""
-    env = torchrun_env()
-    store = torchrun_store(env, 300)
-    with process_group(env.rank, env.world_size, store, backend="gloo", threads=1, timeout_s=300) as ctx:
+    env = launcher_place()
+    with job_group(env, 300, backend="gloo", threads=1) as ctx:
         sweep = allreduce_medians(spec["sizes"], spec["repeats"])
         train, _ = load_datasets("mnist", "", spec["train_subset"], 1, 0)
         rounds: dict[str, list[dict]] = {case: [] for case in spec["cases"]}
         for _ in range(spec["rounds"]):
             for case in spec["cases"]:
                 cfg = TrainConfig(world_size=env.world_size, **CASES[case][1])
-                strategy = lambda model, opt, cfg=cfg: make_sync(  # noqa: E731
-                    cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every,
+                strategy = lambda model, opt, profiler, cfg=cfg: make_sync(  # noqa: E731
+                    cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every, profiler,
                     bucket_cap_mb=cfg.bucket_cap_mb)
                 rounds[case].append(timed_steps(cfg, env.rank, env.world_size, strategy, train, spec["warmup"],
                                                 spec["steps"]))
@@ -195,7 +193,8 @@ def single_process_ms(quick: bool, threads: int = 2) -> dict:
     steps = 16 if quick else 240
     train, _ = load_datasets("mnist", "", 4096 if quick else 0, 1, 0)
     with single_process(torch.device("cpu"), threads):
-        return timed_steps(TrainConfig(world_size=1), 0, 1, LocalSync, train, steps, steps)
+        return timed_steps(TrainConfig(world_size=1), 0, 1, lambda model, opt, profiler: LocalSync(model, opt), train,
+                           steps, steps)
 
 
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:

@@ -1,12 +1,11 @@
-"""What every study record carries: kind, date, command, method, environment, CPU-time shares."""
+"""What every study record carries: the header of every record (``results.header``), whether it was
+a quick run, its method; and the machine's CPU-time shares while it ran."""
 
 from __future__ import annotations
 
-import statistics
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from ..host import environment
-from ..results import command_line, now_iso
+from ..results import header
 
 
 def cpu_ticks() -> dict[str, int] | None:
@@ -30,12 +29,4 @@ def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> d
 
 
 def record(kind: str, quick: bool, method: dict[str, Any], **data: Any) -> dict[str, Any]:
-    return {"kind": kind, "created": now_iso(), "command": command_line(), "quick": quick, "method": method,
-            "environment": environment(), **data}
-
-
-def median_item(items: Sequence, key: Callable[[Any], float]) -> Any:
-    """The item whose key is the median (the lower middle one of an even count; the first such item),
-    whole: a round or an epoch whose parts add up to its total, which per-part medians need not."""
-    middle = statistics.median_low([key(item) for item in items])
-    return next(item for item in items if key(item) == middle)
+    return header(kind, quick=quick, method=method, **data)

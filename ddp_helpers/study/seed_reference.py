@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..model import MLP
 
 
-def design_style_job(rank: int, world_size: int, init_method: str, emit: Callable, data_root: str,
-                     warmup_steps: int, timed_steps: int, timeout_s: float = 120) -> None:
-    """Train design-style for warmup + timed steps; rank 0 reports the timed steps' seconds."""
+def design_style_job(place, emit: Callable, data_root: str, warmup_steps: int, timed_steps: int,
+                     timeout_s: float = 120) -> None:
+    """Train design-style for warmup + timed steps; rank 0 reports the timed steps' seconds. Like the
+    design, it joins through the launcher's variables (env://) and reads nothing else of ours."""
     from torchvision import datasets, transforms
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    rank, world_size = place.rank, place.world_size
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         dataset = datasets.MNIST(data_root, train=True, download=False, transform=transform)

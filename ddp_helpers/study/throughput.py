@@ -12,10 +12,11 @@ from typing import Callable
 
 from ..config import TrainConfig
 from ..data import TRAIN_SAMPLES, ensure_mnist, steps_per_epoch
-from ..launch import launch
+from ..launcher import launch
 from ..workers import run_workers
 from .floors import compute_floor
-from .records import median_item, record
+from ..results import median_item
+from .records import record
 from .seed_reference import design_style_job
 
 
@@ -69,8 +70,7 @@ def cases(quick: bool) -> list[Case]:
     return [case for case in every if case.id in QUICK] if quick else every
 
 
-def _pair_job(rank: int, world_size: int, init_method: str, emit: Callable, batch: int, steps: int,
-              start_at: float) -> None:
+def _pair_job(place, emit: Callable, batch: int, steps: int, start_at: float) -> None:
     """The compute floor in two spawned processes at once, started at an agreed time."""
     while time.time() < start_at:
         time.sleep(0.001)

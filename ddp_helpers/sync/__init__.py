@@ -8,19 +8,19 @@ A strategy wraps one rank's model and optimizer and offers the engine the same m
     after_backward()        explicit gradient communication after backward (if any)
     after_step()            communication after the optimizer step (if any)
     consolidate()           make every rank's weights identical (before evaluation or a checkpoint)
-    pop_seconds()           communication seconds spent inside backward since the last call
 
-The engine times ``after_backward``, ``after_step`` and ``consolidate`` itself; ``pop_seconds``
-reports the communication it cannot see, inside ``backward`` (DDP's hooks), so that the engine
-can move it from compute to sync.
+Timing is not part of it: the engine's optional profiler times the calls, and a strategy that
+communicates inside ``backward`` (DDP's hooks), where the profiler's laps cannot see it, is given
+the profiler when it is built and reports that time to it.
 
-Each strategy module builds on :mod:`.base` alone; only this one imports them all, for ``STRATEGIES``.
+Each strategy module builds on :mod:`.base` (and the error types) alone; only this one imports them all, for ``STRATEGIES``.
 A new strategy is a class, a row there, and its name in ``config.SYNC_STRATEGIES`` (a test holds the two together).
 """
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import LocalSync
 from .ddp import DDPSync
 from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
@@ -30,7 +30,7 @@ __all__ = ["STRATEGIES", "make_sync", "LocalSync", "DDPSync", "AllReduceSync", "
            "OverlapLocalSGDSync"]
 
 # every strategy by name, in config.SYNC_STRATEGIES's order:
-# (model, optimizer, device, local_sgd_every, DDP options) -> the strategy on this rank
+# (model, optimizer, device, local_sgd_every, DDP options with the profiler) -> the strategy on this rank
 STRATEGIES = {
     "ddp": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="ddp", **ddp),
     "allreduce": lambda model, opt, device, every, ddp: AllReduceSync(model, opt),
@@ -42,11 +42,12 @@ STRATEGIES = {
 
 
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
-              device: torch.device, local_sgd_every: int = 8, **ddp_options):
+              device: torch.device, local_sgd_every: int = 8, profiler=None, **ddp_options):
     """The strategy object for a run; a single process always gets LocalSync.
-    ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph."""
+    ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph. ``profiler``: an
+    :class:`ddp_helpers.engine.Profiler` that DDP's hooks tell their time to (None: untimed)."""
     if world_size == 1:
         return LocalSync(model, optimizer)
     if name not in STRATEGIES:
-        raise ValueError(f"unknown sync strategy {name!r}. Fix: use one of {list(STRATEGIES)}")
-    return STRATEGIES[name](model, optimizer, device, local_sgd_every, ddp_options)
+        raise ConfigError(f"unknown sync strategy {name!r}. Fix: use one of {list(STRATEGIES)}")
+    return STRATEGIES[name](model, optimizer, device, local_sgd_every, {**ddp_options, "profiler": profiler})

@@ -52,6 +52,3 @@ class LocalSync:
 
     def consolidate(self) -> None:
         """Strategies that synchronise gradients every step keep identical weights: nothing to do."""
-
-    def pop_seconds(self) -> float:
-        return 0.0  # nothing communicates inside backward

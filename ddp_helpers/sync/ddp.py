@@ -1,7 +1,7 @@
-"""DistributedDataParallel with a timed communication hook: plain, fp16 or PowerSGD.
+"""DistributedDataParallel with a communication hook: plain, fp16 or PowerSGD.
 
-DDP all-reduces gradients from hooks inside ``backward``, where the engine's clock cannot
-separate them from compute; the timed hook records that wall time for ``pop_seconds``.
+DDP all-reduces gradients from hooks inside ``backward``, where the profiler's laps cannot
+separate them from compute; given a profiler, the hook tells it its wall time until completion.
 """
 
 import time
@@ -13,26 +13,26 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import ConfigError
 from .base import LocalSync
 
 
-class _HookState:
-    """What a timed DDP hook writes into: the wrapped hook's own state, and seconds so far."""
+class _TimedState:
+    """A timed hook's state: the wrapped hook's own state, and the profiler to tell."""
 
-    def __init__(self, inner_state=None) -> None:
-        self.inner_state = inner_state
-        self.seconds = 0.0
+    def __init__(self, inner_state, profiler) -> None:
+        self.inner_state, self.profiler = inner_state, profiler
 
 
 def _timed(hook):
-    """Wrap a DDP communication hook so that its wall time until completion is recorded."""
+    """Wrap a DDP communication hook so that its wall time until completion goes to the profiler."""
 
-    def timed_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def timed_hook(state: _TimedState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         start = time.perf_counter()
         fut = hook(state.inner_state, bucket)
 
         def finished(f: torch.futures.Future) -> torch.Tensor:
-            state.seconds += time.perf_counter() - start
+            state.profiler.communicated(time.perf_counter() - start)
             return f.value()
 
         return fut.then(finished)
@@ -77,10 +77,10 @@ class DDPSync(LocalSync):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  hook: str = "ddp", bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
-                 static_graph: bool = False):
+                 static_graph: bool = False, profiler=None):
         reason = refusal(hook, next(model.parameters()).device)  # the buckets live with the parameters
         if reason:
-            raise ValueError(reason)
+            raise ConfigError(reason)
         super().__init__(model, optimizer)
         self.name = hook
         device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
@@ -88,8 +88,10 @@ class DDPSync(LocalSync):
                                            gradient_as_bucket_view=gradient_as_bucket_view,
                                            static_graph=static_graph)
         fn, make_state = DDP_HOOKS[hook]
-        self.state = _HookState(make_state())
-        self.ddp.register_comm_hook(self.state, _timed(fn))
+        if profiler is None:
+            self.ddp.register_comm_hook(make_state(), fn)
+        else:
+            self.ddp.register_comm_hook(_TimedState(make_state(), profiler), _timed(fn))
 
     @property
     def module(self) -> nn.Module:
@@ -97,7 +99,3 @@ class DDPSync(LocalSync):
 
     def no_sync(self):
         return self.ddp.no_sync()
-
-    def pop_seconds(self) -> float:
-        seconds, self.state.seconds = self.state.seconds, 0.0
-        return seconds
