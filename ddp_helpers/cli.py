@@ -100,7 +100,7 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | N
         print(f"note: {note}")
     print(f"final validation accuracy {summary['final_val_accuracy']:.2%}; median epoch "
           f"{summary['median_epoch_time_s']:.2f} s; backend {rt['backend']}, device {rt['device']}, "
-          f"{rt['threads_per_rank']} thread(s)/rank ({rt['threads_rule']}), {rt['optimizer']}, "
+          f"{rt['threads_per_rank']} thread(s)/rank ({rt['threads_rule']}), all-reduce {rt['comm']}, {rt['optimizer']}, "
           f"CUDA graph {'on' if rt['cuda_graph'] else 'off'}, wall {rt['wall_time_s']:.1f} s")
     print(f"record written to {path} (epoch rows as they came: {journal})")
     print(f"final weights written to {weights} (torch.load(path, weights_only=True) into "

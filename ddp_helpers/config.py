@@ -19,7 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
 DTYPES = ("float32", "float64")
 # The names a run may ask for; ddp_helpers.sync.STRATEGIES builds each (a test holds the two lists together).
-SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd", "local_sgd_overlap")
+SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd", "local_sgd_overlap", "bucketed")
+TRANSPORTS = ("auto", "gloo", "shm")
 # Fields of older records, read and dropped: fault injection is now a test hook (ddp_helpers.faults).
 RETIRED_FIELDS = ("fail_rank", "fail_step", "fail_kind")
 
@@ -62,6 +63,9 @@ class TrainConfig:
     # --- parallelism ---------------------------------------------------------------
     world_size: int = _field(2, "number of worker processes; 1 trains in a single process without DDP", rule=">= 1")
     sync: str = _field("ddp", "gradient synchronisation strategy", choices=SYNC_STRATEGIES)
+    comm: str = _field("auto", "how all-reduces travel between the ranks of one node: 'shm' through shared memory "
+                                "(across nodes: within each node, then one leader per node over gloo), 'gloo' over TCP "
+                                "loopback; auto is shm where a node has several ranks on the CPU", choices=TRANSPORTS)
     backend: str = _field("auto", "process-group backend; auto is nccl when this node has a GPU per local rank "
                                   "and the device is not cpu, else gloo", choices=BACKENDS)
     device: str = _field("auto", "compute device; auto is cuda for nccl and for a single process on a GPU machine",

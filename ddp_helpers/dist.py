@@ -21,7 +21,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from .errors import ConfigError, SetupError
 from .host import usable_cores
 from .place import RankPlace
+from .transport import Gloo
 
 
 # --- choices made from this node's resources ------------------------------------------------
@@ -151,6 +152,7 @@ class RankContext:
     threads: int
     threads_rule: str = ""
     restart_count: int = 0  # torchrun's elastic restarts before this attempt
+    transport: Any = None  # how the strategies' all-reduces travel (ddp_helpers.transport): gloo unless chosen
 
     @property
     def is_main(self) -> bool:
@@ -187,7 +189,7 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)  # NCCL: no guessing, no hang
     try:
-        yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count)
+        yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count, Gloo())
         leave_together(store, rank, world_size, timeout_s)
     except BaseException as exc:  # stamped before this rank leaves, so before any peer can notice:
         exc.raised_at = getattr(exc, "raised_at", time.time())  # the launcher blames the earliest failure

@@ -29,6 +29,7 @@ from .place import RankPlace
 from .report import Journal, LiveReport
 from .results import RunResult, finished_record
 from .trainer import Emit, fit
+from .transport import open_transport
 
 
 def prepare(cfg: TrainConfig, local_ranks: int, fetch_data: bool = True) -> TrainConfig:
@@ -95,7 +96,12 @@ def rank_context(cfg: TrainConfig, place: RankPlace, store: dist.Store | None) -
     with process_group(place.rank, place.world_size, store, backend=backend, threads=threads, threads_rule=rule,
                        device=pick_device(cfg.device, backend, place.local_rank), timeout_s=cfg.timeout_s,
                        restart_count=place.restart_count) as ctx:
-        yield ctx
+        ctx.transport = open_transport(cfg.comm, store, place.rank, ctx.gather(place.node), backend, ctx.device,
+                                       cfg.timeout_s)
+        try:
+            yield ctx
+        finally:
+            ctx.transport.close()
 
 
 def run_rank(cfg: TrainConfig, place: RankPlace, store: dist.Store | None, emit: Emit,

@@ -44,12 +44,14 @@ def eval_point(done: int, steps: int, train_s: float, val: dict) -> dict[str, fl
 
 
 def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, threads: int, threads_rule: str,
-                  sync: str, optimizer: str, cuda_graph: bool, cuda_graph_note: str, parameters: int,
-                  train_samples: int, test_samples: int, global_batch: int, notes: list[str],
-                  peak_rss_mb_per_rank: list[float]) -> dict[str, Any]:
-    """How a run ran: what the ranks chose and measured for themselves."""
+                  sync: str, comm: str, buckets_bytes: list[int], optimizer: str, cuda_graph: bool,
+                  cuda_graph_note: str, parameters: int, train_samples: int, test_samples: int, global_batch: int,
+                  notes: list[str], peak_rss_mb_per_rank: list[float]) -> dict[str, Any]:
+    """How a run ran: what the ranks chose and measured for themselves. ``comm``: how the gradients'
+    all-reduces travelled; ``buckets_bytes``: the gradient buckets as the strategy really made them."""
     return {"rank_count": rank_count, "backend": backend, "device": device, "dtype": dtype,
-            "threads_per_rank": threads, "threads_rule": threads_rule, "sync": sync, "optimizer": optimizer,
+            "threads_per_rank": threads, "threads_rule": threads_rule, "sync": sync, "comm": comm,
+            "buckets_bytes": buckets_bytes, "optimizer": optimizer,
             "cuda_graph": cuda_graph, "cuda_graph_note": cuda_graph_note, "parameters": parameters,
             "train_samples": train_samples, "test_samples": test_samples, "global_batch": global_batch,
             "notes": notes, "peak_rss_mb_per_rank": [round(mb, 1) for mb in peak_rss_mb_per_rank]}

@@ -87,8 +87,8 @@ def build(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None =
     start_epoch, global_step, history, notes = (
         restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume else (0, 0, [], []))
     sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
-                     profiler, bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-                     static_graph=cfg.static_graph)  # DDP broadcasts rank 0's (restored) weights
+                     profiler, ctx.transport, bucket_cap_mb=cfg.bucket_cap_mb,  # DDP broadcasts rank 0's weights
+                     gradient_as_bucket_view=cfg.gradient_as_bucket_view, static_graph=cfg.static_graph)
     graph, graph_note = captured_step(cfg.cuda_graph, sync, optimizer, tally, train_split.images, train_split.labels,
                                       cfg.batch_size, ctx.world_size, cfg.accumulation_steps)
     return Training(watch, train_split, test_split, steps, model, optimizer, impl, scheduler, profiler, lr_scale, sync,
@@ -112,7 +112,8 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
             break  # every rank sees the same all-reduced accuracies, so all stop together
     runtime = runtime_block(
         rank_count=ctx.world_size, backend=ctx.backend, device=str(ctx.device), dtype=cfg.dtype, threads=ctx.threads,
-        threads_rule=ctx.threads_rule, sync=t.sync.name, optimizer=f"Adam ({t.optimizer_impl})",
+        threads_rule=ctx.threads_rule, sync=t.sync.name, comm=t.sync.comm, buckets_bytes=t.sync.bucket_sizes,
+        optimizer=f"Adam ({t.optimizer_impl})",
         cuda_graph=t.graph is not None, cuda_graph_note=t.graph_note, parameters=count_parameters(t.model),
         train_samples=len(t.train_split), test_samples=len(t.test_split),
         global_batch=cfg.batch_size * ctx.world_size * cfg.accumulation_steps, notes=t.notes,

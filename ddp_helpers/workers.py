@@ -11,14 +11,15 @@ what only the parent can see: which processes ended, how, and the stack of a sil
 
 from __future__ import annotations
 
-import ctypes
 import io
 import itertools
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import suppress
@@ -37,6 +38,8 @@ from .place import launcher_place, rank_variables
 from .worker_logs import RunLogs, output_to, record_stacks
 
 STOP_GRACE_S = 5.0
+ORPHAN_CHECK_S = 0.2  # how often a rank looks whether its parent is still there
+RUN_FOLDER = "ddp_run_"  # + the launching process's id: its ranks' logs and stacks
 BOOTSTRAPPING = "bootstrapping phase"  # in multiprocessing's error for a process started while spawn imports main
 MAIN_GUARD_FIX = ("the process could not start: spawn runs the main script again in every worker, and at its top "
                   "level the script starts workers again (multiprocessing's bootstrapping error below). Fix: put the "
@@ -67,8 +70,8 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 # --- in the worker ---------------------------------------------------------------------------------------
 def _worker_entry(job: Job, args: tuple, variables: dict[str, str], workdir: str, pipe: Any) -> None:
     """A rank's first code of ours; its output already goes to its log (see ``output_to``)."""
-    with suppress(OSError, AttributeError):  # die with the parent (a killed notebook kernel): PR_SET_PDEATHSIG
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    parent = os.getppid()
+    threading.Thread(target=_die_with_parent, args=(parent, workdir), daemon=True).start()
     os.environ.update(variables)  # what makes this process a rank: here only, never in the parent
     place = launcher_place()
     record_stacks(workdir, place.rank)
@@ -87,9 +90,35 @@ def _worker_entry(job: Job, args: tuple, variables: dict[str, str], workdir: str
         if isinstance(exc, Exception):
             with suppress(WorkerError):  # the parent names the culprit from the board
                 raise_for_culprit(board, place.rank, exc)
-        send("error", {"headline": headline(exc), "traceback": traceback.format_exc(), "time": raised_at})
-        exit_now(1)
-    exit_now(0)
+        with suppress(OSError):  # the parent may be gone, with its end of the pipe
+            send("error", {"headline": headline(exc), "traceback": traceback.format_exc(), "time": raised_at})
+        _leave(1, parent, workdir)
+    _leave(0, parent, workdir)
+
+
+def _die_with_parent(parent: int, workdir: str) -> None:
+    """End this rank soon after its parent ends (a killed notebook kernel, a SIGKILL), removing the
+    run's folder (the parent can no longer): nothing is left behind. A thread, not PR_SET_PDEATHSIG's
+    signal, so that the folder goes too; a rank inside a collective still notices (torch releases
+    the interpreter's lock there)."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    _leave(1, parent, workdir)
+
+
+def _leave(code: int, parent: int, workdir: str) -> None:
+    """End this rank; an orphan (its parent gone) first removes the run's folder."""
+    if os.getppid() != parent:
+        shutil.rmtree(workdir, ignore_errors=True)
+    exit_now(code)
+
+
+def remove_orphaned_run_folders(folder: str | None = None) -> None:
+    """Run folders whose launching process is gone (killed before its workers noticed): removed."""
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{RUN_FOLDER}*"):
+        owner = path.name[len(RUN_FOLDER):].split("_", 1)[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- in the parent ---------------------------------------------------------------------------------------
@@ -105,7 +134,8 @@ def run_workers(job: Job, world_size: int, args: tuple = (), *, master_addr: str
     board = Board(dist.PrefixStore(launcher_place(variables[0]).store_prefix, store), world_size)
     try:
         # the logs and stacks live in the folder: it is removed however the run ends (also by a signal)
-        with tempfile.TemporaryDirectory(prefix="ddp_run_", ignore_cleanup_errors=True) as workdir:
+        remove_orphaned_run_folders()
+        with tempfile.TemporaryDirectory(prefix=f"{RUN_FOLDER}{os.getpid()}_", ignore_cleanup_errors=True) as workdir:
             return _Run(job, args, variables, Path(workdir), quiet, on_event, board).wait(launch_timeout_s)
     finally:
         del board, store  # the store's server stops with its last reference

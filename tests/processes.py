@@ -77,9 +77,9 @@ def overlap_local_sgd_job(place, emit):
     from ddp_helpers.sync import OverlapLocalSGDSync
 
     a, d = [[1.0, 2.0], [3.0, 6.0]][place.rank], [[0.5, 0.0], [0.0, -1.0]][place.rank]
-    with job_group(place, 30):
+    with job_group(place, 30) as ctx:
         model = torch.nn.Linear(2, 1, bias=False)
-        sync = OverlapLocalSGDSync(model, torch.optim.SGD(model.parameters(), lr=0.1), every=2)
+        sync = OverlapLocalSGDSync(model, torch.optim.SGD(model.parameters(), lr=0.1), every=2, transport=ctx.transport)
         with torch.no_grad():
             model.weight.copy_(torch.tensor([a]))
         sync.after_step()
@@ -153,3 +153,48 @@ def place_job(place, emit):
     emit("result", {"rank": place.rank, "world_size": place.world_size, "local_rank": place.local_rank,
                     "launcher": place.launcher, "agent_store": place.agent_store, "port_taken": port_taken,
                     "RANK": os.environ.get("RANK")})
+
+
+def shm_exactness_job(place, emit, sizes):
+    """Each rank all-reduces random float32 tensors (seed = its rank) through shared memory and, at
+    two ranks, through gloo too; it sends back what it ended with. The first tensor sets the
+    segment's size, the larger ones after it go through in pieces."""
+    import torch
+
+    from ddp_helpers.dist import job_group, job_store
+    from ddp_helpers.transport import Gloo, SharedMemory
+
+    torch.set_num_threads(1)
+    with job_group(place, 30):
+        shm = SharedMemory(job_store(place, 30), place.rank, [0] * place.world_size, timeout_s=30)
+        out = []
+        for n in sizes:
+            x = torch.randn(n, generator=torch.Generator().manual_seed(1000 * place.rank + n))
+            mine = shm.all_reduce_(x.clone())
+            theirs = Gloo().all_reduce_(x.clone()) if place.world_size == 2 else None
+            out.append({"input": x, "shm": mine, "gloo": theirs})
+        shm.close()
+        emit("result", out)
+
+
+def peer_fails_inside_shm_job(place, emit, how):
+    """Two ranks all-reduce through shared memory once; then rank 1 fails (``how``: killed by a
+    signal, or it stops making progress) while rank 0 waits for it in the next all-reduce."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from ddp_helpers.dist import job_group, job_store
+    from ddp_helpers.transport import SharedMemory
+
+    with job_group(place, 3):
+        shm = SharedMemory(job_store(place, 3), place.rank, [0, 0], timeout_s=3)
+        shm.all_reduce_(torch.ones(1000))
+        emit("progress", {"step": 1, "epoch": 1, "time": time.time()})
+        if place.rank == 1:
+            if how == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(120)
+        shm.all_reduce_(torch.ones(1000))

@@ -170,6 +170,7 @@ def test_each_rank_joins_with_the_gpu_of_its_local_rank(second_node_of_two, eigh
     exist there, and NCCL told the wrong device hangs)."""
     import contextlib
     import importlib
+    import types
 
     import torch
 
@@ -182,9 +183,10 @@ def test_each_rank_joins_with_the_gpu_of_its_local_rank(second_node_of_two, eigh
     @contextlib.contextmanager
     def joined(rank, world_size, store, **options):
         seen.update(rank=rank, world_size=world_size, **options)
-        yield None
+        yield types.SimpleNamespace(gather=lambda value: [value], device=options["device"])
 
     monkeypatch.setattr(rank, "process_group", joined)
+    monkeypatch.setattr(rank, "open_transport", lambda *args: types.SimpleNamespace(close=lambda: None))
     with rank.rank_context(TrainConfig(), launcher_place(), store=object()):
         pass
     assert (seen["rank"], seen["world_size"], seen["backend"]) == (11, 16, "nccl")

@@ -107,9 +107,9 @@ def test_the_core_modules_import_each_other_one_way_only():
 def test_every_strategy_builds_on_the_base_alone_and_only_the_table_imports_them_all():
     graph = core_imports()
     assert graph["sync.base"] == set()
-    for strategy in ("sync.ddp", "sync.manual", "sync.local_sgd"):
+    for strategy in ("sync.ddp", "sync.manual", "sync.local_sgd", "sync.bucketed"):
         assert graph[strategy] - {"errors"} == {"sync.base"}, strategy
-    assert graph["sync"] - {"errors"} == {"sync.base", "sync.ddp", "sync.manual", "sync.local_sgd"}
+    assert graph["sync"] - {"errors"} == {"sync.base", "sync.ddp", "sync.manual", "sync.local_sgd", "sync.bucketed"}
     assert "sync" in graph["trainer"]  # ``from .sync import make_sync``
 
 

@@ -140,13 +140,14 @@ def _hook_job(place: RankPlace, emit: Callable, cfg_dict: dict, warmup: int, ste
     machine that has CUDA) is left out of the result."""
     cfg = TrainConfig.from_dict(cfg_dict)
     rank, world_size = place.rank, place.world_size
-    with job_group(place, 60):
+    with job_group(place, 60) as ctx:
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
         out = {"local": timed_steps(cfg, rank, world_size, lambda model, opt, profiler: LocalSync(model, opt), train,
                                     warmup, steps)["ms"]}
         for hook in (h for h in DDP_HOOKS if refusal(h, torch.device("cpu")) is None):
             out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, profiler, h=hook: DDPSync(
-                model, opt, torch.device("cpu"), hook=h, profiler=profiler), train, warmup, steps)["ms"]
+                model, opt, torch.device("cpu"), hook=h, transport=ctx.transport, profiler=profiler), train, warmup,
+                steps)["ms"]
         emit("result", out)
 
 

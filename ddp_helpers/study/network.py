@@ -76,7 +76,7 @@ def job(spec: dict) -> dict | None:
             for case in spec["cases"]:
                 cfg = TrainConfig(world_size=env.world_size, **CASES[case][1])
                 strategy = lambda model, opt, profiler, cfg=cfg: make_sync(  # noqa: E731
-                    cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every, profiler,
+                    cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every, profiler, ctx.transport,
                     bucket_cap_mb=cfg.bucket_cap_mb)
                 rounds[case].append(timed_steps(cfg, env.rank, env.world_size, strategy, train, spec["warmup"],
                                                 spec["steps"]))

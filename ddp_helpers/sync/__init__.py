@@ -22,32 +22,38 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import LocalSync
+from .bucketed import BucketedDataParallel
 from .ddp import DDPSync
 from .local_sgd import LocalSGDSync, OverlapLocalSGDSync
 from .manual import AllReduceSync
 
-__all__ = ["STRATEGIES", "make_sync", "LocalSync", "DDPSync", "AllReduceSync", "LocalSGDSync",
-           "OverlapLocalSGDSync"]
+__all__ = ["STRATEGIES", "make_sync", "LocalSync", "DDPSync", "AllReduceSync", "BucketedDataParallel",
+           "LocalSGDSync", "OverlapLocalSGDSync"]
 
 # every strategy by name, in config.SYNC_STRATEGIES's order:
-# (model, optimizer, device, local_sgd_every, DDP options with the profiler) -> the strategy on this rank
+# (model, optimizer, device, local_sgd_every, transport, options) -> the strategy on this rank
 STRATEGIES = {
-    "ddp": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="ddp", **ddp),
-    "allreduce": lambda model, opt, device, every, ddp: AllReduceSync(model, opt),
-    "fp16": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="fp16", **ddp),
-    "powersgd": lambda model, opt, device, every, ddp: DDPSync(model, opt, device, hook="powersgd", **ddp),
-    "local_sgd": lambda model, opt, device, every, ddp: LocalSGDSync(model, opt, every),
-    "local_sgd_overlap": lambda model, opt, device, every, ddp: OverlapLocalSGDSync(model, opt, every),
+    "ddp": lambda model, opt, device, every, transport, o: DDPSync(model, opt, device, "ddp", transport, **o),
+    "allreduce": lambda model, opt, device, every, transport, o: AllReduceSync(model, opt, transport),
+    "fp16": lambda model, opt, device, every, transport, o: DDPSync(model, opt, device, "fp16", transport, **o),
+    "powersgd": lambda model, opt, device, every, transport, o: DDPSync(model, opt, device, "powersgd", transport, **o),
+    "local_sgd": lambda model, opt, device, every, transport, o: LocalSGDSync(model, opt, every, transport),
+    "local_sgd_overlap": lambda model, opt, device, every, transport, o: OverlapLocalSGDSync(model, opt, every,
+                                                                                             transport),
+    "bucketed": lambda model, opt, device, every, transport, o: BucketedDataParallel(
+        model, opt, transport, o["bucket_cap_mb"]),
 }
 
 
 def make_sync(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
-              device: torch.device, local_sgd_every: int = 8, profiler=None, **ddp_options):
+              device: torch.device, local_sgd_every: int = 8, profiler=None, transport=None, **ddp_options):
     """The strategy object for a run; a single process always gets LocalSync.
+    ``transport``: how all-reduces travel (:mod:`ddp_helpers.transport`: ``RankContext.transport``).
     ``ddp_options``: bucket_cap_mb, gradient_as_bucket_view, static_graph. ``profiler``: an
     :class:`ddp_helpers.engine.Profiler` that DDP's hooks tell their time to (None: untimed)."""
     if world_size == 1:
         return LocalSync(model, optimizer)
     if name not in STRATEGIES:
         raise ConfigError(f"unknown sync strategy {name!r}. Fix: use one of {list(STRATEGIES)}")
-    return STRATEGIES[name](model, optimizer, device, local_sgd_every, {**ddp_options, "profiler": profiler})
+    options = {"bucket_cap_mb": 25.0, **ddp_options, "profiler": profiler}
+    return STRATEGIES[name](model, optimizer, device, local_sgd_every, transport, options)

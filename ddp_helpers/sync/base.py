@@ -28,6 +28,8 @@ class LocalSync:
     """One process: gradients are already the global ones."""
 
     name = "local"
+    comm = "none"  # how this strategy's all-reduces travel, for the record
+    bucket_sizes: list[int] = []  # bytes per gradient bucket, in all-reduce order (DDP and its kin)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model

@@ -40,13 +40,27 @@ def _timed(hook):
     return timed_hook
 
 
-# name -> (hook, factory of the hook's state)
+def transport_allreduce_hook(transport, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """torch's ``allreduce_hook`` through another transport (shared memory): divide by the world
+    size, sum over the ranks. It returns when the sum is there: with one bucket nothing is left to
+    overlap with (see ``BucketedDataParallel`` for an asynchronous one)."""
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    transport.all_reduce_(tensor)
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(tensor)
+    return future
+
+
+# name -> (hook, factory of the hook's state from the transport). torch's fp16 and PowerSGD hooks
+# call dist.all_reduce themselves: they travel through gloo whatever the transport.
 DDP_HOOKS = {
-    "ddp": (default_hooks.allreduce_hook, lambda: None),
-    "fp16": (default_hooks.fp16_compress_hook, lambda: None),
+    "ddp": (default_hooks.allreduce_hook, lambda transport: None),
+    "ddp_transport": (transport_allreduce_hook, lambda transport: transport),
+    "fp16": (default_hooks.fp16_compress_hook, lambda transport: None),
     "powersgd": (powersgd.powerSGD_hook,
-                 lambda: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2,
-                                                use_error_feedback=True, warm_start=True)),
+                 lambda transport: powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                                          start_powerSGD_iter=2, use_error_feedback=True,
+                                                          warm_start=True)),
 }
 
 
@@ -67,16 +81,16 @@ def refusal(hook: str, device: torch.device) -> str | None:
 class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
-    At the config's 25 MB bucket size (passed explicitly: PyTorch's own default would cap the first
-    bucket at 1 MiB) this model's whole 2.27 MB gradient is one bucket whose
-    all-reduce starts when backward has produced the last gradient: nothing overlaps, and the hook's
-    wall time is the exposed communication. Smaller buckets (``bucket_cap_mb``) let the last layers'
-    all-reduce run while backward goes on. ``hook``: the plain mean all-reduce, fp16 compression,
-    or PowerSGD low-rank compression (with error feedback).
+    How many buckets the gradient makes depends on its size and ``bucket_cap_mb`` (this project
+    passes 25 MB explicitly; torch's default caps the first bucket at 1 MiB): the record holds the
+    layout DDP really used (:meth:`bucket_sizes`). Each full bucket's all-reduce starts from a hook
+    while backward goes on with earlier layers. ``hook``: the plain mean all-reduce (through the
+    run's transport: gloo, or shared memory within a node), fp16 compression or PowerSGD low-rank
+    compression with error feedback (both through gloo).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 hook: str = "ddp", bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
+                 hook: str = "ddp", transport=None, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False,
                  static_graph: bool = False, profiler=None):
         reason = refusal(hook, next(model.parameters()).device)  # the buckets live with the parameters
         if reason:
@@ -87,11 +101,14 @@ class DDPSync(LocalSync):
         self.ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb,
                                            gradient_as_bucket_view=gradient_as_bucket_view,
                                            static_graph=static_graph)
-        fn, make_state = DDP_HOOKS[hook]
+        row = "ddp_transport" if hook == "ddp" and getattr(transport, "name", "gloo") != "gloo" else hook
+        self.comm = transport.describe() if row != hook or hook == "ddp" else f"gloo (torch's {hook} hook all-reduces " \
+                                                                             f"through dist.all_reduce)"
+        fn, make_state = DDP_HOOKS[row]
         if profiler is None:
-            self.ddp.register_comm_hook(make_state(), fn)
+            self.ddp.register_comm_hook(make_state(transport), fn)
         else:
-            self.ddp.register_comm_hook(_TimedState(make_state(), profiler), _timed(fn))
+            self.ddp.register_comm_hook(_TimedState(make_state(transport), profiler), _timed(fn))
 
     @property
     def module(self) -> nn.Module:
@@ -99,3 +116,11 @@ class DDPSync(LocalSync):
 
     def no_sync(self):
         return self.ddp.no_sync()
+
+    @property
+    def bucket_sizes(self) -> list[int]:
+        """Bytes per bucket as DDP laid them out once it had seen a backward pass (its first layout,
+        made before training, is rebuilt in the order gradients arrive); in all-reduce order."""
+        data = self.ddp._get_ddp_logging_data()
+        sizes = data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes") or ""
+        return [int(size) for size in str(sizes).split(",") if size.strip()]

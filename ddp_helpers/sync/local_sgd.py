@@ -17,9 +17,10 @@ class LocalSGDSync(LocalSync):
 
     name = "local_sgd"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, transport):
         super().__init__(model, optimizer)
         self.world_size, self.every, self.steps = dist.get_world_size(), every, 0
+        self.transport, self.comm = transport, transport.describe()
         self.params = list(model.parameters())
         broadcast_parameters(self.params)
 
@@ -37,7 +38,7 @@ class LocalSGDSync(LocalSync):
     @torch.no_grad()
     def _average(self) -> None:
         flat = parameters_to_vector(self.params)  # a copy of all weights: one message instead of one per tensor
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self.transport.all_reduce_(flat)
         self._scatter(flat.div_(self.world_size), torch.Tensor.copy_)
 
     @torch.no_grad()
@@ -63,8 +64,8 @@ class OverlapLocalSGDSync(LocalSGDSync):
 
     name = "local_sgd_overlap"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int):
-        super().__init__(model, optimizer, every)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, transport):
+        super().__init__(model, optimizer, every, transport)
         self.pending = None  # (all-reduce in flight, its buffer, this rank's snapshot)
 
     def after_step(self) -> None:
@@ -82,7 +83,7 @@ class OverlapLocalSGDSync(LocalSGDSync):
     def _send(self) -> None:
         own = parameters_to_vector(self.params)
         buffer = own.clone()
-        self.pending = (dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True), buffer, own)
+        self.pending = (self.transport.all_reduce_async(buffer), buffer, own)
 
     @torch.no_grad()
     def _collect(self) -> None:

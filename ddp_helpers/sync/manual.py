@@ -1,4 +1,4 @@
-"""Data parallelism by hand: what DDP does under the hood, in one flat all-reduce per step."""
+"""Data parallelism by hand: one flat all-reduce per step, after backward (DDP without buckets)."""
 
 import torch
 import torch.distributed as dist
@@ -12,9 +12,9 @@ class AllReduceSync(LocalSync):
 
     name = "allreduce"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, transport):
         super().__init__(model, optimizer)
-        self.world_size = dist.get_world_size()
+        self.world_size, self.transport, self.comm = dist.get_world_size(), transport, transport.describe()
         params = [p for p in model.parameters() if p.requires_grad]
         broadcast_parameters(params)
         self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=params[0].dtype)
@@ -30,5 +30,5 @@ class AllReduceSync(LocalSync):
         if self.params[0].grad.data_ptr() != self.flat.data_ptr():
             raise RuntimeError("a gradient no longer aliases the flat buffer; was the optimizer's "
                                "zero_grad(set_to_none=True) called instead of this strategy's?")
-        dist.all_reduce(self.flat, op=dist.ReduceOp.SUM)
+        self.transport.all_reduce_(self.flat)  # the sum
         self.flat.div_(self.world_size)
