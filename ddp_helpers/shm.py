@@ -18,6 +18,11 @@ to a flag would rely on x86's memory ordering). A waiting rank spins briefly on 
 then sleeps in the kernel (poll) until the byte comes, the peer's end closes (its process ended:
 reported at once) or the timeout passes (reported as gloo reports its own: a ``DistBackendError``).
 
+A rank may also keep its tensors in the segment itself (:meth:`NodeGroup.buffers`: the from-scratch
+DDP keeps its gradient buckets there, so autograd writes the gradients straight into shared
+memory). Such a tensor is all-reduced without a copy in or out: each rank sums its share of the
+element range over every rank's buffer and writes the sums into all of them, two passes in all.
+
 Nothing is left behind: the segment is an anonymous memfd (never in /dev/shm), passed from the
 node's first rank to the others over those sockets, whose addresses are abstract (no file); both
 vanish with the last process that holds them, however it ends.
@@ -36,7 +41,7 @@ import time
 import torch
 import torch.distributed as dist
 
-SPIN_S = 50e-6  # a peer that is about to arrive is waited for on the CPU, one that is late in the kernel
+SPIN_S = 300e-6  # a peer that is about to arrive is waited for on the CPU, one that is late in the kernel
 
 
 class NodeGroup:
@@ -52,7 +57,9 @@ class NodeGroup:
         self.capacity, self.spin_s, self.label = capacity_bytes, spin_s, label
         self.peers: dict[int, socket.socket] = {}  # index on this node -> the connection to it
         self.segment: mmap.mmap | None = None
+        self.home = 0  # bytes of each rank's own buffers at the start of the segment (see buffers)
         self.views: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self.homes: dict[torch.dtype, list[torch.Tensor]] = {}
 
     # --- joining -----------------------------------------------------------------------------
     def _join(self, nbytes: int) -> None:
@@ -82,7 +89,7 @@ class NodeGroup:
         finally:
             listener.close()
         self.capacity = max(self.capacity, nbytes)
-        size = (self.size + 1) * self.capacity  # a slot per rank, and the sums
+        size = self.size * self.home + (self.size + 1) * self.capacity  # own buffers; a slot per rank; the sums
         if self.index == 0:
             fd = os.memfd_create(f"{self.label}-{os.getpid()}", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
@@ -107,26 +114,61 @@ class NodeGroup:
     def _slots(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The slots and the sums, as flat tensors of ``dtype`` over the segment."""
         if dtype not in self.views:
-            count = self.capacity // torch.empty(0, dtype=dtype).element_size()
-            parts = [torch.frombuffer(self.segment, dtype=dtype, count=count, offset=i * self.capacity)
+            count, start = self.capacity // _itemsize(dtype), self.size * self.home
+            parts = [torch.frombuffer(self.segment, dtype=dtype, count=count, offset=start + i * self.capacity)
                      for i in range(self.size + 1)]
             self.views[dtype] = parts[:-1], parts[-1]
         return self.views[dtype]
 
+    def _homes(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every rank's own buffers, as flat tensors of ``dtype``."""
+        if dtype not in self.homes:
+            self.homes[dtype] = [torch.frombuffer(self.segment, dtype=dtype, count=self.home // _itemsize(dtype),
+                                                  offset=i * self.home) for i in range(self.size)]
+        return self.homes[dtype]
+
+    def buffers(self, shapes: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+        """Zeroed tensors of these sizes in this rank's own part of the segment, for tensors that are
+        all-reduced again and again (gradient buckets): without a copy in or out. Every rank of the
+        node asks for the same, once, before its first all-reduce (it makes the segment)."""
+        if self.segment is not None:
+            raise RuntimeError("NodeGroup.buffers: ask for the buffers before the first all-reduce")
+        offsets, end = [], 0
+        for numel, dtype in shapes:
+            offsets.append(end)
+            end += -(-numel * _itemsize(dtype) // 64) * 64  # each starts on a cache line
+        self.home = end
+        self._join(self.capacity or 2**16)
+        return [torch.frombuffer(self.segment, dtype=dtype, count=numel, offset=self.index * self.home + offset)
+                for (numel, dtype), offset in zip(shapes, offsets)]
+
+    def _in_home(self, flat: torch.Tensor) -> int | None:
+        """The byte offset of ``flat`` in this rank's own buffers, or None when it lies elsewhere."""
+        if not self.home:
+            return None
+        home = self._homes(flat.dtype)[self.index]
+        offset = flat.data_ptr() - home.data_ptr()
+        return offset if 0 <= offset and offset + flat.numel() * flat.element_size() <= self.home else None
+
     # --- the collective ------------------------------------------------------------------------
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the node's ranks, in place; every rank ends with bitwise the same values."""
+    def all_reduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
+        """Sum ``tensor`` over the node's ranks, in place; every rank ends with bitwise the same values.
+        ``divide_by``: each rank's values are divided by it first, as DDP averages (in the copy in)."""
         if self.size == 1:
-            return tensor
+            return tensor.div_(divide_by) if divide_by != 1 else tensor
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         if self.segment is None:
             self._join(flat.numel() * flat.element_size())
+        offset = self._in_home(flat)
+        if offset is not None:
+            self._reduce_in_place(flat, offset, divide_by)
+            return tensor
         slots, sums = self._slots(flat.dtype)
         piece = slots[0].numel()
         for start in range(0, flat.numel(), piece):
             part = flat[start:start + piece]
             n = part.numel()
-            slots[self.index][:n].copy_(part)                      # 1. in
+            torch.div(part, divide_by, out=slots[self.index][:n])  # 1. in (and averaged, as DDP does)
             self.barrier()
             lo, hi = n * self.index // self.size, n * (self.index + 1) // self.size
             torch.add(slots[0][lo:hi], slots[1][lo:hi], out=sums[lo:hi])  # 2. my share, in rank order
@@ -137,6 +179,20 @@ class NodeGroup:
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view_as(tensor))
         return tensor
+
+    def _reduce_in_place(self, flat: torch.Tensor, offset: int, divide_by: int) -> None:
+        """A tensor in the ranks' own buffers: each rank sums its share over every rank's buffer, in
+        rank order, and writes the sums into all of them."""
+        first, n = offset // flat.element_size(), flat.numel()
+        lo, hi = first + n * self.index // self.size, first + n * (self.index + 1) // self.size
+        shares = [home[lo:hi] for home in self._homes(flat.dtype)]
+        self.barrier()  # every rank's tensor is complete
+        total = shares[0].div_(divide_by) if divide_by != 1 else shares[0]
+        for share in shares[1:]:
+            total.add_(share / divide_by if divide_by != 1 else share)
+        for share in shares[1:]:
+            share.copy_(total)
+        self.barrier()  # every share is summed, in every rank's buffer
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """The node's first rank's ``tensor`` on every rank of the node (after a reduce across nodes)."""
@@ -203,6 +259,7 @@ class NodeGroup:
 
     def close(self) -> None:
         self.views.clear()  # the tensors over the segment go first: a mapping with views cannot close
+        self.homes.clear()
         if self.segment is not None:
             try:
                 self.segment.close()
@@ -212,6 +269,10 @@ class NodeGroup:
         for peer in self.peers.values():
             peer.close()
         self.peers.clear()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:

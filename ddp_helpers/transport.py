@@ -27,12 +27,21 @@ class Gloo:
     def describe(self) -> str:
         return "gloo"
 
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def buffers(self, shapes: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+        """Zeroed tensors for data that is all-reduced again and again (here: ordinary ones)."""
+        return [torch.zeros(numel, dtype=dtype) for numel, dtype in shapes]
+
+    def all_reduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
+        """The sum over the ranks, in place; each rank's values divided by ``divide_by`` first."""
+        if divide_by != 1:
+            tensor.div_(divide_by)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_reduce_async(self, tensor: torch.Tensor) -> "Pending":
+    def all_reduce_async(self, tensor: torch.Tensor, divide_by: int = 1) -> "Pending":
         """A handle whose ``wait()`` returns when the sum is in ``tensor``."""
+        if divide_by != 1:
+            tensor.div_(divide_by)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
         pending = Pending(work.wait)
         work.get_future().then(lambda _: pending.finish())
@@ -66,21 +75,27 @@ class SharedMemory:
         return f"shm ({within}; gloo between the {self.nodes} nodes' leaders)" if self.nodes > 1 else \
             f"shm ({within})"
 
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.node.all_reduce_(tensor)
+    def buffers(self, shapes: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+        """Tensors in this rank's own part of the node's segment: all-reduced within the node
+        without a copy in or out (ask before the first all-reduce)."""
+        return self.node.buffers(shapes)
+
+    def all_reduce_(self, tensor: torch.Tensor, divide_by: int = 1) -> torch.Tensor:
+        """The sum over the ranks, in place; each rank's values divided by ``divide_by`` first."""
+        self.node.all_reduce_(tensor, divide_by)
         if self.leaders is not None:
             if self.is_leader:
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.leaders)
             self.node.broadcast_(tensor)
         return tensor
 
-    def all_reduce_async(self, tensor: torch.Tensor) -> "Pending":
+    def all_reduce_async(self, tensor: torch.Tensor, divide_by: int = 1) -> "Pending":
         """A handle whose ``wait()`` returns when the sum is in ``tensor``. A thread of its own does the
         copies: with one vCPU per rank it time-slices with the computation rather than overlapping it."""
         if self.thread is None:
             self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shm-all-reduce")
         pending = Pending(lambda: future.result())
-        future = self.thread.submit(lambda: pending.finish(self.all_reduce_(tensor)))
+        future = self.thread.submit(lambda: pending.finish(self.all_reduce_(tensor, divide_by)))
         return pending
 
     def close(self) -> None:

@@ -198,3 +198,19 @@ def peer_fails_inside_shm_job(place, emit, how):
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(120)
         shm.all_reduce_(torch.ones(1000))
+
+
+def hierarchical_job(place, emit):
+    """Four ranks said to be on two nodes of two (ranks 0-1, 2-3): shared memory within each pair,
+    the pairs' first ranks over gloo; each rank sends back its input and what it ended with."""
+    import torch
+
+    from ddp_helpers.dist import job_group, job_store
+    from ddp_helpers.transport import SharedMemory
+
+    torch.set_num_threads(1)
+    with job_group(place, 30):
+        shm = SharedMemory(job_store(place, 30), place.rank, [0, 0, 1, 1], timeout_s=30)
+        x = torch.randn(100_003, generator=torch.Generator().manual_seed(place.rank))
+        emit("result", {"input": x, "sum": shm.all_reduce_(x.clone()), "leaders": shm.nodes})
+        shm.close()

@@ -62,6 +62,9 @@ def test_the_quick_network_part_runs_torchrun_over_shaped_links_and_leaves_nothi
     assert str(GRAD_BYTES) in shaped["allreduce"]["seconds"]
     assert [p["case"] for p in record["predictions"]["steps"]] == ["ddp", "local_sgd"]
     assert record["environment"]["torch"] and record["method"]["launcher"].startswith("torchrun")
+    # 2 nodes x 2 ranks: the nodes come from torchrun (GROUP_RANK), and both transports were measured
+    (hierarchical,) = record["hierarchical"]
+    assert hierarchical["node_of"] == [0, 0, 1, 1] and set(hierarchical["allreduce_ms"]) == {"gloo", "shm"}
     assert namespaces_of(proc.pid) == []
 
 

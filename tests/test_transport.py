@@ -36,6 +36,17 @@ def test_three_ranks_sum_in_rank_order_and_end_bitwise_the_same():
         assert all(torch.equal(got[r][i]["shm"], in_order) for r in range(3))
 
 
+def test_across_nodes_each_node_sums_in_shared_memory_and_the_leaders_over_gloo():
+    """Nodes (0, 1) and (2, 3): (x0 + x1) in one node, (x2 + x3) in the other, and their leaders add the
+    two sums; every rank ends with that, bitwise."""
+    from processes import hierarchical_job
+
+    got = run_workers(hierarchical_job, 4, launch_timeout_s=120)
+    x = [got[r]["input"] for r in range(4)]
+    expected = (x[0] + x[1]) + (x[2] + x[3])
+    assert got[0]["leaders"] == 2 and all(torch.equal(got[r]["sum"], expected) for r in range(4))
+
+
 SMALL = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=500, epochs=1, dropout=0.0, seed=3,
              timeout_s=60, launch_timeout_s=240, dtype="float64", batch_size=16)
 

@@ -23,9 +23,12 @@ PARTS = {
     "tta": ("tta", "run_tta", "time to 98% validation accuracy: 3 single-process against 3 two-worker settings"),
     "network": ("network", "run_network", "torchrun jobs on 2 and 4 nodes (network namespaces) over links of 10 Gb/s, "
                                           "1 Gb/s, 100 Mb/s and no limit: all-reduce, every strategy, time to 98%"),
+    "transport": ("transport", "run_transport", "the same-host transport: the bare all-reduce (gloo, shared memory, "
+                                                 "the memory-copy floor), training steps against the no-sync ceiling, "
+                                                 "time to 98% of a declared shared-memory setting"),
     "gpu": ("gpu", "run_gpu", "one GPU: our loop against the CUDA-graph floor of the same step (needs a GPU)"),
 }
-CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "network"]
+CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "transport", "network"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..place import launcher_place
 from ..config import TrainConfig
 from ..data import load_datasets
-from ..dist import job_group, single_process
+from ..dist import job_group, job_store, process_group, single_process
 from ..host import usable_cores
 from ..launcher import launch
 from ..sync import LocalSync, make_sync
+from ..transport import Gloo, SharedMemory
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
 from .netlab import NetLab
@@ -85,12 +87,44 @@ def job(spec: dict) -> dict | None:
     return {"allreduce_s": {str(size): s for size, s in sweep.items()}, "rounds": rounds}
 
 
+def hierarchical_job(spec: dict) -> dict | None:
+    """One rank of 2 nodes x 2 ranks: the gradient's all-reduce and a DDP step, flat over gloo (every
+    rank on the links) against hierarchical (shared memory within each node, its two leaders over
+    gloo), alternating which goes first from round to round; rank 0's result."""
+    env = launcher_place()
+    store = job_store(env, 300)
+    with process_group(env.rank, env.world_size, store, backend="gloo", threads=1, timeout_s=300) as ctx:
+        node_of = ctx.gather(env.node)
+        transports = {"gloo": Gloo(), "shm": SharedMemory(store, env.rank, node_of, timeout_s=300)}
+        train, _ = load_datasets("mnist", "", spec["train_subset"], 1, 0)
+        tensor = torch.ones(GRAD_BYTES // 4)
+        out: dict = {"node_of": node_of, "allreduce_ms": {"gloo": [], "shm": []}, "rounds": {"gloo": [], "shm": []}}
+        for r in range(spec["rounds"]):
+            for name in (("gloo", "shm") if r % 2 == 0 else ("shm", "gloo")):
+                times = []
+                for i in range(3 + spec["repeats"]):
+                    dist.barrier()  # all start together
+                    start = time.perf_counter()
+                    transports[name].all_reduce_(tensor.fill_(1.0))
+                    if i >= 3:
+                        times.append(time.perf_counter() - start)
+                out["allreduce_ms"][name].append(1000 * statistics.median(times))
+                cfg = TrainConfig(world_size=env.world_size)
+                strategy = lambda model, opt, profiler, t=transports[name]: make_sync(  # noqa: E731
+                    "ddp", model, opt, env.world_size, ctx.device, 8, profiler, t)
+                out["rounds"][name].append(timed_steps(cfg, env.rank, env.world_size, strategy, train, spec["warmup"],
+                                                       spec["steps"]))
+        transports["shm"].close()
+    return out if env.rank == 0 else None
+
+
 def job_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_helpers.study.network")
     parser.add_argument("--spec", required=True, help="the job as JSON")
     parser.add_argument("--out", required=True, help="rank 0 writes its result here")
     args = parser.parse_args(argv)
-    result = job(json.loads(args.spec))
+    spec = json.loads(args.spec)
+    result = hierarchical_job(spec) if spec.get("kind") == "hierarchical" else job(spec)
     if result is not None:
         Path(args.out).write_text(json.dumps(result))
     return 0
@@ -197,9 +231,36 @@ def single_process_ms(quick: bool, threads: int = 2) -> dict:
                            steps, steps)
 
 
+def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
+    """2 nodes x 2 ranks at each link rate: flat gloo against shared memory within the nodes."""
+    out = []
+    for link in (("no limit",) if quick else LINKS):
+        spec = {"kind": "hierarchical", "rounds": 2 if quick else 4, "repeats": 3 if quick else 10,
+                "warmup": 8 if quick else {"100 Mb/s": 24}.get(link, 80), "steps": 8 if quick else
+                {"100 Mb/s": 24}.get(link, 80), "train_subset": 4096 if quick else 0}
+        with tempfile.TemporaryDirectory(prefix="ddpnet_") as tmp, NetLab(2, LINKS[link]) as lab:
+            path = Path(tmp) / "result.json"
+            lab.torchrun(["-m", "ddp_helpers.study.network", "--spec", json.dumps(spec), "--out", str(path)],
+                         nproc_per_node=2, timeout_s=1800)
+            got = json.loads(path.read_text())
+        row = {"link": link, "rate_mbit": LINKS[link], "nodes": 2, "ranks_per_node": 2, "node_of": got["node_of"],
+               "rounds": spec["rounds"], "allreduce_ms": got["allreduce_ms"],
+               "ddp_step_ms": {k: [r["ms"] for r in v] for k, v in got["rounds"].items()},
+               "ddp_split_ms": {k: [r["split_ms"] for r in v] for k, v in got["rounds"].items()}}
+        row["flat_over_hierarchical"] = {
+            what: statistics.median(g / h for g, h in zip(row[what]["gloo"], row[what]["shm"]))
+            for what in ("allreduce_ms", "ddp_step_ms")}
+        log(f"2 nodes x 2 ranks, {link:>8}: gradient all-reduce flat {statistics.median(row['allreduce_ms']['gloo']):.1f}"
+            f" ms, hierarchical {statistics.median(row['allreduce_ms']['shm']):.1f} ms; DDP step "
+            f"{statistics.median(row['ddp_step_ms']['gloo']):.1f} and {statistics.median(row['ddp_step_ms']['shm']):.1f} ms")
+        out.append(row)
+    return out
+
+
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
     single = [single_process_ms(quick)]  # before the lab jobs and after them: the host's drift shows
     runs = [run_job(spec, quick, log) for spec in plan(quick)]
+    hierarchical = run_hierarchical(quick, log)
     single.append(single_process_ms(quick))
     reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
                  "step_ms": statistics.median(r["ms"] for r in single)}
@@ -219,7 +280,12 @@ def run_network(quick: bool, log: Callable[[str], None]) -> dict:
         "allreduce": "median of repeats per size after 5 untimed; t = alpha + beta * bytes fitted on relative error",
         "model": "shaped link = the same case measured on the unshaped link of this run, with the gradient's bytes "
                  "moved at max(unshaped beta, 2(W-1)/W x 8 / rate) instead of the unshaped beta; no overlap assumed",
-        "cores": usable_cores()}, links=LINKS, single_process=reference, runs=runs, predictions=checked, tta=tta)
+        "cores": usable_cores(),
+        "hierarchical": "2 nodes x 2 ranks (torchrun --nproc-per-node 2; 4 ranks on the machine's cores): flat = gloo "
+                        "among all 4 ranks; hierarchical = shared memory within each node, its leaders over gloo; "
+                        "order alternating per round; all-reduce: median of repeats after a barrier; DDP step: "
+                        "mean of the timed steps"},
+        links=LINKS, single_process=reference, runs=runs, hierarchical=hierarchical, predictions=checked, tta=tta)
 
 
 if __name__ == "__main__":  # one rank of a lab job, started by torchrun

@@ -7,7 +7,8 @@ buffer (every ``p.grad`` is a view into it), so that a bucket travels as one mes
 each parameter (``register_post_accumulate_grad_hook``) counts it ready; the moment a bucket is
 complete its all-reduce starts, asynchronously, while backward goes on with earlier layers. Before
 the optimizer step every all-reduce is waited for. Dividing by the world size first makes the sum
-a mean. That is DDP's whole trick; torch's own adds bucket rebuilding, unused-parameter detection
+a mean. The transport makes the buffers: over shared memory they lie in the segment the ranks
+reduce in, so the gradients are never copied in or out. That is DDP's whole trick; torch's own adds bucket rebuilding, unused-parameter detection
 and a C++ reducer.
 
 ``timeline``: a list that receives ``(what, name, start, end)`` in seconds (``time.perf_counter``)
@@ -42,8 +43,10 @@ class BucketedDataParallel(LocalSync):
             if sum(q.numel() * q.element_size() for _, q in self.buckets[-1]) >= bucket_cap_mb * 2**20:
                 self.buckets.append([])  # as DDP does: a bucket closes once it holds bucket_cap_mb MiB
             self.buckets[-1].append((name, p))
-        self.flats = [torch.zeros(sum(p.numel() for _, p in bucket), dtype=bucket[0][1].dtype,
-                                  device=bucket[0][1].device) for bucket in self.buckets]
+        # the transport makes the buffers: shared memory lets autograd write the gradients straight into
+        # the segment the ranks reduce in (no copy in or out); gloo gives ordinary tensors
+        self.flats = transport.buffers([(sum(p.numel() for _, p in bucket), bucket[0][1].dtype)
+                                        for bucket in self.buckets])
         self.bucket_of = {}
         for index, (bucket, flat) in enumerate(zip(self.buckets, self.flats)):
             names = {p: name for name, p in bucket}
@@ -65,8 +68,8 @@ class BucketedDataParallel(LocalSync):
             return
         self.missing[index] -= 1
         if self.missing[index] == 0:  # the bucket is complete: send it now, while backward goes on
-            flat, start = self.flats[index].div_(self.world), time.perf_counter()
-            work = self.transport.all_reduce_async(flat)
+            start = time.perf_counter()
+            work = self.transport.all_reduce_async(self.flats[index], divide_by=self.world)  # the mean
             self.pending.append((work, index, start))
 
     def after_backward(self) -> None:

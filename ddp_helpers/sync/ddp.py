@@ -44,8 +44,8 @@ def transport_allreduce_hook(transport, bucket: dist.GradBucket) -> torch.future
     """torch's ``allreduce_hook`` through another transport (shared memory): divide by the world
     size, sum over the ranks. It returns when the sum is there: with one bucket nothing is left to
     overlap with (see ``BucketedDataParallel`` for an asynchronous one)."""
-    tensor = bucket.buffer().div_(dist.get_world_size())
-    transport.all_reduce_(tensor)
+    tensor = bucket.buffer()
+    transport.all_reduce_(tensor, divide_by=dist.get_world_size())  # divided as it is copied in
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(tensor)
     return future
