@@ -62,10 +62,18 @@ def test_the_quick_network_part_runs_torchrun_over_shaped_links_and_leaves_nothi
     assert str(GRAD_BYTES) in shaped["allreduce"]["seconds"]
     assert [p["case"] for p in record["predictions"]["steps"]] == ["ddp", "local_sgd"]
     assert record["environment"]["torch"] and record["method"]["launcher"].startswith("torchrun")
-    # 2 nodes x 2 ranks: the nodes come from torchrun (GROUP_RANK), and both transports were measured
-    (hierarchical,) = record["hierarchical"]
-    assert hierarchical["node_of"] == [0, 0, 1, 1] and set(hierarchical["allreduce_ms"]) == {"gloo", "shm"}
     assert namespaces_of(proc.pid) == []
+
+
+@needs_lab
+def test_the_quick_hierarchical_part_measures_shared_memory_within_two_nodes_against_flat_gloo(tmp_path):
+    """2 nodes x 2 ranks: the nodes come from torchrun (GROUP_RANK), never from the host name, which
+    the namespaces share."""
+    out = subprocess.run([sys.executable, "-m", "ddp_helpers.study", "hierarchical", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "study_hierarchical_quick.json").read_text())["runs"]
+    assert run["node_of"] == [0, 0, 1, 1] and set(run["allreduce_ms"]) == {"gloo", "shm"}
 
 
 @needs_lab

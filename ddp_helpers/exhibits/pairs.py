@@ -1,9 +1,10 @@
-"""The headline ratio with its spread: one process against DDP in interleaved pairs, one run.
+"""The headline ratio with its spread: one process against DDP, interleaved, in one run of the cell.
 
 One pair of runs gives one ratio, and on a shared host the next pair can differ by tens of
-percent. So the two configurations run one epoch each, ``pairs`` times, alternating which
-goes first, and the record keeps every pair's epoch times; the ratio is quoted as the median
-over pairs with its range.
+percent. So every configuration trains one epoch per round, ``rounds`` times, the order rotated
+from round to round so that each goes first as often as the others; the record keeps every epoch
+time, each ratio is taken within its round (against the reference's epoch of the same round), and
+the ratios are quoted as their median over the rounds with their range.
 """
 
 from __future__ import annotations
@@ -15,22 +16,27 @@ from ..launcher import launch
 from ..results import header
 
 
-def interleaved_pairs(one: TrainConfig, ddp: TrainConfig, pairs: int) -> dict:
-    """A self-describing record: ``pairs`` x (one epoch of ``one``, one epoch of ``ddp``), the
-    order alternating, and the per-pair ratio of DDP's epoch time to the single process's."""
-    rows = []
-    for i in range(pairs):
-        order = (("one", one), ("ddp", ddp)) if i % 2 == 0 else (("ddp", ddp), ("one", one))
+def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str) -> dict:
+    """A self-describing record: ``rounds`` x one epoch of every configuration, the order rotated, and
+    per round each configuration's epoch time over the reference's."""
+    names, rows = list(configs), []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
         times = {}
-        for name, cfg in order:
-            epoch = launch(cfg.replace(epochs=1), live=False).history[0]
+        for name in order:
+            epoch = launch(configs[name].replace(epochs=1), live=False).history[0]
             times[name] = {"epoch_s": epoch["epoch_time_s"], "step_ms": epoch["step_ms"]["total"],
                            "sync_fraction": epoch["sync_fraction"]}
-        rows.append({"pair": i + 1, "first": order[0][0], **{f"{k}_{n}": v[k] for n, v in times.items() for k in v},
-                     "ratio": times["ddp"]["epoch_s"] / times["one"]["epoch_s"]})
-    ratios = [row["ratio"] for row in rows]
-    method = {"pairs": pairs, "timed": "one epoch each, training time only, the order alternating",
-              "ratio": "DDP's epoch time / one process's"}
-    return header("pairs", quick=False, method=method, configs={"one": one.to_dict(), "ddp": ddp.to_dict()}, pairs=rows,
-                  summary={"ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                           "ratio_max": max(ratios), "pairs": pairs})
+        rows.append({"round": r + 1, "order": order, "times": times,
+                     "ratios": {n: times[n]["epoch_s"] / times[reference]["epoch_s"] for n in names if n != reference}})
+    summary = {}
+    for name in names:
+        if name != reference:
+            ratios = [row["ratios"][name] for row in rows]
+            summary[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                             "rounds": ratios}
+    method = {"rounds": rounds, "timed": "one epoch each, training time only (evaluation and start-up excluded)",
+              "order": "rotated by one configuration each round", "ratio": f"epoch time / {reference}'s, per round; "
+                                                                         "the median over rounds"}
+    return header("pairs", quick=False, method=method, reference=reference,
+                  configs={name: cfg.to_dict() for name, cfg in configs.items()}, rows=rows, summary=summary)

@@ -26,9 +26,11 @@ PARTS = {
     "transport": ("transport", "run_transport", "the same-host transport: the bare all-reduce (gloo, shared memory, "
                                                  "the memory-copy floor), training steps against the no-sync ceiling, "
                                                  "time to 98% of a declared shared-memory setting"),
+    "hierarchical": ("network", "run_hierarchical_part", "2 nodes x 2 ranks (network namespaces) at each link rate: "
+                                                         "flat gloo against shared memory within the nodes"),
     "gpu": ("gpu", "run_gpu", "one GPU: our loop against the CUDA-graph floor of the same step (needs a GPU)"),
 }
-CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "transport", "network"]
+CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "transport", "network", "hierarchical"]
 
 
 def main(argv: list[str] | None = None) -> int:

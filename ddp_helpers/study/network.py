@@ -248,8 +248,9 @@ def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
                "ddp_step_ms": {k: [r["ms"] for r in v] for k, v in got["rounds"].items()},
                "ddp_split_ms": {k: [r["split_ms"] for r in v] for k, v in got["rounds"].items()}}
         row["flat_over_hierarchical"] = {
-            what: statistics.median(g / h for g, h in zip(row[what]["gloo"], row[what]["shm"]))
-            for what in ("allreduce_ms", "ddp_step_ms")}
+            what: {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
+            for what in ("allreduce_ms", "ddp_step_ms")
+            for ratios in [[g / h for g, h in zip(row[what]["gloo"], row[what]["shm"])]]}
         log(f"2 nodes x 2 ranks, {link:>8}: gradient all-reduce flat {statistics.median(row['allreduce_ms']['gloo']):.1f}"
             f" ms, hierarchical {statistics.median(row['allreduce_ms']['shm']):.1f} ms; DDP step "
             f"{statistics.median(row['ddp_step_ms']['gloo']):.1f} and {statistics.median(row['ddp_step_ms']['shm']):.1f} ms")
@@ -257,10 +258,23 @@ def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
     return out
 
 
+def run_hierarchical_part(quick: bool, log: Callable[[str], None]) -> dict:
+    """The part ``hierarchical``: 2 nodes x 2 ranks at each link rate, flat gloo against shared memory
+    within the nodes and gloo between their leaders."""
+    return record("study_hierarchical", quick, {
+        "lab": "two Linux network namespaces joined by one veth pair, capped by tc tbf on both ends",
+        "launcher": "torchrun --nnodes 2 --nproc-per-node 2 (4 ranks on the machine's cores), 1 thread each; the "
+                    "nodes as torchrun numbers them (GROUP_RANK)",
+        "compared": "flat = gloo among all 4 ranks; hierarchical = shared memory within each node, its first rank "
+                    "(leader) all-reduces with the other node's over gloo, then shares the result within its node",
+        "statistic": "order alternating per round; all-reduce of the gradient: median of repeats after a barrier; "
+                     "DDP step (batch 32 per rank): mean of the timed steps after a warm-up; ratios per round",
+        "cores": usable_cores()}, links=LINKS, runs=run_hierarchical(quick, log))
+
+
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
     single = [single_process_ms(quick)]  # before the lab jobs and after them: the host's drift shows
     runs = [run_job(spec, quick, log) for spec in plan(quick)]
-    hierarchical = run_hierarchical(quick, log)
     single.append(single_process_ms(quick))
     reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
                  "step_ms": statistics.median(r["ms"] for r in single)}
@@ -280,12 +294,7 @@ def run_network(quick: bool, log: Callable[[str], None]) -> dict:
         "allreduce": "median of repeats per size after 5 untimed; t = alpha + beta * bytes fitted on relative error",
         "model": "shaped link = the same case measured on the unshaped link of this run, with the gradient's bytes "
                  "moved at max(unshaped beta, 2(W-1)/W x 8 / rate) instead of the unshaped beta; no overlap assumed",
-        "cores": usable_cores(),
-        "hierarchical": "2 nodes x 2 ranks (torchrun --nproc-per-node 2; 4 ranks on the machine's cores): flat = gloo "
-                        "among all 4 ranks; hierarchical = shared memory within each node, its leaders over gloo; "
-                        "order alternating per round; all-reduce: median of repeats after a barrier; DDP step: "
-                        "mean of the timed steps"},
-        links=LINKS, single_process=reference, runs=runs, hierarchical=hierarchical, predictions=checked, tta=tta)
+        "cores": usable_cores()}, links=LINKS, single_process=reference, runs=runs, predictions=checked, tta=tta)
 
 
 if __name__ == "__main__":  # one rank of a lab job, started by torchrun
