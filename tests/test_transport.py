@@ -3,11 +3,9 @@ in the open on top of it (ddp_helpers/sync/bucketed.py). Exact, blamed like gloo
 and leaving nothing behind."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
