@@ -20,27 +20,36 @@ from .errors import ConfigError, DDPError, SetupError
 from .files import write_torch
 
 FORMAT = 1
-NAME = re.compile(r"^ckpt_epoch(\d{4})\.pt$")
+NAME = re.compile(r"^ckpt_epoch(\d{4})(?:_step(\d{6}))?\.pt$")  # after an epoch, or stopped within the next
 # Fields that define a run's trajectory: a checkpoint of a run that differs in any cannot be continued.
+# The world size and the accumulation are not among them: DDP's state is the same on every rank, so a
+# run resumes at another world size, keeping the global batch by accumulation where it can (resume.py).
 MUST_MATCH = ("hidden_sizes", "dropout", "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "seed", "dtype",
-              "world_size", "sync", "warmup_steps", "accumulation_steps", "local_sgd_every", "dataset",
-              "train_subset", "test_subset", "max_steps_per_epoch")
+              "precision", "sync", "warmup_steps", "local_sgd_every", "dataset", "train_subset", "test_subset",
+              "max_steps_per_epoch")
 
 
 class CheckpointError(DDPError, RuntimeError):
     """A checkpoint cannot be used: corrupt, truncated, or from a different run."""
 
 
-def checkpoint_path(folder: str | os.PathLike, epoch: int) -> Path:
-    return Path(folder) / f"ckpt_epoch{epoch:04d}.pt"
+def checkpoint_path(folder: str | os.PathLike, epoch: int, step: int = 0) -> Path:
+    """``epoch`` finished epochs, and ``step`` steps of the next (a stop within an epoch)."""
+    return Path(folder) / (f"ckpt_epoch{epoch:04d}_step{step:06d}.pt" if step else f"ckpt_epoch{epoch:04d}.pt")
+
+
+def position(path: Path) -> tuple[int, int]:
+    """(finished epochs, steps of the next) of a checkpoint file: how far its run had come."""
+    match = NAME.match(path.name)
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Checkpoint files in the folder, newest (highest epoch) first."""
+    """Checkpoint files in the folder, newest (furthest) first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
+    return sorted((p for p in folder.iterdir() if NAME.match(p.name)), key=position, reverse=True)
 
 
 def check_checkpoint_dir(folder: str, resume: bool) -> None:
@@ -60,10 +69,12 @@ def check_checkpoint_dir(folder: str, resume: bool) -> None:
 
 
 def save_checkpoint(folder: str | os.PathLike, state: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint of a finished epoch and delete older ones beyond the newest ``keep``."""
-    path = checkpoint_path(folder, state["epoch"])
-    older = [p for p in list_checkpoints(folder) if p != path and int(NAME.match(p.name).group(1)) < state["epoch"]]
-    write_torch(path, {"format": FORMAT, **state})  # atomic: a crash mid-save leaves the previous ones
+    """Write the checkpoint of a finished epoch (or of a stop within one: ``state["progress"]``) and
+    delete older ones beyond the newest ``keep``."""
+    step = state.get("progress", {}).get("done", 0)
+    path = checkpoint_path(folder, state["epoch"], step)
+    older = [p for p in list_checkpoints(folder) if p != path and position(p) < (state["epoch"], step)]
+    write_torch(path, {"format": FORMAT, **state}, "the checkpoint")  # atomic: the previous ones stay as they were
     for old in older[keep - 1:]:  # a newer run's checkpoints (a higher epoch) are never this run's to prune
         old.unlink(missing_ok=True)
     return path

@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .checkpoint import NAME, list_checkpoints
+from . import preemption
+from .checkpoint import list_checkpoints, position
 from .config import TrainConfig, config_fields, field_default
-from .errors import DDPError
+from .errors import DDPError, DiskFullError
 from .place import RankPlace, launcher_place
 
 
@@ -44,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "results/train_ws1.json); flags given here override it")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (the epoch rows still print)")
+    train.add_argument("--tensorboard", metavar="FOLDER", help="also log every epoch's row and step split for "
+                                                               "TensorBoard there (needs the tensorboard package)")
     _add_config_arguments(train)
+    evaluate = sub.add_parser("evaluate", help="test accuracy and confusions of a run's saved weights",
+                              description="Evaluate saved weights on MNIST's 10,000 test images: a record of a run "
+                                          "(its .pt beside it) or the .pt itself.")
+    evaluate.add_argument("path", metavar="RECORD_OR_WEIGHTS")
+    evaluate.add_argument("--data-dir", default="", help="MNIST root; empty means the record's, $MNIST_DATA_DIR, "
+                                                         "else data/")
     return parser
 
 
@@ -82,30 +91,84 @@ def train_command(args: argparse.Namespace, cfg: TrainConfig, env: RankPlace | N
     is_main = env is None or env.rank == 0
     if is_main:
         print(f"training: world_size={cfg.world_size} ({mode(cfg, env)}), batch {cfg.batch_size}/worker, "
-              f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}", flush=True)
-    journal = cfg.record_path.with_suffix(".epochs.jsonl")
+              f"{cfg.epochs} epochs, sync={'none' if cfg.world_size == 1 else cfg.sync}, precision {cfg.precision}",
+              flush=True)
+    journal, logs = cfg.record_path.with_suffix(".epochs.jsonl"), event_logs(cfg, args.tensorboard) if is_main else []
     live = "rows" if args.no_progress else True
     try:
-        result = launch_rank(cfg, env, live=live, journal=journal) if env else \
-            launch(cfg, live=live, journal=journal, quiet_workers=False)
+        on_event = (lambda event: [log(event) for log in logs]) if logs else None
+        result = launch_rank(cfg, env, live=live, journal=journal, on_event=on_event) if env else \
+            launch(cfg, on_event, live=live, journal=journal, quiet_workers=False)
     except DDPError as exc:
         if is_main and hasattr(exc, "history"):  # failed while training: the record says so
-            print(f"record of the failed run written to {save_failed_record(cfg, exc)}", flush=True)
+            try:
+                print(f"record of the failed run written to {save_failed_record(cfg, exc)}", flush=True)
+            except DiskFullError:
+                print("the record of the failed run could not be written either (no space left)", flush=True)
         raise
+    finally:
+        for log in logs:
+            getattr(log, "close", lambda: None)()
     if result is None:
         return 0
+    rt = result.record["runtime"]
+    if "preempted" in rt:  # asked to stop by the scheduler: every rank stopped at one step
+        if is_main:
+            stop = rt["preempted"]
+            print(f"stopped as asked (the scheduler's {preemption.SIGNAL.name}) at epoch {stop['epoch']}, step "
+                  f"{stop['step']} of {stop['steps_in_epoch']}; {resume_hint(cfg, env, args.argv)}; partial "
+                  f"record written to {result.save()}", flush=True)
+        return preemption.PREEMPTED_EXIT
     path, weights = result.save(), result.save_weights()
-    rt, summary = result.record["runtime"], result.record["summary"]
+    summary = result.record["summary"]
     for note in rt["notes"]:
         print(f"note: {note}")
     print(f"final validation accuracy {summary['final_val_accuracy']:.2%}; median epoch "
           f"{summary['median_epoch_time_s']:.2f} s; backend {rt['backend']}, device {rt['device']}, "
           f"{rt['threads_per_rank']} thread(s)/rank ({rt['threads_rule']}), all-reduce {rt['comm']}, {rt['optimizer']}, "
           f"CUDA graph {'on' if rt['cuda_graph'] else 'off'}, wall {rt['wall_time_s']:.1f} s")
-    print(f"record written to {path} (epoch rows as they came: {journal})")
+    print(f"record written to {path} (epoch rows as they came: {journal}; as CSV: {cfg.record_path.with_suffix('.csv')}"
+          + (f"; TensorBoard: {args.tensorboard}" if args.tensorboard and len(logs) > 1 else "") + ")")
     print(f"final weights written to {weights} (torch.load(path, weights_only=True) into "
           f"MLP({cfg.hidden_sizes}, {cfg.dropout}))")
     return 0
+
+
+def event_logs(cfg: TrainConfig, tensorboard: str | None) -> list:
+    """The logs people already read, written from the run's events: a CSV beside the record, and
+    TensorBoard's event files where asked (a line says why not when the package is missing)."""
+    from .report import CsvLog, TensorBoardLog
+
+    logs: list = [CsvLog(cfg.record_path.with_suffix(".csv"))]
+    if tensorboard:
+        try:
+            logs.append(TensorBoardLog(tensorboard))
+        except ImportError:
+            print("note: --tensorboard needs the tensorboard package (pip install tensorboard); the CSV log is "
+                  "written", flush=True)
+    return logs
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_file
+
+    got = evaluate_file(args.path, args.data_dir)
+    print(f"test accuracy {got['accuracy']:.2%} on {got['test_samples']:,} images ({got['weights']})")
+    print("per digit: " + "  ".join(f"{d}: {a:.1%}" for d, a in enumerate(got["per_class_accuracy"])))
+    print("most confused: " + ", ".join(f"{t} taken for {p} ({n}x)" for n, t, p in got["most_confused"]))
+    return 0
+
+
+def one_line(exc: DDPError, cfg: TrainConfig | None, env: RankPlace | None, argv: Sequence[str]) -> str:
+    """What to print for one of our errors. A full disk (in this process or in a rank) says what was kept
+    and how to continue; the others say it themselves."""
+    full = isinstance(exc, DiskFullError) or str(exc).startswith("rank ") and "DiskFullError: " in str(exc)
+    if not full:
+        return f"error: {exc}"
+    reason = str(exc).split("DiskFullError: ", 1)[-1].splitlines()[0].split(". All ")[0]
+    kept = resume_hint(cfg, env, argv) if cfg else "no run had started"
+    return (f"error: {reason}: the run stopped; every file written before is intact (each is replaced only once "
+            f"its new version is complete); {kept}")
 
 
 # --- stopped from outside: Ctrl-C, or a scheduler's SIGTERM ---------------------------------------
@@ -145,7 +208,10 @@ def resume_hint(cfg: TrainConfig, env: RankPlace | None, argv: Sequence[str]) ->
     again = [a for a in argv if a not in ("--resume", "--no-resume")] + ["--resume"]
     how = "start the job again with --resume" if env else \
         f"run the same command with --resume: python -m ddp_helpers {shlex.join(again)}"
-    return f"last checkpoint {kept[0]} (epoch {int(NAME.match(kept[0].name).group(1))}); to continue, {how}"
+    epoch, step = position(kept[0])
+    where = f"epoch {epoch}" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
+    return f"last checkpoint {kept[0]} ({where}); to continue, {how}"
+
 
 
 def stopped_line(how: str, cfg: TrainConfig | None, env: RankPlace | None, argv: Sequence[str]) -> str:
@@ -164,14 +230,17 @@ def stopped_line(how: str, cfg: TrainConfig | None, env: RankPlace | None, argv:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the user typed: a hint to continue repeats it
     cfg = env = None
     try:
+        if args.command == "evaluate":
+            return evaluate_command(args)
         env = launcher_place()
         cfg = resolve_config(args, env.world_size if env else None)
-        with sigterm_raises(enabled=env is None):
+        with sigterm_raises(enabled=env is None), preemption.listening():
             return train_command(args, cfg, env)
     except DDPError as exc:  # ours: the message says what to fix
-        print(f"error: {exc}", file=sys.stderr)
+        print(one_line(exc, cfg, env, argv), file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         if env is None or env.rank == 0:

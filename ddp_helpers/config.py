@@ -18,6 +18,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 DATASETS = ("mnist", "synthetic")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("32", "bf16-mixed")
 # The names a run may ask for; ddp_helpers.sync.STRATEGIES builds each (a test holds the two lists together).
 SYNC_STRATEGIES = ("ddp", "allreduce", "fp16", "powersgd", "local_sgd", "local_sgd_overlap", "bucketed")
 TRANSPORTS = ("auto", "gloo", "shm")
@@ -50,6 +51,9 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, shuffling and dropout (each rank adds its rank for dropout)", rule=">= 0")
     dtype: str = _field("float32", "precision of weights and data; float64 makes equivalence checks exact on any CPU",
                         choices=DTYPES)
+    precision: str = _field("32", "arithmetic of the forward pass: '32' as dtype, 'bf16-mixed' in bfloat16 under "
+                                  "autocast (weights, gradients, all-reduce and Adam stay in dtype)",
+                            choices=PRECISIONS)
     warmup_steps: int = _field(0, "optimizer steps of linear learning-rate warm-up from lr/warmup_steps; 0 = none",
                                rule=">= 0")
     accumulation_steps: int = _field(1, "micro-batches per optimizer step; gradients sync only on the last (no_sync)",
@@ -129,7 +133,9 @@ class TrainConfig:
         problems = [("master_addr", not self.master_addr, "must be a host name or IP"),
                     ("resume", self.resume and not self.checkpoint_dir, "needs checkpoint_dir to be set"),
                     ("backend", self.backend == "nccl" and self.device == "cpu",
-                     "'nccl' needs device='cuda' (or 'auto'): NCCL only moves GPU tensors")]
+                     "'nccl' needs device='cuda' (or 'auto'): NCCL only moves GPU tensors"),
+                    ("precision", self.precision != "32" and self.dtype != "float32",
+                     "'bf16-mixed' needs dtype='float32' (autocast lowers float32 arithmetic)")]
         for name, bad, allowed in problems:
             if bad:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")

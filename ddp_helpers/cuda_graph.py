@@ -30,22 +30,24 @@ def graph_supported(device: torch.device, world_size: int, accumulation_steps: i
 
 
 def captured_step(wanted: bool, sync, optimizer: torch.optim.Optimizer, tally: Tally, images: torch.Tensor,
-                  labels: torch.Tensor, batch_size: int, world_size: int, accumulation_steps: int
-                  ) -> tuple["GraphedStep | None", str]:
+                  labels: torch.Tensor, batch_size: int, world_size: int, accumulation_steps: int,
+                  autocast: torch.dtype | None = None) -> tuple["GraphedStep | None", str]:
     """The step captured for batches of ``batch_size`` (the first batch of ``images`` serves as the
     example) where it is wanted and supported; else None. With a note for the record."""
     if not wanted:
         return None, "off (config)"
     can, note = graph_supported(images.device, world_size, accumulation_steps)
-    return (GraphedStep(sync, optimizer, tally, images[:batch_size], labels[:batch_size]) if can else None), note
+    if not can:
+        return None, note
+    return GraphedStep(sync, optimizer, tally, images[:batch_size], labels[:batch_size], autocast=autocast), note
 
 
 class GraphedStep:
     """A captured training step for batches of exactly ``batch_size`` samples."""
 
     def __init__(self, sync, optimizer: torch.optim.Optimizer, tally: Tally, example_x: torch.Tensor,
-                 example_y: torch.Tensor, warmup: int = 3):
-        self.sync, self.optimizer, self.tally = sync, optimizer, tally
+                 example_y: torch.Tensor, warmup: int = 3, autocast: torch.dtype | None = None):
+        self.sync, self.optimizer, self.tally, self.autocast = sync, optimizer, tally, autocast
         model = sync.module
         self.x, self.y = example_x.clone(), example_y.clone()
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -74,7 +76,8 @@ class GraphedStep:
         torch.cuda.set_rng_state(rng)
 
     def _step(self) -> None:
-        step(self.sync, self.optimizer, self.x, self.y, self.tally, set_to_none=False)  # the graph holds the grads
+        step(self.sync, self.optimizer, self.x, self.y, self.tally, set_to_none=False,  # the graph holds the grads
+             autocast=self.autocast)
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.shape[0] == self.x.shape[0]

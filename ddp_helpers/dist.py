@@ -15,6 +15,7 @@ multi-node torchrun or srun job gets them right too).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 import warnings
@@ -33,15 +34,24 @@ from .transport import Gloo
 
 
 # --- choices made from this node's resources ------------------------------------------------
-def threads_for(requested: int, local_ranks: int) -> tuple[int, str]:
-    """Intra-op threads per rank, and the rule that gave them: the request, else $OMP_NUM_THREADS, else this
-    node's cores shared out among its ranks (two ranks with two threads each on two cores thrash)."""
+def threads_for(requested: int, local_ranks: int, launcher: str = "") -> tuple[int, str]:
+    """Intra-op threads per rank, and the rule that gave them: the request (``--threads-per-rank``),
+    else $OMP_NUM_THREADS, else this node's cores shared out among its ranks (two ranks with two
+    threads each on two cores thrash).
+
+    torchrun sets OMP_NUM_THREADS=1 for its workers when it is unset and a node runs more than one of
+    them; a rank cannot tell that 1 from a user's, so it is honoured, and where the node has cores to
+    spare the rule says so and names the flag that uses them."""
     if requested:
         return requested, f"threads_per_rank={requested} (config)"
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp), f"OMP_NUM_THREADS={omp}"
     cores = usable_cores()
+    if omp.isdigit() and int(omp) > 0:
+        spare = cores // local_ranks
+        if launcher == "torchrun" and omp == "1" and spare > 1:
+            return 1, (f"OMP_NUM_THREADS=1, which torchrun sets when it is unset: this node has {cores} usable cores "
+                       f"for {local_ranks} ranks; --threads-per-rank {spare} (or OMP_NUM_THREADS={spare}) uses them")
+        return int(omp), f"OMP_NUM_THREADS={omp}"
     return max(1, cores // local_ranks), f"{cores} usable cores // {local_ranks} rank(s) on this node"
 
 
@@ -98,19 +108,64 @@ def host_store(addr: str, port: int, timeout_s: float = 300.0) -> dist.TCPStore:
 
 
 def job_store(place: RankPlace, timeout_s: float) -> dist.Store:
-    """A rank's view of its job's store, with the keys of this attempt only: a client of the store
-    that the launching process hosts (torchrun's agent, or ``launch``), or, under srun where nobody
-    is above the ranks, hosted by rank 0."""
+    """A rank's view of its job's store, with the keys of this attempt only (``place.attempt``)."""
+    return dist.PrefixStore(place.store_prefix, _connect(place, timeout_s))
+
+
+def attempt_store(place: RankPlace, timeout_s: float) -> tuple[dist.Store, RankPlace]:
+    """Under torchrun: the job's store with the keys of this attempt, and the place with the attempt
+    that every rank agreed on (:func:`agree_attempt`); elsewhere as :func:`job_store`."""
+    if place.launcher != "torchrun":
+        return job_store(place, timeout_s), place
+    raw = _connect(place, timeout_s)
+    place = place.with_attempt(agree_attempt(raw, f"ddp_helpers/{place.run_id}", place.rank, place.world_size,
+                                             timeout_s))
+    return dist.PrefixStore(place.store_prefix, raw), place
+
+
+def _connect(place: RankPlace, timeout_s: float) -> dist.TCPStore:
+    """A client of the store that the launching process hosts (torchrun's agent, or ``launch``), or,
+    under srun where nobody is above the ranks, the store itself, hosted by rank 0."""
     host = place.rank == 0 and not place.agent_store
     try:
-        store = dist.TCPStore(place.master_addr, place.master_port, place.world_size, is_master=host,
-                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return dist.TCPStore(place.master_addr, place.master_port, place.world_size, is_master=host,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     except (RuntimeError, OSError) as exc:
         if host and "in use" in str(exc).lower():
             raise SetupError(f"rendezvous port {place.master_addr}:{place.master_port} is not available (address "
                              f"already in use). Fix: set MASTER_PORT to a free port.") from None
         raise
-    return dist.PrefixStore(place.store_prefix, store)
+
+
+def agree_attempt(store: dist.Store, base: str, rank: int, world_size: int, timeout_s: float) -> int:
+    """The number of this attempt of the job (0 for the first), the same on every rank.
+
+    torchrun's agent keeps one store across elastic restarts, but its restart count is not shared
+    between nodes: on a membership change it restarts a healthy node's workers without counting a
+    restart (pytorch/pytorch issue 108158), so ranks of one attempt can hold different counts. So the
+    count lives in the store: rank 0 opens a new attempt by adding one to a counter there, and tells
+    each other rank its number in answer to a question that rank asked with a fresh random word (an
+    answer left by an earlier attempt cannot be mistaken for it); rank 0 goes on until every rank has
+    confirmed that number, so a rank that asks late is still answered."""
+    if rank != 0:
+        word = secrets.token_hex(8)
+        store.set(f"{base}/ask/{rank}", word)
+        attempt = int(store.get(f"{base}/answer/{rank}/{word}"))  # waits, up to the store's timeout
+        store.set(f"{base}/confirmed/{attempt}/{rank}", "1")
+        return attempt
+    attempt = store.add(f"{base}/attempts", 1) - 1
+    waiting, deadline = set(range(1, world_size)), time.monotonic() + timeout_s
+    while waiting:
+        for other in list(waiting):
+            if store.check([f"{base}/confirmed/{attempt}/{other}"]):
+                waiting.discard(other)
+            elif store.check([f"{base}/ask/{other}"]):
+                store.set(f"{base}/answer/{other}/{store.get(f'{base}/ask/{other}').decode()}", str(attempt))
+        if waiting and time.monotonic() > deadline:
+            raise dist.DistStoreError(f"rank 0 waited {timeout_s:g} s for rank(s) {sorted(waiting)} to join attempt "
+                                      f"{attempt} of the job")
+        time.sleep(0.01 if waiting else 0)
+    return attempt
 
 
 def oversubscription_warning(local_ranks: int) -> list[str]:
@@ -151,8 +206,9 @@ class RankContext:
     device: torch.device
     threads: int
     threads_rule: str = ""
-    restart_count: int = 0  # torchrun's elastic restarts before this attempt
+    attempt: int = 0  # 0 for a job's first attempt (an elastic restart starts another)
     transport: Any = None  # how the strategies' all-reduces travel (ddp_helpers.transport): gloo unless chosen
+    store: Any = None  # the job's store, with this attempt's keys (None in a single process)
 
     @property
     def is_main(self) -> bool:
@@ -176,7 +232,7 @@ class RankContext:
 @contextmanager
 def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str = "gloo",
                   device: torch.device = torch.device("cpu"), threads: int = 1, timeout_s: float = 120.0,
-                  threads_rule: str = "", restart_count: int = 0) -> Iterator[RankContext]:
+                  threads_rule: str = "", attempt: int = 0) -> Iterator[RankContext]:
     """Join the process group (every wait bounded by ``timeout_s``), yield the context, always leave:
     together after a body that succeeded (:func:`leave_together`), at once after one that raised (the
     others may be gone)."""
@@ -189,7 +245,7 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)  # NCCL: no guessing, no hang
     try:
-        yield RankContext(rank, world_size, backend, device, threads, threads_rule, restart_count, Gloo())
+        yield RankContext(rank, world_size, backend, device, threads, threads_rule, attempt, Gloo(), store)
         leave_together(store, rank, world_size, timeout_s)
     except BaseException as exc:  # stamped before this rank leaves, so before any peer can notice:
         exc.raised_at = getattr(exc, "raised_at", time.time())  # the launcher blames the earliest failure

@@ -134,18 +134,20 @@ class Tally:
 
 def step(sync, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tally: Tally,
          profiler: Profiler | None = None, *, starts_step: bool = True, ends_step: bool = True,
-         accumulate: int = 1, set_to_none: bool = True) -> torch.Tensor:
+         accumulate: int = 1, set_to_none: bool = True, autocast: torch.dtype | None = None) -> torch.Tensor:
     """One micro-batch, the only training step there is: the plain listing's four lines (zero_grad,
     forward and loss, backward, optimizer step), and the lines marked ``+``. With accumulation, the
     last micro-batch of a step also syncs and steps; a short last group is still divided by
     ``accumulate``. ``set_to_none=False`` zeroes gradients in place (a CUDA graph holds their
-    addresses; it captures this function too). Returns the loss."""
+    addresses; it captures this function too). ``autocast``: the forward pass's lower precision
+    (bfloat16: mixed precision; the weights, gradients and Adam stay float32). Returns the loss."""
     lap = profiler.lap if profiler is not None else _no_lap              # + timing, when asked
     if starts_step:
         sync.zero_grad(set_to_none=set_to_none)
     with contextlib.nullcontext() if ends_step else sync.no_sync():      # + accumulate: sync on the last only
-        logits = sync.module(x)
-        loss = F.cross_entropy(logits, y)
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):  # +
+            logits = sync.module(x)
+            loss = F.cross_entropy(logits, y)
         (loss / accumulate).backward()                                   # DDP all-reduces inside backward
     tally.add(loss, logits, y)                                           # + metrics, kept on the device
     lap("compute")

@@ -4,7 +4,8 @@ The plan travels in the environment variable ``DDP_HELPERS_FAULT`` (``RANK:STEP:
 ``1:40:raise``), so that it reaches every rank however it is started: spawned workers and
 torchrun's workers inherit it. It fires on a job's first attempt only, so that an elastic restart
 can finish. Kinds: ``raise`` an exception, ``exit`` hard with ``os._exit(17)``, ``hang`` (sleep,
-so that the other ranks' collective times out).
+so that the other ranks' collective times out), ``preempt`` (ask for a stop, as the scheduler's
+warning signal would: see preemption.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, Iterator
 from .errors import ConfigError
 
 VARIABLE = "DDP_HELPERS_FAULT"
-KINDS = ("raise", "exit", "hang")
+KINDS = ("raise", "exit", "hang", "preempt")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ def planned(rank: int, attempt: int) -> Fault | None:
 def fire(fault: Fault, emit: Callable[[str, dict], None], hang_s: float) -> None:
     """Fail now, as planned (after saying so: the ``fault`` event times how soon it is reported)."""
     emit("fault", {"rank": fault.rank, "step": fault.step, "kind": fault.kind, "time": time.time()})
+    if fault.kind == "preempt":
+        from .preemption import request
+
+        request()
+        return
     if fault.kind == "exit":
         os._exit(17)
     if fault.kind == "hang":

@@ -49,6 +49,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def native_bf16() -> str:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16, AMX-BF16 or Arm's BF16), as its
+    flags say; without, torch emulates it through float32 and mixed precision is slower, not faster."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return "unknown"
+    found = sorted(set(flags) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return "yes (" + ", ".join(found) + ")" if found else "no"
+
+
 def memory_gib() -> float | None:
     try:
         with open("/proc/meminfo") as fh:

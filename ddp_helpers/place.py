@@ -8,6 +8,7 @@ process is the same place with a world of one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class RankPlace:
     local_rank: int
     local_world_size: int   # ranks on this node
     node: int               # this node's index in the job (torchrun's GROUP_RANK, SLURM_NODEID)
-    restart_count: int      # elastic restarts so far
+    attempt: int            # 0 for a job's first attempt; under torchrun agreed in the store (see dist.agree_attempt)
     run_id: str
     master_addr: str
     master_port: int
@@ -36,7 +37,10 @@ class RankPlace:
     def store_prefix(self) -> str:
         """The keys of this attempt of this job in the rendezvous store (torchrun's agent keeps one
         store across elastic restarts: a restarted rank must not read the attempt that crashed)."""
-        return f"ddp_helpers/{self.run_id}/attempt_{self.restart_count}"
+        return f"ddp_helpers/{self.run_id}/attempt_{self.attempt}"
+
+    def with_attempt(self, attempt: int) -> "RankPlace":
+        return dataclasses.replace(self, attempt=attempt)
 
 
 def rank_variables(rank: int, world_size: int, master_addr: str, master_port: int, run_id: str,
@@ -70,7 +74,7 @@ def place_from(env: Mapping[str, str]) -> RankPlace | None:
     world = int(env["WORLD_SIZE"])
     return RankPlace(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
                      local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), node=int(env.get("GROUP_RANK", "0")),
-                     restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                     attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),  # a first guess: see dist.agree_attempt
                      run_id=env.get("TORCHELASTIC_RUN_ID", "run"), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                      master_port=int(env.get("MASTER_PORT", "0")),
                      launcher=env.get("DDP_HELPERS_LAUNCHER", "torchrun"),
@@ -97,7 +101,7 @@ def _from_srun(env: Mapping[str, str]) -> RankPlace | None:
                           f"names {len(per_node)} node(s). Fix: start the command with srun inside the job.")
     return RankPlace(rank=_slurm_number(env, "SLURM_PROCID"), world_size=world,
                      local_rank=_slurm_number(env, "SLURM_LOCALID"), local_world_size=per_node[node], node=node,
-                     restart_count=0, run_id=f"slurm-{job}-{env.get('SLURM_STEP_ID', '0')}",
+                     attempt=0, run_id=f"slurm-{job}-{env.get('SLURM_STEP_ID', '0')}",
                      master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", "")),
                      master_port=int(env.get("MASTER_PORT") or 15000 + job % 10000),  # as Lightning: last 4 digits
                      launcher="slurm")

@@ -9,6 +9,7 @@ the spawn supervisor (``workers.py``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +21,12 @@ from torch.distributed.elastic.multiprocessing import errors as elastic
 from .checkpoint import check_checkpoint_dir
 from .config import TrainConfig
 from .data import Split, ensure_mnist
-from .dist import (RankContext, check_devices, job_store, oversubscription_warning, pick_backend, pick_device,
+from .dist import (RankContext, attempt_store, check_devices, oversubscription_warning, pick_backend, pick_device,
                    process_group, single_process, threads_for)
 from .errors import DDPError
 from .events import Event, Handler
 from .failures import Board, heartbeating, raise_for_culprit
+from .files import held
 from .place import RankPlace
 from .report import Journal, LiveReport
 from .results import RunResult, finished_record
@@ -69,25 +71,27 @@ class Heard:
 def reporting(on_event: Handler | None, live: bool | str, journal: str | Path | None) -> Iterator[Heard]:
     """``live``: "auto" = bar and rows in a notebook or terminal, nothing elsewhere; True = rows
     always, bar when interactive; "rows" = rows only; False = nothing. A run that fails with one of
-    our errors once training has begun carries the rows heard as ``error.history``."""
-    report = LiveReport.for_mode(live)
-    heard = Heard([h for h in (report, Journal(journal) if journal else None, on_event) if h])
-    try:
-        yield heard
-    except DDPError as exc:
-        if heard.training:
-            exc.history = heard.rows
-        raise
-    finally:
-        if report is not None:
-            report.close()
+    our errors once training has begun carries the rows heard as ``error.history``. A run that writes a
+    journal holds a lock beside it for its life: a second run on the same files is refused."""
+    with held(Path(str(journal) + ".lock"), Path(journal).name) if journal else contextlib.nullcontext():
+        report = LiveReport.for_mode(live)
+        heard = Heard([h for h in (report, Journal(journal) if journal else None, on_event) if h])
+        try:
+            yield heard
+        except DDPError as exc:
+            if heard.training:
+                exc.history = heard.rows
+            raise
+        finally:
+            if report is not None:
+                report.close()
 
 
 @contextmanager
 def rank_context(cfg: TrainConfig, place: RankPlace, store: dist.Store | None) -> Iterator[RankContext]:
     """A rank's context, with the backend, device and threads chosen for its node: a process
     group when there is a store, else the single process (no group, no DDP)."""
-    threads, rule = threads_for(cfg.threads_per_rank, place.local_world_size)
+    threads, rule = threads_for(cfg.threads_per_rank, place.local_world_size, place.launcher)
     if store is None:
         with single_process(pick_device(cfg.device, "none", 0), threads, rule) as ctx:
             yield ctx
@@ -95,9 +99,9 @@ def rank_context(cfg: TrainConfig, place: RankPlace, store: dist.Store | None) -
     backend = pick_backend(cfg.backend, place.local_world_size, cfg.device)
     with process_group(place.rank, place.world_size, store, backend=backend, threads=threads, threads_rule=rule,
                        device=pick_device(cfg.device, backend, place.local_rank), timeout_s=cfg.timeout_s,
-                       restart_count=place.restart_count) as ctx:
+                       attempt=place.attempt) as ctx:
         ctx.transport = open_transport(cfg.comm, store, place.rank, ctx.gather(place.node), backend, ctx.device,
-                                       cfg.timeout_s)
+                                       cfg.timeout_s, label=f"ddp_helpers-{place.run_id}-attempt{place.attempt}")
         try:
             yield ctx
         finally:
@@ -116,17 +120,17 @@ def run_rank(cfg: TrainConfig, place: RankPlace, store: dist.Store | None, emit:
 
 
 @elastic.record  # torchrun's error file: its summary ("Root Cause") shows this error, not a bare exit code
-def launch_rank(cfg: TrainConfig, place: RankPlace, *, live: bool | str = "rows",
-                journal: str | Path | None = None) -> RunResult | None:
-    """Train as one rank of a torchrun or srun job; rank 0 returns the result, the others None.
+def launch_rank(cfg: TrainConfig, place: RankPlace, *, live: bool | str = "rows", journal: str | Path | None = None,
+                on_event: Handler | None = None) -> RunResult | None:
+    """Train as one rank of a torchrun or srun job; rank 0 returns the result, the others None (or, when
+    the job was asked to stop, their result too).
     A rank that fails says so in the job's store, and one that fails because of another raises a
     :class:`WorkerError` naming that rank."""
-    cfg = attempt_config(cfg, place)
-    main = place.rank == 0
+    store, place = attempt_store(place, cfg.timeout_s)  # the attempt, agreed by every rank in the store
+    cfg, main = attempt_config(cfg, place), place.rank == 0
     prepare(cfg, place.local_world_size, fetch_data=place.local_rank == 0)
     start = time.perf_counter()
-    with reporting(None, live if main else False, journal if main else None) as heard:
-        store = job_store(place, cfg.timeout_s)
+    with reporting(on_event if main else None, live if main else False, journal if main else None) as heard:
         board = Board(store, place.world_size)
         try:
             history, runtime, state = run_rank(cfg, place, store, heartbeating(board, place.rank,
@@ -136,8 +140,8 @@ def launch_rank(cfg: TrainConfig, place: RankPlace, *, live: bool | str = "rows"
             raise
         finally:
             del board, store  # close the store client now, not during interpreter teardown
-    if not main:
-        return None
+    if not main and "preempted" not in runtime:
+        return None  # (a stopped rank returns its record too: its process must end with the same status)
     record = finished_record(cfg, history, runtime, time.perf_counter() - start,
                               oversubscription_warning(place.local_world_size))
     return RunResult(record, state)
@@ -146,7 +150,7 @@ def launch_rank(cfg: TrainConfig, place: RankPlace, *, live: bool | str = "rows"
 def attempt_config(cfg: TrainConfig, place: RankPlace) -> TrainConfig:
     """This attempt's config: the launcher's world size, and a restarted attempt continues from the
     run's checkpoints where it keeps any (else it starts over)."""
-    return cfg.replace(world_size=place.world_size, resume=cfg.resume or (place.restart_count > 0
+    return cfg.replace(world_size=place.world_size, resume=cfg.resume or (place.attempt > 0
                                                                          and bool(cfg.checkpoint_dir)))
 
 

@@ -126,6 +126,58 @@ class Journal:
             append_line(self.path, json.dumps(event.payload))
 
 
+CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s",
+               "eval_time_s", "steps_per_worker", "optimizer_steps", "samples_per_s", "sync_fraction")
+PHASE_COLUMNS = ("total", "data", "compute", "sync", "optimizer")
+
+
+class CsvLog:
+    """An event handler: each epoch's row as a line of a CSV file, with the step's split in ms
+    (``step_ms_total``, ``step_ms_data``, ...). A run that starts from its first step starts it anew."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.started = Path(path), False
+
+    def __call__(self, event: Event) -> None:
+        if event.rank != 0:
+            return
+        if not self.started and event.kind == "progress":
+            self.started = True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if event.payload["step"] == 0 or not self.path.exists():
+                self.path.write_text(",".join([*CSV_COLUMNS, *(f"step_ms_{p}" for p in PHASE_COLUMNS)]) + "\n")
+        if event.kind == "epoch":
+            row = event.payload
+            values = [row.get(c) for c in CSV_COLUMNS] + [row["step_ms"].get(p) for p in PHASE_COLUMNS]
+            append_line(self.path, ",".join("" if v is None else repr(v) for v in values), "the CSV log")
+
+
+class TensorBoardLog:
+    """An event handler: each epoch's losses, accuracies, learning rate, epoch time and step split as
+    TensorBoard scalars (``tensorboard --logdir FOLDER``), written by torch's ``SummaryWriter``."""
+
+    def __init__(self, folder: str | Path):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(str(folder))
+
+    def __call__(self, event: Event) -> None:
+        if event.rank != 0 or event.kind != "epoch":
+            return
+        row, epoch = event.payload, event.payload["epoch"]
+        for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "epoch_time_s", "samples_per_s"):
+            self.writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
+        for phase, ms in row["step_ms"].items():
+            self.writer.add_scalar(f"step_ms/{phase}", ms, epoch)
+        for point in row["evals"]:  # the validation passes inside the epoch, at their fraction of it
+            self.writer.add_scalar("val/accuracy_within_epoch", point["val_accuracy"],
+                                   round(1000 * (epoch - 1 + point["epoch_fraction"])))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def read_journal(path: str | Path) -> list[dict]:
     """The epoch rows a journal holds (those of a run that crashed too)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -43,13 +43,14 @@ def eval_point(done: int, steps: int, train_s: float, val: dict) -> dict[str, fl
             "val_loss": val["val_loss"]}
 
 
-def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, threads: int, threads_rule: str,
+def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, precision: str, threads: int,
+                  threads_rule: str,
                   sync: str, comm: str, buckets_bytes: list[int], optimizer: str, cuda_graph: bool,
                   cuda_graph_note: str, parameters: int, train_samples: int, test_samples: int, global_batch: int,
                   notes: list[str], peak_rss_mb_per_rank: list[float]) -> dict[str, Any]:
     """How a run ran: what the ranks chose and measured for themselves. ``comm``: how the gradients'
     all-reduces travelled; ``buckets_bytes``: the gradient buckets as the strategy really made them."""
-    return {"rank_count": rank_count, "backend": backend, "device": device, "dtype": dtype,
+    return {"rank_count": rank_count, "backend": backend, "device": device, "dtype": dtype, "precision": precision,
             "threads_per_rank": threads, "threads_rule": threads_rule, "sync": sync, "comm": comm,
             "buckets_bytes": buckets_bytes, "optimizer": optimizer,
             "cuda_graph": cuda_graph, "cuda_graph_note": cuda_graph_note, "parameters": parameters,
@@ -73,10 +74,12 @@ def header(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def finished_record(cfg: TrainConfig, history: list[dict], runtime: dict, wall_s: float, notes: list[str]) -> dict:
-    """A run that finished: header, runtime, every epoch, summary (single process, spawned, torchrun)."""
-    return {**header("train", status="ok", config=cfg.to_dict()),
+    """A run that finished (or stopped where every rank agreed, asked to by the scheduler: status
+    "preempted"): header, runtime, every epoch, summary (single process, spawned, torchrun)."""
+    status = "preempted" if runtime.get("preempted") else "ok"
+    return {**header("train", status=status, config=cfg.to_dict()),
             "runtime": {**runtime, "wall_time_s": wall_s, "notes": notes + runtime.get("notes", [])},
-            "epochs": history, "summary": summary(history)}
+            "epochs": history, "summary": summary(history) if history else None}
 
 
 def failed_record(cfg: TrainConfig, error: BaseException | str, epochs: list[dict]) -> dict[str, Any]:

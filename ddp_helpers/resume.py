@@ -3,6 +3,7 @@ rank 0 chooses the checkpoint and every rank restores from rank 0's choice."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,14 +21,15 @@ def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def save(folder: str, keep: int, config: dict, ctx: RankContext, model, optimizer, scheduler, epoch: int,
-         global_step: int, history: list[dict]) -> None:
-    """Rank 0 writes the checkpoint of a finished epoch, with every rank's RNG states."""
+         global_step: int, history: list[dict], progress: dict | None = None) -> None:
+    """Rank 0 writes the checkpoint of ``epoch`` finished epochs, with every rank's RNG states; with
+    ``progress``, of a stop within the next epoch (how far it came, and its sums so far)."""
     states = ctx.gather(rng_states(ctx.device))
     if ctx.is_main:
-        save_checkpoint(folder, {
-            "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-            "rng": states, "config": config}, keep=keep)
+        state = {"epoch": epoch, "global_step": global_step, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                 "rng": states, "config": config}
+        save_checkpoint(folder, {**state, "progress": progress} if progress else state, keep=keep)
 
 
 def chosen_checkpoint(folder: str, config: dict, ctx: RankContext) -> tuple[dict | None, list[str]]:
@@ -53,11 +55,51 @@ def chosen_checkpoint(folder: str, config: dict, ctx: RankContext) -> tuple[dict
     return choice[0]
 
 
-def restore(folder: str, config: dict, ctx: RankContext, model, optimizer, scheduler) -> tuple[int, int, list, list[str]]:
-    """Load the newest good checkpoint, if any: (start epoch, global step, history, notes)."""
+def resized(saved: dict, config: dict, world_size: int) -> tuple[int, list[str]]:
+    """The accumulation to resume with at ``world_size`` from a checkpoint made at ``saved``'s, and a
+    note when the size changed: the global batch is kept where the checkpoint's is a whole number of
+    this run's micro-batches, else it changes (said)."""
+    accumulate = config["accumulation_steps"]
+    if (saved["world_size"], saved["accumulation_steps"]) == (world_size, accumulate):
+        return accumulate, []
+    kept = saved["batch_size"] * saved["world_size"] * saved["accumulation_steps"]
+    per_step = config["batch_size"] * world_size
+    change = f"resumed at world size {world_size} from a checkpoint made at world size {saved['world_size']}"
+    dropout = ("; with dropout the masks now come from other random streams: a valid continuation, not the same "
+               "numbers" if config["dropout"] else "")
+    if kept % per_step == 0:
+        return kept // per_step, [f"{change}: the global batch stays {kept} ({kept // per_step} micro-batch(es) of "
+                                  f"{config['batch_size']} per rank and step){dropout}"]
+    return accumulate, [f"{change}: the global batch changes from {kept} to {per_step * accumulate} ({kept} is not a "
+                        f"multiple of {per_step}){dropout}"]
+
+
+@dataclass
+class Restored:
+    """Where a resumed run starts: finished epochs, micro-batches per rank so far, the history, notes,
+    the accumulation to train with (a resize may change it), and how far into the next epoch a stop
+    came (None after a whole epoch)."""
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    accumulate: int = 1
+    progress: dict | None = None
+
+
+def restore(folder: str, config: dict, ctx: RankContext, model, optimizer, scheduler) -> Restored:
+    """Load the newest good checkpoint, if any, into the model, optimizer and scheduler."""
     state, notes = chosen_checkpoint(folder, config, ctx)
     if state is None:
-        return 0, 0, [], notes + [f"no usable checkpoint in {folder}: started from scratch"]
+        return Restored(notes=notes + [f"no usable checkpoint in {folder}: started from scratch"],
+                        accumulate=config["accumulation_steps"])
+    accumulate, resize = resized(state["config"], config, ctx.world_size)
+    if resize and state.get("progress"):
+        raise CheckpointError(f"the newest checkpoint in {folder} stopped within an epoch at world size "
+                              f"{state['config']['world_size']}; within an epoch the ranks' shares of the data "
+                              f"depend on it. Fix: resume at world size {state['config']['world_size']}, or remove "
+                              f"that file to resume from the epoch before at any size")
     model.load_state_dict(state["model"])
     groups = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])  # replaces whole groups: keep this run's implementation
@@ -67,8 +109,11 @@ def restore(folder: str, config: dict, ctx: RankContext, model, optimizer, sched
             group[key] = mine[key]
     set_lr(optimizer, rates)
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][ctx.rank]
+    rng = state["rng"][ctx.rank % len(state["rng"])]  # at another world size, some rank's states: still random
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-    return state["epoch"], state["global_step"], state["history"], notes
+    step = state["global_step"]  # micro-batches per rank so far; at another size, as many as its steps make
+    if resize:
+        step = sum(row["optimizer_steps"] for row in state["history"]) * accumulate  # the warm-up counts steps
+    return Restored(state["epoch"], step, state["history"], notes + resize, accumulate, state.get("progress"))

@@ -24,10 +24,11 @@ from .cuda_graph import GraphedStep, captured_step
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
 from .engine import NonFiniteLossError, Profiler, Tally, evaluate, make_optimizer, metrics, set_lr, step, warmup_scale
-from .host import peak_rss_mb
+from .host import native_bf16, peak_rss_mb
 from .model import MLP, count_parameters
 from .results import epoch_row, eval_point, runtime_block
-from .resume import restore, save
+from .preemption import StopStep
+from .resume import Restored, restore, save
 from .sync import make_sync
 
 Emit = Callable[[str, dict], None]
@@ -51,20 +52,24 @@ class Training:
     train_split: Split
     test_split: Split
     steps: int                       # per worker and epoch
+    accumulate: int                  # micro-batches per optimizer step (a resize may change the config's)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     optimizer_impl: str
     scheduler: Any
     profiler: Profiler
     lr_scale: Callable[[int], float] | None  # warm-up
+    autocast: torch.dtype | None             # the forward pass's lower precision, if mixed
     sync: Any
     tally: Tally
     graph: GraphedStep | None
     graph_note: str
+    stop: StopStep
     start_epoch: int = 0
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    progress: dict | None = None     # a resumed stop within an epoch: how far it came, its sums so far
 
 
 def build(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None = None) -> Training:
@@ -84,15 +89,18 @@ def build(cfg: TrainConfig, ctx: RankContext, data: tuple[Split, Split] | None =
     optimizer, impl = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, capturable=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     profiler, lr_scale, tally = Profiler(ctx.device), warmup_scale(cfg.warmup_steps), Tally(ctx.device)
-    start_epoch, global_step, history, notes = (
-        restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume else (0, 0, [], []))
+    restored = (restore(cfg.checkpoint_dir, cfg.to_dict(), ctx, model, optimizer, scheduler) if cfg.resume
+                else Restored(accumulate=cfg.accumulation_steps))
+    accumulate = restored.accumulate
     sync = make_sync(cfg.sync, model, optimizer, ctx.world_size, ctx.device, cfg.local_sgd_every,  # after restore:
                      profiler, ctx.transport, bucket_cap_mb=cfg.bucket_cap_mb,  # DDP broadcasts rank 0's weights
                      gradient_as_bucket_view=cfg.gradient_as_bucket_view, static_graph=cfg.static_graph)
+    autocast = torch.bfloat16 if cfg.precision == "bf16-mixed" else None
     graph, graph_note = captured_step(cfg.cuda_graph, sync, optimizer, tally, train_split.images, train_split.labels,
-                                      cfg.batch_size, ctx.world_size, cfg.accumulation_steps)
-    return Training(watch, train_split, test_split, steps, model, optimizer, impl, scheduler, profiler, lr_scale, sync,
-                    tally, graph, graph_note, start_epoch, global_step, history, notes)
+                                      cfg.batch_size, ctx.world_size, accumulate, autocast)
+    return Training(watch, train_split, test_split, steps, accumulate, model, optimizer, impl, scheduler, profiler,
+                    lr_scale, autocast, sync, tally, graph, graph_note, StopStep(ctx.store, accumulate),
+                    restored.epoch, restored.global_step, restored.history, restored.notes, restored.progress)
 
 
 def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split] | None = None) -> FitOutput:
@@ -100,8 +108,15 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
     t = build(cfg, ctx, data)
     if t.history:
         emit("restored", {"history": t.history})
+    stopped = None
     for epoch in range(t.start_epoch + 1, cfg.epochs + 1):
         row = run_epoch(t, cfg, ctx, emit, epoch)
+        if row is None:  # a stop was asked for (preemption): keep the epoch so far, and end
+            stopped = {"epoch": epoch, "step": t.progress["done"], "steps_in_epoch": t.steps}
+            if cfg.checkpoint_dir:
+                save(cfg.checkpoint_dir, cfg.keep_checkpoints, cfg.to_dict(), ctx, t.model, t.optimizer, t.scheduler,
+                     epoch - 1, t.global_step, t.history, t.progress)
+            break
         t.history.append(row)
         t.scheduler.step()
         if cfg.checkpoint_dir:
@@ -111,31 +126,49 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         if cfg.stop_at_accuracy and max(e["val_accuracy"] for e in row["evals"]) >= cfg.stop_at_accuracy:
             break  # every rank sees the same all-reduced accuracies, so all stop together
     runtime = runtime_block(
-        rank_count=ctx.world_size, backend=ctx.backend, device=str(ctx.device), dtype=cfg.dtype, threads=ctx.threads,
+        rank_count=ctx.world_size, backend=ctx.backend, device=str(ctx.device), dtype=cfg.dtype,
+        precision=cfg.precision if t.autocast is None else f"{cfg.precision} (forward under autocast to bfloat16; "
+                                                             f"this CPU's native bfloat16: {native_bf16()})",
+        threads=ctx.threads,
         threads_rule=ctx.threads_rule, sync=t.sync.name, comm=t.sync.comm, buckets_bytes=t.sync.bucket_sizes,
         optimizer=f"Adam ({t.optimizer_impl})",
         cuda_graph=t.graph is not None, cuda_graph_note=t.graph_note, parameters=count_parameters(t.model),
         train_samples=len(t.train_split), test_samples=len(t.test_split),
-        global_batch=cfg.batch_size * ctx.world_size * cfg.accumulation_steps, notes=t.notes,
+        global_batch=cfg.batch_size * ctx.world_size * t.accumulate, notes=t.notes,
         # each rank's process at its peak (a run in this process: all it held before the run too)
         peak_rss_mb_per_rank=ctx.gather(peak_rss_mb()))
+    if stopped is not None:
+        runtime["preempted"] = stopped
     return FitOutput(t.history, runtime, t.model)
 
 
-def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int) -> dict:
-    """One epoch (1-based): train up to each evaluation point, evaluate there; the epoch's row."""
-    points, check_loss = eval_points(t.steps, cfg.evals_per_epoch, cfg.accumulation_steps), t.watch.step_check(epoch)
+def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch: int) -> dict | None:
+    """One epoch (1-based): train up to each evaluation point, evaluate there; the epoch's row. None
+    when a stop was agreed within it: ``t.progress`` then holds how far it came (a resumed run starts
+    from there, skipping the batches already done: their order is a function of seed and epoch)."""
+    points, check_loss = eval_points(t.steps, cfg.evals_per_epoch, t.accumulate), t.watch.step_check(epoch)
     before_step = progress_and_fault(ctx, emit, epoch, t.steps, cfg.epochs * t.steps, 10 * cfg.timeout_s + 3600)
     lr, batch = float(t.optimizer.param_groups[0]["lr"]), cfg.batch_size
     indices = train_indices(len(t.train_split), ctx.rank, ctx.world_size, epoch - 1, cfg.seed)[:t.steps * batch]
     eval_idx = eval_indices(len(t.test_split), ctx.rank, ctx.world_size).to(t.test_split.images.device)
-    evals, done, optimizer_steps, train_s, eval_s = [], 0, 0, 0.0, 0.0
-    for end in points:
+    so_far = t.progress or {"done": 0, "optimizer_steps": 0, "evals": [], "train_s": 0.0, "eval_s": 0.0,
+                            "phase_s": {}}
+    if t.progress:  # resumed within this epoch: its sums so far
+        t.tally.sums.copy_(torch.tensor(t.progress["tally"], dtype=t.tally.sums.dtype))
+        t.progress = None
+    evals, done, optimizer_steps = list(so_far["evals"]), so_far["done"], so_far["optimizer_steps"]
+    train_s, eval_s, phase_s = so_far["train_s"], so_far["eval_s"], dict(so_far["phase_s"])
+    for end in (p for p in points if p > done):
         start, chunk = time.perf_counter(), indices[done * batch:end * batch]
         steps_done, stepped = train_steps(t, batches(t.train_split, chunk, batch), end - done, t.global_step + done,
-                                          cfg.accumulation_steps, before_step, check_loss)
+                                          t.accumulate, before_step, check_loss)
         train_s += time.perf_counter() - start
         done, optimizer_steps = done + steps_done, optimizer_steps + stepped
+        if done < end:  # stopped at the agreed step
+            phase_s = {k: phase_s.get(k, 0.0) + v for k, v in t.profiler.take().items()}
+            t.progress = {"epoch": epoch, "done": done, "optimizer_steps": optimizer_steps, "evals": evals,
+                          "train_s": train_s, "eval_s": eval_s, "phase_s": phase_s, "tally": t.tally.sums.tolist()}
+            return None
         start = time.perf_counter()
         t.watch.at_eval_point(t.tally, epoch, t.global_step + done - 1)  # before this epoch's checkpoint
         val = metrics(ctx.reduce(evaluate(t.model, t.test_split, eval_idx)["sums"]), "val")
@@ -143,7 +176,8 @@ def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch
         evals.append(eval_point(done, t.steps, train_s, val))
     t.global_step += done
     train = metrics(ctx.reduce(t.tally.take()), "train")
-    return epoch_row(epoch, lr, train, val, train_s, eval_s, done, optimizer_steps, t.profiler.take(), evals)
+    phase_s = {k: phase_s.get(k, 0.0) + v for k, v in t.profiler.take().items()}
+    return epoch_row(epoch, lr, train, val, train_s, eval_s, done, optimizer_steps, phase_s, evals)
 
 
 def train_steps(t: Training, steps: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, first_step: int,
@@ -161,6 +195,8 @@ def train_steps(t: Training, steps: Iterable[tuple[torch.Tensor, torch.Tensor]],
     t.profiler.restart()
     done = optimizer_steps = 0
     for x, y in steps:
+        if done % accumulate == 0 and t.stop.reached(first_step + done):
+            break  # a stop agreed by every rank: before an optimizer step's first micro-batch
         before_step(first_step + done)
         t.profiler.lap("data")
         starts_step, ends_step = done % accumulate == 0, (done + 1) % accumulate == 0 or done + 1 == count
@@ -170,8 +206,8 @@ def train_steps(t: Training, steps: Iterable[tuple[torch.Tensor, torch.Tensor]],
             t.graph.step(x, y)                        # zero_grad, forward, backward, Adam: one replay
             t.profiler.lap("compute")
         else:
-            loss = step(t.sync, t.optimizer, x, y, t.tally, t.profiler, starts_step=starts_step,
-                        ends_step=ends_step, accumulate=accumulate, set_to_none=t.graph is None)
+            loss = step(t.sync, t.optimizer, x, y, t.tally, t.profiler, starts_step=starts_step, ends_step=ends_step,
+                        accumulate=accumulate, set_to_none=t.graph is None, autocast=t.autocast)
             if check_loss is not None:
                 check_loss(loss, first_step + done)
         optimizer_steps += ends_step
@@ -186,7 +222,7 @@ def progress_and_fault(ctx: RankContext, emit: Emit, epoch: int, steps: int, tot
                        hang_s: float) -> Callable[[int], None]:
     """What runs before every step: a ``progress`` event every half second, and the planned fault
     of the test hook (:mod:`ddp_helpers.faults`), if this rank has one."""
-    fault, last = faults.planned(ctx.rank, ctx.restart_count), [0.0]
+    fault, last = faults.planned(ctx.rank, ctx.attempt), [0.0]
 
     def before_step(step: int) -> None:
         if fault is not None and step == fault.step:

@@ -58,7 +58,8 @@ class SharedMemory:
 
     name = "shm"
 
-    def __init__(self, store: dist.Store, rank: int, node_of: list[int], timeout_s: float):
+    def __init__(self, store: dist.Store, rank: int, node_of: list[int], timeout_s: float,
+                 label: str = "ddp_helpers"):
         world = len(node_of)
         self.node_ranks = [r for r in range(world) if node_of[r] == node_of[rank]]
         self.nodes = len(set(node_of))
@@ -67,7 +68,8 @@ class SharedMemory:
         self.leaders = dist.new_group(leaders, backend="gloo") if self.nodes > 1 else None
         self.is_leader = rank == self.node_ranks[0]
         spin = SPIN_S if len(self.node_ranks) <= usable_cores() else 0.0  # oversubscribed: give the core away
-        self.node = NodeGroup(dist.PrefixStore("shm", store), rank, self.node_ranks, timeout_s, spin_s=spin)
+        self.node = NodeGroup(dist.PrefixStore("shm", store), rank, self.node_ranks, timeout_s, spin_s=spin,
+                              label=label)
         self.thread: ThreadPoolExecutor | None = None  # asynchronous all-reduces run here, in order
 
     def describe(self) -> str:
@@ -117,10 +119,11 @@ class Pending:
 
 
 def open_transport(requested: str, store: dist.Store, rank: int, node_of: list[int], backend: str,
-                   device: torch.device, timeout_s: float) -> Gloo | SharedMemory:
+                   device: torch.device, timeout_s: float, label: str = "ddp_helpers") -> Gloo | SharedMemory:
     """The transport a run asked for: 'auto' is shared memory when a node has several ranks and the
-    tensors are on the CPU, else gloo; NCCL moves GPU tensors itself (``node_of``: each rank's node)."""
+    tensors are on the CPU, else gloo; NCCL moves GPU tensors itself (``node_of``: each rank's node;
+    ``label``: names the segment and the sockets, with the job and the attempt)."""
     several = len(node_of) > len(set(node_of))
     if requested == "gloo" or backend != "gloo" or (requested == "auto" and (not several or device.type != "cpu")):
         return Gloo()
-    return SharedMemory(store, rank, node_of, timeout_s)
+    return SharedMemory(store, rank, node_of, timeout_s, label)

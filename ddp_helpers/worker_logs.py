@@ -1,5 +1,6 @@
 """A spawned run's folder: each rank's log, which is its stdout and stderr from its first
-instruction, and on request the Python stacks of a live rank (faulthandler, on SIGUSR1)."""
+instruction, and on request the Python stacks of a live rank (faulthandler, on SIGUSR2; SIGUSR1 is
+the scheduler's warning of a stop, see preemption.py)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def stack_path(workdir: str | Path, rank: int) -> Path:
 
 
 def record_stacks(workdir: str, rank: int) -> None:
-    """In a rank: a fatal signal leaves every thread's Python stack in its log, and SIGUSR1 (the
+    """In a rank: a fatal signal leaves every thread's Python stack in its log, and SIGUSR2 (the
     parent asking) writes them to its stack file."""
     faulthandler.enable()
-    faulthandler.register(signal.SIGUSR1, file=open(stack_path(workdir, rank), "w"), all_threads=True)
+    faulthandler.register(signal.SIGUSR2, file=open(stack_path(workdir, rank), "w"), all_threads=True)
 
 
 class RunLogs:
@@ -84,7 +85,7 @@ class RunLogs:
         """Every thread's Python stack of a live rank (it may be frozen: SIGCONT lets the handler run)."""
         path = stack_path(self.workdir, rank)
         try:
-            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGUSR2)
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             return "(the process is gone)"

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from . import preemption
 from .dist import host_store, job_store
 from .events import Event
 from .failures import (BLAME_GRACE_S, Board, Facts, Verdict, WorkerError, find_culprit, headline, heartbeating,
@@ -73,6 +74,7 @@ def _worker_entry(job: Job, args: tuple, variables: dict[str, str], workdir: str
     parent = os.getppid()
     threading.Thread(target=_die_with_parent, args=(parent, workdir), daemon=True).start()
     os.environ.update(variables)  # what makes this process a rank: here only, never in the parent
+    signal.signal(preemption.SIGNAL, lambda signum, frame: preemption.request())  # the scheduler's warning
     place = launcher_place()
     record_stacks(workdir, place.rank)
 
@@ -202,6 +204,7 @@ class _Run:
             while len(self.ended) < len(self.procs):
                 self.logs.show()
                 self.drain(timeout=0.25)  # looking often times a failure without an error finely (see drain)
+                preemption.StopStep.forward(self.board.store)  # a stop asked of this process goes to the ranks
                 if any(self.procs[rank].exitcode for rank in self.ended):
                     raise self.failure()
                 if time.monotonic() > deadline:

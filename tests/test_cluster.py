@@ -16,7 +16,7 @@ import pytest
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import find_free_port
 from ddp_helpers.place import first_host, launcher_place, tasks_per_node
-from processes import no_process_left, spawned_workers_of
+from processes import no_process_left, processes_with, spawned_workers_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "RANK",
@@ -93,7 +93,7 @@ def test_a_task_of_an_srun_step_is_read_like_lightning(launched):
     env = launcher_place()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
     assert (env.master_addr, env.master_port) == ("node01", 15000 + 3456)  # the job id's last four digits
-    assert (env.run_id, env.restart_count, env.launcher) == ("slurm-123456-7", 0, "slurm")
+    assert (env.run_id, env.attempt, env.launcher) == ("slurm-123456-7", 0, "slurm")
 
 
 def test_master_addr_and_port_from_the_environment_win_under_srun(launched):
@@ -179,6 +179,59 @@ def test_the_readme_sbatch_script_runs_one_job_of_two_ranks(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["ckpt_epoch0001.pt"]
 
 
+def test_the_scheduler_s_warning_stops_the_job_at_one_step_and_the_requeued_job_finishes_it(tmp_path):
+    """--signal=USR1@90: SIGUSR1 reaches every task of the step (here from the test, as from slurmd). The
+    two ranks agree on one step, rank 0 checkpoints there, both exit with 75, the script asks for a
+    requeue, and the job started again (same id) resumes within the epoch and finishes."""
+    bin_dir, out_dir = tmp_path / "bin", tmp_path / "results"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "train.sbatch"
+    script.write_text(readme_sbatch_script())
+    env = {**without_launchers(os.environ), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4243", "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_TASKS_PER_NODE": "2", "SLURM_SUBMIT_DIR": str(ROOT),
+           "MASTER_PORT": str(find_free_port()), "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "PYTHONUNBUFFERED": "1",
+           "EPOCHS": "2"}
+    command = ["bash", str(script), "--dataset", "synthetic", "--train-subset", "16384", "--test-subset", "64",
+               "--output-dir", str(out_dir), "--run-name", "run"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None and not list_checkpoints(tmp_path / "ckpt"):
+            time.sleep(0.1)  # until epoch 1's checkpoint: the ranks are in epoch 2
+        tasks = [pid for pid in processes_with("ddp_helpers train") if pid != first.pid and is_python(pid)]
+        assert len(tasks) == 2, tasks
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR1)
+        out, err = first.communicate(timeout=120)
+    finally:
+        kill_group(first)
+    assert first.returncode == 75, out[-3000:] + err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4243"]
+    stopped = [p.name for p in list_checkpoints(tmp_path / "ckpt")]
+    assert stopped[0].startswith("ckpt_epoch0001_step"), stopped  # within epoch 2, where the ranks agreed
+    assert out.count("stopped as asked (the scheduler's SIGUSR1) at epoch 2") == 1
+    again = run_group(command, timeout=240, cwd=ROOT, env=env)  # the requeued job: the same id and folder
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    record = json.loads((out_dir / "run.json").read_text())
+    assert record["status"] == "ok" and [row["epoch"] for row in record["epochs"]] == [1, 2]
+    assert any(note.startswith("resumed from") and "step" in note for note in record["runtime"]["notes"])
+
+
+def is_python(pid: int) -> bool:
+    """Whether a process is a Python interpreter (a task), not the shell or srun around it."""
+    try:
+        return "python" in Path(f"/proc/{pid}/exe").resolve().name
+    except OSError:
+        return False
+
+
 # --- a scheduler's SIGTERM to the CLI ----------------------------------------------------------------
 
 def test_sigterm_stops_the_workers_and_the_run_resumes_from_its_checkpoint(tmp_path):
@@ -231,3 +284,47 @@ def test_main_restores_the_sigterm_handler(capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["train", "--dataset", "synthetic", "--print-config"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --- the attempt, agreed in the store -----------------------------------------------------------------------
+
+def test_the_ranks_of_an_attempt_agree_on_it_though_their_restart_counts_differ():
+    """pytorch/pytorch issue 108158: on a membership change torchrun restarts a healthy node's workers
+    without counting a restart. Here the second attempt's rank 0 (restarted node) holds count 1 and
+    rank 1 (the other node) still 0, and rank 1 asks before rank 0 has opened the attempt: both agree
+    on attempt 1, and nothing of attempt 0 (a failure it recorded) is visible under attempt 1's keys."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ddp_helpers.dist import agree_attempt, find_free_port
+    from ddp_helpers.place import RankPlace
+
+    store = dist.TCPStore("127.0.0.1", find_free_port(), is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=30))  # as torchrun's agent keeps it across attempts
+
+    def attempt_of(rank, got):
+        got[rank] = agree_attempt(store, "ddp_helpers/job", rank, 2, timeout_s=30)
+
+    first: dict = {}
+    threads = [threading.Thread(target=attempt_of, args=(r, first)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    place = RankPlace(1, 2, 0, 1, 1, first[1], "job", "127.0.0.1", store.port)
+    dist.PrefixStore(place.store_prefix, store).set("failed/1", "attempt 0's failure")
+
+    second: dict = {}
+    late_rank_0 = threading.Thread(target=attempt_of, args=(0, second))
+    early_rank_1 = threading.Thread(target=attempt_of, args=(1, second))
+    old_question = store.get("ddp_helpers/job/ask/1")
+    early_rank_1.start()
+    while store.get("ddp_helpers/job/ask/1") == old_question:
+        time.sleep(0.01)  # until rank 1 has asked anew: rank 0 opens the attempt only after that
+    late_rank_0.start()
+    for t in (late_rank_0, early_rank_1):
+        t.join(60)
+    assert first == {0: 0, 1: 0} and second == {0: 1, 1: 1}
+    assert not dist.PrefixStore(place.with_attempt(second[1]).store_prefix, store).check(["failed/1"])

@@ -107,7 +107,7 @@ def test_torchrun_environment_is_read_once_into_plain_values(second_node_of_two)
 
     env = launcher_place()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (11, 16, 3, 8)
-    assert (env.master_addr, env.master_port, env.restart_count) == ("10.0.0.1", 29500, 0)
+    assert (env.master_addr, env.master_port, env.attempt) == ("10.0.0.1", 29500, 0)
 
 
 def test_a_restarted_torchrun_attempt_resumes_only_where_the_run_keeps_checkpoints(second_node_of_two, monkeypatch,
@@ -163,6 +163,25 @@ def test_threads_come_from_the_ranks_on_this_node_unless_set(second_node_of_two,
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert dist.threads_for(0, 8) == (2, "OMP_NUM_THREADS=2")
     assert dist.threads_for(3, 8) == (3, "threads_per_rank=3 (config)")  # the config wins
+
+
+@pytest.mark.parametrize("launcher, omp, expected", [
+    ("spawn", None, (8, "16 usable cores // 2 rank(s) on this node")),
+    ("slurm", None, (8, "16 usable cores // 2 rank(s) on this node")),
+    ("torchrun", "1", (1, "OMP_NUM_THREADS=1, which torchrun sets when it is unset: this node has 16 usable cores "
+                          "for 2 ranks; --threads-per-rank 8 (or OMP_NUM_THREADS=8) uses them")),
+    ("torchrun", "4", (4, "OMP_NUM_THREADS=4")),
+])
+def test_the_thread_rule_with_the_variables_each_launcher_sets(launcher, omp, expected, monkeypatch):
+    """torchrun gives each of a node's several workers OMP_NUM_THREADS=1 when it is unset; spawn and
+    srun leave it unset. The 1 is honoured, and on a node with spare cores the rule says how to use them."""
+    from ddp_helpers import dist
+
+    monkeypatch.setattr(dist, "usable_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert dist.threads_for(0, 2, launcher) == expected
 
 
 def test_each_rank_joins_with_the_gpu_of_its_local_rank(second_node_of_two, eight_gpus, monkeypatch):

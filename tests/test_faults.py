@@ -28,13 +28,12 @@ def tiny_state(epoch, lr=1e-3):
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, tiny_state(1), keep=2)
-    import ddp_helpers.checkpoint as ckpt
+    import ddp_helpers.files as files
 
-    def dies_half_way(obj, fh):
-        fh.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt("killed while saving")
+    def killed_before_it_is_on_disk(fd):
+        raise KeyboardInterrupt("killed while saving")  # the new file is written, not yet synced or renamed
 
-    monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
+    monkeypatch.setattr(files.os, "fsync", killed_before_it_is_on_disk)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, tiny_state(2), keep=2)
     assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 1)]
@@ -228,8 +227,9 @@ def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
 
 def torchrun(*args, timeout=240, fault=""):
     """torchrun with these arguments; ``fault``: the test hook's plan (RANK:STEP:KIND), which reaches its ranks."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's own choice, as on a cluster
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", VARIABLE: fault})
+                          timeout=timeout, env={**env, "PYTHONUNBUFFERED": "1", VARIABLE: fault})
 
 
 def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_path):
@@ -242,5 +242,46 @@ def test_torchrun_restarts_a_crashed_rank_and_resumes_from_the_checkpoint(tmp_pa
     record = json.loads((tmp_path / "elastic.json").read_text())
     assert [row["epoch"] for row in record["epochs"]] == [1, 2, 3]
     assert record["runtime"]["rank_count"] == 2 and record["runtime"]["backend"] == "gloo"  # the same worker code
+    assert record["runtime"]["threads_rule"].startswith("OMP_NUM_THREADS=1")  # torchrun's, honoured and said
     assert out.stdout.count("record written to") == 1  # only rank 0 reports
     assert any("resumed from" in n and "epoch 2" in n for n in record["runtime"]["notes"])
+
+
+def test_a_run_resumed_at_another_world_size_keeps_its_global_batch_and_its_arithmetic(tmp_path):
+    """A W=2 checkpoint resumed at W=1: two micro-batches per step keep the global batch of 64. With
+    dropout 0 each step averages the same 64 samples (rank r's W=2 batch is a micro-batch's worth of
+    the same shuffle), so it ends where the uninterrupted W=2 run ends, to float64's rounding."""
+    from processes import EXACT, max_difference
+
+    exact = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=500, epochs=3, dropout=0.0, seed=11,
+                 lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
+    whole = launch(TrainConfig(world_size=2, **exact), live=False)
+    first = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path), **{**exact, "epochs": 1})
+    launch(first, live=False)
+    smaller = launch(first.replace(world_size=1, epochs=3, resume=True), live=False)
+    note = next(n for n in smaller.record["runtime"]["notes"] if n.startswith("resumed at world size"))
+    assert note == ("resumed at world size 1 from a checkpoint made at world size 2: the global batch stays 64 "
+                    "(2 micro-batch(es) of 32 per rank and step)")
+    assert smaller.record["runtime"]["global_batch"] == 64 and smaller.history[-1]["optimizer_steps"] == 32
+    assert max_difference(whole.state_dict, smaller.state_dict) < EXACT
+    assert [a["lr"] for a in whole.history] == [b["lr"] for b in smaller.history]
+
+
+def test_a_stop_asked_for_within_an_epoch_is_kept_there_and_resumes_to_the_same_weights(tmp_path):
+    """The scheduler's warning, as the test hook raises it in rank 1 at global step 150 (epoch 2 of
+    128-step epochs): every rank stops at the step they agreed on, rank 0 checkpoints the epoch so far,
+    and the resumed run skips the batches done and ends bit for bit where the uninterrupted run ends."""
+    exact = dict(world_size=2, dataset="mnist", device="cpu", train_subset=8192, test_subset=500, epochs=2,
+                 dropout=0.0, seed=7, lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
+    whole = launch(TrainConfig(**exact), live=False)
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path), **exact)
+    with injected(rank=1, step=150, kind="preempt"):
+        stopped = launch(cfg, live=False)
+    stop = stopped.record["runtime"]["preempted"]
+    assert stopped.record["status"] == "preempted" and stop["epoch"] == 2 and 22 < stop["step"] < 128
+    assert stop["step"] % 16 == 0  # at a check, as agreed: the same step on both ranks
+    assert list_checkpoints(tmp_path)[0].name == f"ckpt_epoch0001_step{stop['step']:06d}.pt"
+    resumed = launch(cfg.replace(resume=True), live=False)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert resumed.history[1]["train_loss"] == whole.history[1]["train_loss"]  # the epoch's sums carried over
+    assert all(torch.equal(whole.state_dict[k], resumed.state_dict[k]) for k in whole.state_dict)
