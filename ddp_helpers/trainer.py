@@ -154,7 +154,7 @@ def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch
     so_far = t.progress or {"done": 0, "optimizer_steps": 0, "evals": [], "train_s": 0.0, "eval_s": 0.0,
                             "phase_s": {}}
     if t.progress:  # resumed within this epoch: its sums so far
-        t.tally.sums.copy_(torch.tensor(t.progress["tally"], dtype=t.tally.sums.dtype))
+        t.tally.sums.copy_(torch.tensor(t.progress["tally"][ctx.rank], dtype=t.tally.sums.dtype))
         t.progress = None
     evals, done, optimizer_steps = list(so_far["evals"]), so_far["done"], so_far["optimizer_steps"]
     train_s, eval_s, phase_s = so_far["train_s"], so_far["eval_s"], dict(so_far["phase_s"])
@@ -167,7 +167,8 @@ def run_epoch(t: Training, cfg: TrainConfig, ctx: RankContext, emit: Emit, epoch
         if done < end:  # stopped at the agreed step
             phase_s = {k: phase_s.get(k, 0.0) + v for k, v in t.profiler.take().items()}
             t.progress = {"epoch": epoch, "done": done, "optimizer_steps": optimizer_steps, "evals": evals,
-                          "train_s": train_s, "eval_s": eval_s, "phase_s": phase_s, "tally": t.tally.sums.tolist()}
+                          "train_s": train_s, "eval_s": eval_s, "phase_s": phase_s,
+                          "tally": ctx.gather(t.tally.sums.tolist())}  # every rank's own sums, by rank
             return None
         start = time.perf_counter()
         t.watch.at_eval_point(t.tally, epoch, t.global_step + done - 1)  # before this epoch's checkpoint

@@ -304,8 +304,9 @@ def test_the_ranks_of_an_attempt_agree_on_it_though_their_restart_counts_differ(
     store = dist.TCPStore("127.0.0.1", find_free_port(), is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=30))  # as torchrun's agent keeps it across attempts
 
-    def attempt_of(rank, got):
-        got[rank] = agree_attempt(store, "ddp_helpers/job", rank, 2, timeout_s=30)
+    def attempt_of(rank, got):  # each rank with a client of its own, as each process has
+        client = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=30))
+        got[rank] = agree_attempt(client, "ddp_helpers/job", rank, 2, timeout_s=30)
 
     first: dict = {}
     threads = [threading.Thread(target=attempt_of, args=(r, first)) for r in (0, 1)]

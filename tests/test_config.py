@@ -205,7 +205,7 @@ def test_each_rank_joins_with_the_gpu_of_its_local_rank(second_node_of_two, eigh
         yield types.SimpleNamespace(gather=lambda value: [value], device=options["device"])
 
     monkeypatch.setattr(rank, "process_group", joined)
-    monkeypatch.setattr(rank, "open_transport", lambda *args: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(rank, "open_transport", lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None))
     with rank.rank_context(TrainConfig(), launcher_place(), store=object()):
         pass
     assert (seen["rank"], seen["world_size"], seen["backend"]) == (11, 16, "nccl")

@@ -25,8 +25,8 @@ def forward_bound(model: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             k = w.shape[1]
             terms = h.abs() @ w.abs().T
             out = h @ w.T + b
-            err = (err @ w.abs().T + ((1 + U) ** 2 - 1 + k * 2.0 ** -24) * terms + U * b.abs()
-                   + U * (out.abs() + err))
+            carried = err @ w.abs().T + ((1 + U) ** 2 - 1 + k * 2.0 ** -24) * terms + U * b.abs()
+            err = carried + U * (out.abs() + carried)  # and the output rounded to bfloat16
             h = out
         elif isinstance(layer, torch.nn.ReLU):
             h = h.clamp(min=0)
