@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .bounded import BoundedStore
 from .errors import ConfigError, SetupError
 from .host import usable_cores
 from .place import RankPlace
@@ -208,7 +209,7 @@ class RankContext:
     threads_rule: str = ""
     attempt: int = 0  # 0 for a job's first attempt (an elastic restart starts another)
     transport: Any = None  # how the strategies' all-reduces travel (ddp_helpers.transport): gloo unless chosen
-    store: Any = None  # the job's store, with this attempt's keys (None in a single process)
+    store: Any = None  # the job's store, with this attempt's keys, every call bounded (None in a single process)
 
     @property
     def is_main(self) -> bool:
@@ -244,9 +245,10 @@ def process_group(rank: int, world_size: int, store: dist.Store, *, backend: str
         dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)  # NCCL: no guessing, no hang
+    bounded = BoundedStore(store, timeout_s)  # the rank's own calls: none waits without end
     try:
-        yield RankContext(rank, world_size, backend, device, threads, threads_rule, attempt, Gloo(), store)
-        leave_together(store, rank, world_size, timeout_s)
+        yield RankContext(rank, world_size, backend, device, threads, threads_rule, attempt, Gloo(), bounded)
+        leave_together(bounded, rank, world_size, timeout_s)
     except BaseException as exc:  # stamped before this rank leaves, so before any peer can notice:
         exc.raised_at = getattr(exc, "raised_at", time.time())  # the launcher blames the earliest failure
         raise

@@ -6,12 +6,19 @@ store of its job: its heartbeat about twice a second, and when it fails, a recor
 stamped before it leaves the process group (so before any peer can notice), naming the rank it
 blames once it has looked. Whoever reads the store (a failing rank under torchrun, the spawn
 parent) names the culprit with the same rule, :func:`find_culprit`: blame rests on facts (times,
-silence), never on the words of an error.
+silence, a process that is gone), never on the words of an error.
+
+A rank killed outright (SIGKILL, the OOM killer) writes nothing. The spawn parent sees its exit;
+under torchrun or srun a failing rank looks for itself: each rank leaves where it runs (machine,
+process namespace, pid) in the store, and a peer on the same machine whose process is gone without
+a record, or a finish, ended without a word.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,12 +44,16 @@ class WorkerError(DDPError, RuntimeError):
         super().__init__(f"rank {rank} failed: {reason}.{stopped}" + (f"\n{details}" if details else ""))
 
 
+class StoreLost(DDPError, RuntimeError):
+    """A rank could not reach its job's store while failing: which peer is to blame is not known here."""
+
+
 def headline(exc: BaseException) -> str:
     """'SomeError: first line', from the innermost error when torch wraps one in another
     ('... Got the following error when running the callback: DistBackendError: ...')."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     marker = "when running the callback: "
-    return text.split(marker, 1)[1] if marker in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text.rsplit(marker, 1)[1] if marker in text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def stopped_making_progress(last: dict | None, waiter: int) -> str:
@@ -50,6 +61,38 @@ def stopped_making_progress(last: dict | None, waiter: int) -> str:
     where = (f"its last heartbeat was at step {last['step']} of epoch {last['epoch']}, "
              f"{time.time() - last['time']:.1f} s ago" if last else "it never sent a heartbeat")
     return f"stopped making progress ({where}); rank {waiter} timed out waiting for it"
+
+
+def ended_without_a_word(last: dict | None, waiter: int) -> str:
+    """The reason given for a rank whose process is gone without a record (killed outright)."""
+    where = f" after step {last['step']} of epoch {last['epoch']}" if last else ""
+    return (f"its process ended without a word{where} (killed outright: SIGKILL, the out-of-memory killer?); "
+            f"rank {waiter} lost its connection to it")
+
+
+def machine() -> str:
+    """This machine and process namespace: where a pid names one process."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, namespace = "", 0
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
+def running(pid: int) -> bool:
+    """Whether a process of this machine still runs (a zombie has ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
@@ -107,6 +150,26 @@ class Board:
         at = getattr(exc, "raised_at", time.time())
         self.store.set(f"failed/{rank}", json.dumps({"headline": headline(exc), "time": at, "culprit": culprit}))
 
+    def present(self, rank: int) -> None:
+        """Where this rank runs: a peer on the same machine can tell when its process is gone."""
+        self.store.set(f"process/{rank}", json.dumps({"where": machine(), "pid": os.getpid()}))
+
+    def finish(self, rank: int) -> None:
+        """This rank ended its work well: its process may end without anything being wrong."""
+        self.store.set(f"finished/{rank}", "1")
+
+    def gone(self, facts: Facts) -> dict[int, float]:
+        """Ranks on this machine whose process ended without a record or a finish: rank -> a time it
+        was surely alive (its last heartbeat)."""
+        out = {}
+        for r in self.ranks:
+            if r in facts.failed or not self.store.check([f"process/{r}"]) or self.store.check([f"finished/{r}"]):
+                continue
+            where = json.loads(self.store.get(f"process/{r}"))
+            if where["where"] == machine() and not running(where["pid"]):
+                out[r] = facts.beats.get(r, {}).get("time", 0.0)
+        return out
+
     def read(self, ended: dict[int, float] | None = None) -> Facts:
         def read_all(kind: str) -> dict[int, dict]:  # check() does not block
             return {r: json.loads(self.store.get(f"{kind}/{r}")) for r in self.ranks if self.store.check([f"{kind}/{r}"])}
@@ -118,14 +181,20 @@ class Board:
         collective times out, and the others give them up to BLAME_GRACE_S to do so."""
         self.store.set_timeout(timedelta(seconds=STORE_READ_S))
         self.record(rank, exc, getattr(exc, "rank_at_fault", None))
-        verdict = find_culprit(self.read(), self.ranks)
+        verdict = find_culprit(self.facts(), self.ranks)
         deadline = time.monotonic() + BLAME_GRACE_S
         while verdict and verdict.how == "silent" and self.silent_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-            verdict = find_culprit(self.read(), self.ranks)
+            verdict = find_culprit(self.facts(), self.ranks)
         if verdict is not None and verdict.rank != rank:
             self.record(rank, exc, verdict.rank)  # the others and the parent read whom this rank waited for
         return verdict
+
+    def facts(self) -> Facts:
+        """What a rank reads: the store, and the peers on its machine that are gone."""
+        facts = self.read()
+        facts.ended.update(self.gone(facts))
+        return facts
 
     def silent_count(self) -> int:
         facts = self.read()
@@ -159,14 +228,23 @@ def raise_for_culprit(board: Board, rank: int, exc: Exception) -> None:
             board.record(rank, exc, getattr(exc, "rank_at_fault", rank))
             return
         verdict = board.blame(rank, exc)
+    except dist.DistStoreError as lost:
+        if getattr(board.store, "lost", False):  # this rank's own failure to reach the store: say so
+            raise StoreLost(f"rank {rank} lost the job's store: {lost}; it had failed with {headline(exc)}. This "
+                            f"node is cut off from the store's host, or that host stopped: look at the other "
+                            f"nodes' output for the rank they name") from None
+        return
     except Exception:
         return
     if verdict is None or verdict.rank == rank:
         return
-    facts = board.read()
+    facts = board.facts()
     mine = f"rank {rank}: {headline(exc)}"
     if verdict.rank in facts.failed:
         raise WorkerError(verdict.rank, f"{facts.failed[verdict.rank]['headline']}; rank {rank} stopped waiting "
                                         f"for it", details=mine) from None
+    if verdict.rank in facts.ended:
+        raise WorkerError(verdict.rank, ended_without_a_word(facts.beats.get(verdict.rank), rank),
+                          details=mine) from None
     raise WorkerError(verdict.rank, stopped_making_progress(facts.beats.get(verdict.rank), rank),
                       details=mine) from None

@@ -3,7 +3,8 @@
 The plan travels in the environment variable ``DDP_HELPERS_FAULT`` (``RANK:STEP:KIND``, e.g.
 ``1:40:raise``), so that it reaches every rank however it is started: spawned workers and
 torchrun's workers inherit it. It fires on a job's first attempt only, so that an elastic restart
-can finish. Kinds: ``raise`` an exception, ``exit`` hard with ``os._exit(17)``, ``hang`` (sleep,
+can finish. Kinds: ``raise`` an exception, ``exit`` hard with ``os._exit(17)``, ``kill`` (SIGKILL
+itself, as the out-of-memory killer would: no word, no exit code of its own), ``hang`` (sleep,
 so that the other ranks' collective times out), ``preempt`` (ask for a stop, as the scheduler's
 warning signal would: see preemption.py).
 """
@@ -11,6 +12,7 @@ warning signal would: see preemption.py).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Callable, Iterator
 from .errors import ConfigError
 
 VARIABLE = "DDP_HELPERS_FAULT"
-KINDS = ("raise", "exit", "hang", "preempt")
+KINDS = ("raise", "exit", "kill", "hang", "preempt")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def fire(fault: Fault, emit: Callable[[str, dict], None], hang_s: float) -> None
         return
     if fault.kind == "exit":
         os._exit(17)
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if fault.kind == "hang":
         time.sleep(hang_s)
     raise RuntimeError(f"injected fault: rank {fault.rank} failed at step {fault.step}")

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing import errors as elastic
 
+from .bounded import BoundedStore
 from .checkpoint import check_checkpoint_dir
 from .config import TrainConfig
 from .data import Split, ensure_mnist
@@ -131,10 +132,13 @@ def launch_rank(cfg: TrainConfig, place: RankPlace, *, live: bool | str = "rows"
     prepare(cfg, place.local_world_size, fetch_data=place.local_rank == 0)
     start = time.perf_counter()
     with reporting(on_event if main else None, live if main else False, journal if main else None) as heard:
-        board = Board(store, place.world_size)
+        board = Board(BoundedStore(store, cfg.timeout_s, f"the job's store at {place.master_addr}:{place.master_port}"),
+                      place.world_size)
+        board.present(place.rank)
         try:
             history, runtime, state = run_rank(cfg, place, store, heartbeating(board, place.rank,
                                                                                heard.emit_as(place.rank)))
+            board.finish(place.rank)
         except Exception as exc:
             raise_for_culprit(board, place.rank, exc)
             raise

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import preemption
+from .bounded import BoundedStore
 from .dist import host_store, job_store
 from .events import Event
 from .failures import (BLAME_GRACE_S, Board, Facts, Verdict, WorkerError, find_culprit, headline, heartbeating,
@@ -81,7 +82,7 @@ def _worker_entry(job: Job, args: tuple, variables: dict[str, str], workdir: str
     def send(kind: str, payload: Any) -> None:
         pipe.send((kind, payload))  # written synchronously: nothing is lost at exit
 
-    board = Board(job_store(place, timeout_s=60), place.world_size)
+    board = Board(BoundedStore(job_store(place, timeout_s=60), 60), place.world_size)
     emit = heartbeating(board, place.rank, send)
     emit("started", {"pid": os.getpid()})
     try:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -285,3 +286,32 @@ def test_a_stop_asked_for_within_an_epoch_is_kept_there_and_resumes_to_the_same_
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert resumed.history[1]["train_loss"] == whole.history[1]["train_loss"]  # the epoch's sums carried over
     assert all(torch.equal(whole.state_dict[k], resumed.state_dict[k]) for k in whole.state_dict)
+
+
+class SilentStore:
+    """A store whose host stopped answering: a TCPStore client then waits in get and check without
+    end, whatever its timeout (measured; see ddp_helpers/bounded.py)."""
+
+    def __init__(self):
+        self.answering = True
+
+    def check(self, keys):
+        if not self.answering:
+            threading.Event().wait()  # never returns
+        return True
+
+
+def test_a_store_that_stops_answering_fails_the_call_within_its_deadline_then_every_call_at_once():
+    from ddp_helpers.bounded import BoundedStore
+    from torch.distributed import DistStoreError
+
+    silent = SilentStore()
+    store = BoundedStore(silent, 0.2, "the job's store at 10.0.0.1:29500")
+    assert store.check(["a"]) is True
+    silent.answering = False
+    with pytest.raises(DistStoreError, match=r"the job's store at 10\.0\.0\.1:29500 did not answer within 0\.2 s"):
+        store.check(["a"])
+    assert store.lost
+    silent.answering = True  # the client stays blocked in the first call: the store is given up
+    with pytest.raises(DistStoreError, match="stopped answering earlier"):
+        store.check(["a"])

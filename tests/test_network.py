@@ -12,7 +12,7 @@ import pytest
 
 from ddp_helpers.study.comm import GRAD_BYTES
 from ddp_helpers.study.costmodel import link_beta, predict_allreduce_on_link, predict_step_on_link, strategy_bytes
-from ddp_helpers.study.netlab import PREFIX, NetLab, unavailable
+from ddp_helpers.study.netlab import PREFIX, NetLab, descendants, unavailable
 
 from processes import no_process_left
 
@@ -131,3 +131,41 @@ def test_without_root_the_part_says_why_in_one_line_and_exits_3(monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "need root" in err
     assert not list(tmp_path.iterdir())  # no record
+
+
+@needs_lab
+def test_a_node_cut_off_mid_run_is_named_both_sides_and_the_job_goes_on_without_it(tmp_path):
+    """torchrun --nnodes 1:2: node 1's link goes down in epoch 2. Node 0's rank names rank 1; node 1's
+    rank names the store it lost; both end within the timeout and a minute, and node 0's agent starts
+    the job again at the smaller size, from rank 0's checkpoint of epoch 1 (the global batch kept by
+    accumulation). torchrun's agent on the cut-off node waits in a store call that never returns (see
+    README, On a cluster): the lab stops it, and nothing is left."""
+    timeout_s, data = 5, os.environ.get("MNIST_DATA_DIR", "")
+    train = ["-m", "ddp_helpers", "train", "--dataset", "synthetic", "--train-subset", "4096", "--test-subset", "256",
+             "--epochs", "4", "--dropout", "0", "--no-progress", "--timeout-s", str(timeout_s), "--threads-per-rank",
+             "1", "--output-dir", str(tmp_path / "out"), "--run-name", "cut", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    elastic = ("--nnodes", "1:2", "--max-restarts", "1")  # overrides the lab's --nnodes 2
+    with NetLab(2, None) as lab:
+        agents = lab.start(train, tmp_path, env={"MNIST_DATA_DIR": data}, torchrun_args=elastic,
+                           rdzv_conf="last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2")
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ckpt" / "ckpt_epoch0001.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ranks = [p for p in nodes_processes(agents[1].pid)]
+        assert ranks, "node 1 had no rank running"
+        lab.cut(1)
+        end = time.monotonic() + timeout_s + 60
+        while not no_process_left(ranks) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert no_process_left(ranks), "node 1's rank did not end within the timeout and a minute"
+        while agents[0].poll() is None and time.monotonic() < end + 60:
+            time.sleep(0.2)
+        node0, node1 = ((tmp_path / f"node{i}.log").read_text() for i in range(2))
+        assert agents[0].returncode == 0, node0[-3000:]
+        everything = descendants(agents[1].pid) + [agents[1].pid]
+    assert no_process_left(everything) and namespaces_of(os.getpid()) == []
+    assert "rank 1 failed: stopped making progress" in node0 and "rank 0 timed out waiting for it" in node0
+    assert "rank 1 lost the job's store" in node1 and "did not answer within" in node1, node1[-3000:]
+    record = json.loads((tmp_path / "out" / "cut.json").read_text())
+    assert record["config"]["world_size"] == 1 and [row["epoch"] for row in record["epochs"]] == [1, 2, 3, 4]
+    assert any("resumed at world size 1 from a checkpoint made at world size 2" in n for n in record["runtime"]["notes"])

@@ -152,37 +152,52 @@ class NetLab:
             self._sigterm = None
 
     def stop(self) -> None:
-        """Stop every command still running in the nodes (its whole process group)."""
+        """Stop every command still running in the nodes: its process group, and every process below it
+        (torchrun starts each rank in a session of its own)."""
         for proc in self.procs:
             if proc.poll() is None:
+                below = descendants(proc.pid)
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+                for pid in below:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             proc.wait()
         self.procs = []
 
     # --- run ----------------------------------------------------------------------------------
 
+    def start(self, args: list[str], logs: Path, nproc_per_node: int = 1, env: dict[str, str] | None = None,
+              torchrun_args: tuple[str, ...] = (), rdzv_conf: str = "") -> list[subprocess.Popen]:
+        """Start ``torchrun ... ARGS`` on every node (c10d rendezvous hosted by node 0), node i's output
+        in ``logs/node{i}.log``; return the agents' processes (each leads its process group)."""
+        run_id = f"lab{os.getpid()}_{time.monotonic_ns()}"
+        environment = {**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": "eth0", "PYTHONUNBUFFERED": "1"}
+        for i, (name, address) in enumerate(zip(self.names, self.addresses)):
+            conf = f"is_host={int(i == 0)}" + (f",{rdzv_conf}" if rdzv_conf else "")  # no hostnames here
+            command = ["ip", "netns", "exec", name, sys.executable, "-m", "torch.distributed.run",
+                       "--nnodes", str(self.nodes), "--nproc-per-node", str(nproc_per_node),
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addresses[0]}:{RDZV_PORT}",
+                       "--rdzv-id", run_id, "--rdzv-conf", conf, "--local-addr", address, *torchrun_args, *args]
+            with open(Path(logs) / f"node{i}.log", "w") as log:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                                   start_new_session=True))
+        return self.procs
+
+    def cut(self, node: int) -> None:
+        """Take a node's link down: its processes run on, cut off from every other node."""
+        _ip("-n", self.names[node], "link", "set", "eth0", "down")
+
     def torchrun(self, args: list[str], nproc_per_node: int = 1, timeout_s: float = 600,
                  env: dict[str, str] | None = None) -> list[NodeRun]:
         """Run ``torchrun ... ARGS`` on every node at once (c10d rendezvous hosted by node 0)
         and wait for all; raise naming the node when one fails or the time runs out."""
-        run_id = f"lab{os.getpid()}_{time.monotonic_ns()}"
-        environment = {**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": "eth0", "PYTHONUNBUFFERED": "1"}
-        procs: list[subprocess.Popen] = []
-        self.procs = procs
         with tempfile.TemporaryDirectory(prefix="ddpnet_logs_") as logs:
-            for i, (name, address) in enumerate(zip(self.names, self.addresses)):
-                command = ["ip", "netns", "exec", name, sys.executable, "-m", "torch.distributed.run",
-                           "--nnodes", str(self.nodes), "--nproc-per-node", str(nproc_per_node),
-                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addresses[0]}:{RDZV_PORT}",
-                           "--rdzv-id", run_id, "--rdzv-conf", f"is_host={int(i == 0)}",  # no hostnames here
-                           "--local-addr", address, *args]
-                log = open(Path(logs) / f"node{i}.log", "w")
-                procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                                   start_new_session=True))
-                log.close()
+            procs = self.start(args, Path(logs), nproc_per_node, env)
             try:
                 deadline = time.monotonic() + timeout_s
                 while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -213,6 +228,21 @@ class NetLab:
     def describe(self) -> str:
         link = "no limit" if not self.rate_mbit else f"{self.rate_mbit:g} Mb/s"
         return f"{self.nodes} nodes, {'veth pair' if self.hub is None else 'bridge'}, {link}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except OSError:
+            children = []
+        found += children
+        todo += children
+    return found
 
 
 def _raise_interrupt(signum, frame):
