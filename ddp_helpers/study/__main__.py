@@ -28,9 +28,12 @@ PARTS = {
                                                  "time to 98% of a declared shared-memory setting"),
     "hierarchical": ("network", "run_hierarchical_part", "2 nodes x 2 ranks (network namespaces) at each link rate: "
                                                          "flat gloo against shared memory within the nodes"),
+    "precision": ("precision", "run_precision", "bf16-mixed against float32, one process and DDP W=2, and whether "
+                                                 "this CPU has native bf16"),
     "gpu": ("gpu", "run_gpu", "one GPU: our loop against the CUDA-graph floor of the same step (needs a GPU)"),
 }
-CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "transport", "network", "hierarchical"]
+CPU_PARTS = ["allreduce", "syncstep", "cores", "throughput", "knobs", "tta", "transport", "precision", "network",
+             "hierarchical"]
 
 
 def main(argv: list[str] | None = None) -> int:
