@@ -1,5 +1,5 @@
-"""Inside data parallelism, each lesson run on spawned gloo ranks (notebook 08): the ring that
-all-reduce is made of, what one rank's memory holds, ZeRO-1's sharded optimizer state, and four
+"""Inside data parallelism, each lesson run on spawned gloo ranks (notebook 08): the buckets DDP
+makes (notebook 01), the ring that all-reduce is made of, what one rank's memory holds, ZeRO-1's sharded optimizer state, and four
 common DDP mistakes, each made and then avoided.
 
 Every function returns plain values per rank; the notebook prints and charts them.
@@ -94,6 +94,33 @@ def collectives(world_size: int, length: int = 8, timeout_s: float = 120) -> dic
     if length % world_size:
         raise ValueError(f"length {length} must be a multiple of world_size {world_size}")
     return run_workers(_collectives_job, world_size, (length,), launch_timeout_s=timeout_s)
+
+
+# --- DDP's buckets -------------------------------------------------------------------------------
+
+def _buckets_job(place: RankPlace, emit: Callable, caps: list) -> None:
+    with job_group(place, 60):
+        layouts = {}
+        for cap in caps:
+            model = DDP(MLP(), bucket_cap_mb=cap)
+            seen: list[list[int]] = []
+
+            def record(state, bucket):  # the bucket's bytes, then the default hook's work
+                seen[-1].append(bucket.buffer().numel() * bucket.buffer().element_size())
+                return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+            model.register_comm_hook(None, record)
+            for _ in range(2):  # DDP rebuilds its buckets after the first iteration, in the order grads came
+                seen.append([])
+                F.cross_entropy(model(torch.randn(32, 784)), torch.randint(0, 10, (32,))).backward()
+            layouts[str(cap)] = seen
+        emit("result", layouts)
+
+
+def bucket_layout(caps=(None, 25, 1, 0.25), timeout_s: float = 120) -> dict[str, list[list[int]]]:
+    """The buckets DDP really makes of the MLP's gradient for each ``bucket_cap_mb`` (None: torch's
+    default): the bytes of each bucket all-reduced in the first and the second iteration."""
+    return run_workers(_buckets_job, 1, (list(caps),), launch_timeout_s=timeout_s)[0]
 
 
 # --- memory per rank ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 1. the main job's records through the CLI: ``results/train_ws1.json`` and ``train_ws2_ddp.json``;
 2. with ``--study`` only, the study's records (about 55 minutes on 2 cores): ``results/study_*.json``;
-3. notebooks 01-07 executed in full, in order, in place; their records and charts land in
+3. notebooks 01-08 executed in full, in order, in place; their records and charts land in
    ``results/`` (the study's charts from the study's records).
 
 Nothing else should run on the machine meanwhile: the notebooks and the study time things.

@@ -157,6 +157,9 @@ def plot_knobs(record: dict) -> plt.Figure:
 # --- across machines: the network part's record --------------------------------------------------
 
 LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
+# one colour per link in every chart, ordered dark (slow) to light (fast), apart from the strategies'
+# qualitative palette
+LINK_COLORS = dict(zip(LINK_ORDER, sns.color_palette("viridis", len(LINK_ORDER) + 1)))
 
 
 def runs_of(network: dict, nodes: int) -> list[dict]:
@@ -170,7 +173,8 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
     unshaped link's fit and the link's nominal rate (lines)."""
     fig, ax = plt.subplots(figsize=(8, 4.6))
     predicted = pd.DataFrame(network["predictions"]["allreduce"])
-    for run, color in zip(runs_of(network, nodes), sns.color_palette("deep")):
+    for run in runs_of(network, nodes):
+        color = LINK_COLORS[run["link"]]
         seconds = run["allreduce"]["seconds"]
         sizes = np.array([int(s) for s in seconds])
         ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=5, label=f"{run['link']}")
@@ -212,7 +216,7 @@ def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     labels = {c["id"]: c["label"] for r in network["runs"] for c in r["cases"]}
     fig, ax = plt.subplots(figsize=(6.5, 5))
     markers = dict(zip(sorted(steps.case.unique()), "osD^vP"))
-    colors = dict(zip(LINK_ORDER, sns.color_palette("deep")))
+    colors = LINK_COLORS
     for (case, link, nodes), row in steps.groupby(["case", "link", "nodes"]):
         ax.plot(row.measured_ms, row.predicted_ms, markers[case], color=colors[link], ms=7 if nodes == 2 else 5,
                 mfc=colors[link] if nodes == 2 else "none")
@@ -224,9 +228,9 @@ def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     for case, m in markers.items():  # shape: the strategy; colour: the link; filled or hollow: 2 or 4 nodes
         ax.plot([], [], m, color="dimgrey", label=labels.get(case, case))
     for link in [l for l in LINK_ORDER if l in set(steps.link)]:
-        ax.plot([], [], "s", color=colors[link], label=link)
-    for nodes in sorted(set(steps.nodes)):
-        ax.plot([], [], "o", color="dimgrey", mfc="dimgrey" if nodes == 2 else "none", label=f"{nodes} nodes")
+        ax.plot([], [], "-", lw=6, color=colors[link], label=link)  # a swatch, not a marker: shapes are strategies
+    if len(set(steps.nodes)) > 1:  # no glyph of its own: every marker shape already names a strategy
+        ax.plot([], [], " ", label="filled: 2 nodes, hollow: 4 nodes")
     ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), xlabel="measured ms per step",
            ylabel="predicted ms per step", title=f"Link model against measurement\n(band: ±{band_pct:g}%)")
     for axis in (ax.xaxis, ax.yaxis):

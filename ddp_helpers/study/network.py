@@ -4,7 +4,8 @@ For each (nodes, link rate) the lab (:mod:`.netlab`) is built and one torchrun j
 it (:func:`job`, one rank per node, 1 thread each). The job measures, in the same process
 group: the bare all-reduce against message size (the link's alpha and beta), then every
 strategy's step through the shared engine, in interleaved rounds (every case once per
-round). At 1 Gb/s, the fastest two-worker strategies then train to 98% beside the single
+round, the order rotated from round to round). The single-process reference runs in a fresh
+process before every job and after the last. At 1 Gb/s, the fastest two-worker strategies then train to 98% beside the single
 process. Finally each shaped-link case is predicted from what was measured without shaping
 and the link's nominal rate, and compared with its measurement.
 """
@@ -31,6 +32,7 @@ from ..host import usable_cores
 from ..launcher import launch
 from ..sync import LocalSync, make_sync
 from ..transport import Gloo, SharedMemory
+from ..workers import run_workers
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
 from .netlab import NetLab
@@ -57,25 +59,27 @@ def plan(quick: bool) -> list[dict]:
     if quick:
         return [{"nodes": 2, "link": link, "cases": ["ddp", "local_sgd"], "warmup": 8, "steps": 16, "rounds": 1}
                 for link in ("no limit", "1 Gb/s")]
-    steps = {"no limit": 240, "10 Gb/s": 240, "1 Gb/s": 160, "100 Mb/s": 48}  # multiples of local SGD's 8
-    jobs = [{"nodes": 2, "link": link, "cases": list(CASES), "warmup": steps[link], "steps": steps[link], "rounds": 2}
+    steps = {"no limit": 96, "10 Gb/s": 96, "1 Gb/s": 64, "100 Mb/s": 24}  # multiples of local SGD's 8
+    jobs = [{"nodes": 2, "link": link, "cases": list(CASES), "warmup": steps[link], "steps": steps[link], "rounds": 5}
             for link in LINKS]
     jobs += [{"nodes": 4, "link": link, "cases": list(FOUR_NODE_CASES), "warmup": steps[link], "steps": steps[link],
-              "rounds": 2} for link in ("no limit", "1 Gb/s", "100 Mb/s")]
+              "rounds": 5} for link in ("no limit", "1 Gb/s", "100 Mb/s")]
     return jobs
 
 
 # --- inside the lab: one rank of the torchrun job ----------------------------------------------
 
 def job(spec: dict) -> dict | None:
-    """One rank: the all-reduce sweep, then every case in interleaved rounds; rank 0's result."""
+    """One rank: the all-reduce sweep, then every case in interleaved rounds, the order rotated by
+    one case each round (so that none always runs first); rank 0's result."""
     env = launcher_place()
     with job_group(env, 300, backend="gloo", threads=1) as ctx:
         sweep = allreduce_medians(spec["sizes"], spec["repeats"])
         train, _ = load_datasets("mnist", "", spec["train_subset"], 1, 0)
         rounds: dict[str, list[dict]] = {case: [] for case in spec["cases"]}
-        for _ in range(spec["rounds"]):
-            for case in spec["cases"]:
+        for r in range(spec["rounds"]):
+            shift = r % len(spec["cases"])
+            for case in spec["cases"][shift:] + spec["cases"][:shift]:
                 cfg = TrainConfig(world_size=env.world_size, **CASES[case][1])
                 strategy = lambda model, opt, profiler, cfg=cfg: make_sync(  # noqa: E731
                     cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every, profiler, ctx.transport,
@@ -221,14 +225,18 @@ def save_config(cfg: TrainConfig, folder: str) -> Path:
     return path
 
 
-def single_process_ms(quick: bool, threads: int = 2) -> dict:
-    """The reference: one process with two threads, no network, through the same engine and the
-    same statistic as the lab's cases (warm-up, then the mean over the timed steps)."""
-    steps = 16 if quick else 240
-    train, _ = load_datasets("mnist", "", 4096 if quick else 0, 1, 0)
+def _single_job(place, emit, steps: int, train_subset: int, threads: int) -> None:
+    train, _ = load_datasets("mnist", "", train_subset, 1, 0)
     with single_process(torch.device("cpu"), threads):
-        return timed_steps(TrainConfig(world_size=1), 0, 1, lambda model, opt, profiler: LocalSync(model, opt), train,
-                           steps, steps)
+        emit("result", timed_steps(TrainConfig(world_size=1), 0, 1, lambda model, opt, profiler: LocalSync(model, opt),
+                                   train, steps, steps))
+
+
+def single_process_ms(quick: bool, steps: int = 96, threads: int = 2) -> dict:
+    """The reference: one process with two threads, no network, in a fresh process as the lab's ranks
+    are, through the same engine and the same statistic (warm-up, then the mean over the timed steps)."""
+    return run_workers(_single_job, 1, (16 if quick else steps, 4096 if quick else 0, threads),
+                       launch_timeout_s=600)[0]
 
 
 def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
@@ -273,13 +281,16 @@ def run_hierarchical_part(quick: bool, log: Callable[[str], None]) -> dict:
 
 
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
-    single = [single_process_ms(quick)]  # before the lab jobs and after them: the host's drift shows
-    runs = [run_job(spec, quick, log) for spec in plan(quick)]
+    single, runs = [], []
+    for spec in plan(quick):  # the reference before every lab job and after the last: the host's drift shows
+        single.append(single_process_ms(quick))
+        runs.append(run_job(spec, quick, log))
     single.append(single_process_ms(quick))
     reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
-                 "step_ms": statistics.median(r["ms"] for r in single)}
+                 "step_ms": statistics.median(r["ms"] for r in single),
+                 "process": "a fresh spawned process, before every lab job and after the last"}
     log(f"1 process, 2 threads, no network: {reference['step_ms']:.2f} ms/step "
-        f"(before and after the lab: {', '.join(f'{v:.2f}' for v in reference['rounds_ms'])})")
+        f"(before each lab job and after the last: {', '.join(f'{v:.2f}' for v in reference['rounds_ms'])})")
     checked = predictions(runs)
     if checked["mean_abs_error_pct"] is not None:
         log(f"model on the shaped links: mean |error| {checked['mean_abs_error_pct']:.1f}% over "

@@ -81,9 +81,10 @@ def refusal(hook: str, device: torch.device) -> str | None:
 class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
-    How many buckets the gradient makes depends on its size and ``bucket_cap_mb`` (this project
-    passes 25 MB explicitly; torch's default caps the first bucket at 1 MiB): the record holds the
-    layout DDP really used (:meth:`bucket_sizes`). Each full bucket's all-reduce starts from a hook
+    How many buckets the gradient makes depends on its size and ``bucket_cap_mb``: a bucket closes
+    after the gradient that takes it past the cap, so at 25 MB (this project's and torch's default)
+    and at 1 MB the MLP's 2.27 MB gradient is one bucket; the record holds the layout DDP really
+    used (:meth:`bucket_sizes`). Each full bucket's all-reduce starts from a hook
     while backward goes on with earlier layers. ``hook``: the plain mean all-reduce (through the
     run's transport: gloo, or shared memory within a node), fp16 compression or PowerSGD low-rank
     compression with error feedback (both through gloo).
