@@ -7,7 +7,7 @@ from ddp_helpers.model import MLP
 
 
 def test_the_ring_sums_exactly_like_all_reduce_and_sends_2_w_minus_1_over_w():
-    world_size, length = 4, 12
+    world_size, length = 3, 9
     ranks = inside.collectives(world_size, length)
     expected = [sum(100 * r + i for r in range(world_size)) for i in range(length)]
     for rank, out in ranks.items():
@@ -59,10 +59,3 @@ def test_memory_per_rank_counts_the_tensors_and_samples_pss(mnist_root):
         assert rank["peak_pss_mib"] >= max(pss for pss, _ in rank["stages"].values()) * 0.999
     assert out["launcher_peak_pss_mib"] > 0
 
-
-def test_ddp_makes_one_bucket_of_this_gradient_at_the_default_cap_and_two_at_a_quarter_mb():
-    layout = inside.bucket_layout(caps=(None, 25, 0.25))
-    grad = 4 * sum(p.numel() for p in MLP().parameters())
-    assert layout["None"] == layout["25"] == [[grad], [grad]]  # a bucket closes after the tensor that fills it
-    first, rebuilt = layout["0.25"]
-    assert first == [grad] and len(rebuilt) == 2 and sum(rebuilt) == grad  # rebuilt after the first iteration

@@ -54,18 +54,16 @@ def torch_ddp_on_gloo():
     return launch(TrainConfig(world_size=2, sync="ddp", comm="gloo", **SMALL), live=False)
 
 
-@pytest.mark.parametrize("comm", ["shm", "gloo"])
-def test_ddp_built_in_the_open_equals_torchs_ddp_and_one_process(comm, torch_ddp_on_gloo, mnist):
-    """Buckets of 0.25 MiB: three for this float64 gradient, laid out as torch's DDP lays them out; each
-    all-reduce starts from backward's hooks (through shared memory on a thread of its own). The
-    arithmetic is DDP's (divide, then sum two), so the weights are bitwise torch's; against one
-    process with the global batch, equal to 1e-9."""
-    cfg = TrainConfig(world_size=2, sync="bucketed", comm=comm, bucket_cap_mb=0.25, **SMALL)
+def test_ddp_built_in_the_open_equals_torchs_ddp_and_one_process(torch_ddp_on_gloo, mnist):
+    """Buckets of 0.25 MiB: three for this float64 gradient; each all-reduce starts from backward's
+    hooks, through shared memory on a thread of its own. The arithmetic is DDP's (divide, then sum
+    two), so the weights are bitwise torch's; against one process with the global batch, equal to
+    1e-9. (Over gloo, the same layout as torch's DDP and the same weights at 0.25 MB: notebook 03's
+    checked cell, which the suite runs.)"""
+    cfg = TrainConfig(world_size=2, sync="bucketed", comm="shm", bucket_cap_mb=0.25, **SMALL)
     ours = launch(cfg, live=False)
-    if comm == "gloo":  # torch's DDP at the same cap (the fixture's runs at 25 MB: one bucket)
-        theirs = launch(cfg.replace(sync="ddp"), live=False).record["runtime"]["buckets_bytes"]
-        assert ours.record["runtime"]["buckets_bytes"] == theirs and len(theirs) == 3
-    assert ours.record["runtime"]["comm"].startswith(comm)
+    assert len(ours.record["runtime"]["buckets_bytes"]) == 3
+    assert ours.record["runtime"]["comm"].startswith("shm")
     assert all(torch.equal(ours.state_dict[k], torch_ddp_on_gloo.state_dict[k]) for k in ours.state_dict)
     one = launch(TrainConfig(world_size=1, **{**SMALL, "batch_size": 32}), data=mnist, live=False)
     assert max_difference(ours.state_dict, one.state_dict) < EXACT

@@ -282,8 +282,9 @@ def run_hierarchical_part(quick: bool, log: Callable[[str], None]) -> dict:
 
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
     single, runs = [], []
-    for spec in plan(quick):  # the reference before every lab job and after the last: the host's drift shows
-        single.append(single_process_ms(quick))
+    for i, spec in enumerate(plan(quick)):  # the reference before every lab job and after the last: the drift shows
+        if i == 0 or not quick:  # (a smoke run: before the first and after the last only)
+            single.append(single_process_ms(quick))
         runs.append(run_job(spec, quick, log))
     single.append(single_process_ms(quick))
     reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
