@@ -57,13 +57,20 @@ def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, st
 
 
 def plot_epoch_times(runs: Runs) -> plt.Figure:
-    """Training seconds per epoch (evaluation excluded), grouped bars per run; legend outside."""
-    frames = [history_frame(h).assign(run=label) for label, h in runs.items()]
-    df = pd.concat(frames).reset_index()
+    """Training seconds of every epoch (evaluation excluded) per run, and each run's median and range
+    over its epochs: one epoch is one measurement, and the epochs show how much they vary."""
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    sns.barplot(data=df, x="epoch", y="epoch_time_s", hue="run", ax=ax)
-    ax.set(ylabel="training time per epoch (s)", title="Time per epoch")
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for (label, history), color in zip(runs.items(), sns.color_palette("deep")):
+        df = history_frame(history)
+        median = df["epoch_time_s"].median()
+        ax.plot(df.index, df["epoch_time_s"], "o-", color=color, lw=1,
+                label=f"{label}: median {median:.2f} s (range {df['epoch_time_s'].min():.2f}-"
+                      f"{df['epoch_time_s'].max():.2f})")
+        ax.axhline(median, color=color, ls=":", lw=1)
+    ax.set(xlabel="epoch", ylabel="training time per epoch (s)", ylim=(0, None),
+           title="Time per epoch (dots: epochs; dotted: each run's median)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -123,16 +123,24 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
 
 
 def plot_tta_factors(pairs: dict) -> plt.Figure:
-    """Per pair of settings: the time ratio and the three factors it is the product of (mean of seeds)."""
-    rows = {pair: pd.DataFrame(p["per_seed"])[["samples", "compute", "sync", "ratio"]].mean()
-            for pair, p in pairs.items()}
-    view = pd.DataFrame(rows).T.rename(columns={"samples": "samples needed", "compute": "time per sample, no sync",
-                                                "sync": "1 - sync share", "ratio": "ratio = product"})
+    """Per pair of settings: the time ratio and the three factors it is the product of. Bars: geometric
+    means over the seeds, so the ratio's bar is exactly the product of the factors' bars; dots: seeds."""
+    names = {"samples": "samples needed", "compute": "time per sample, no sync", "sync": "1 - sync share",
+             "ratio": "ratio = product"}
+    per_seed = {pair: pd.DataFrame(p["per_seed"])[list(names)] for pair, p in pairs.items()}
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    view.plot.bar(ax=ax, rot=0, width=0.8)
+    width, palette = 0.2, sns.color_palette("deep")
+    for i, (pair, seeds) in enumerate(per_seed.items()):
+        for j, (column, label) in enumerate(names.items()):
+            x = i + (j - 1.5) * width
+            ax.bar(x, float(np.exp(np.log(seeds[column]).mean())), width * 0.95, color=palette[j],
+                   label=label if i == 0 else None)
+            ax.plot([x] * len(seeds), seeds[column], "o", color="black", ms=3)
+    ax.set_xticks(range(len(per_seed)), list(per_seed))
     ax.axhline(1.0, color="grey", ls=":", lw=1)
     ax.set(xlabel="", ylabel="single process ÷ two workers\n(> 1 favours two workers)", ylim=(0, 1.6),
-           title="Time to 98%: where two workers gain (above 1) and lose (below 1)")
+           title="Time to 98%: where two workers gain (above 1) and lose (below 1)\n"
+                 "(bars: geometric mean over seeds, so ratio = product of the bars; dots: seeds)")
     _legend_below(ax, ncol=4)
     fig.tight_layout()
     return fig
