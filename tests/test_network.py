@@ -84,10 +84,10 @@ def test_sigterm_removes_the_lab_and_stops_its_processes(tmp_path):
     while time.monotonic() < deadline and len(namespaces_of(proc.pid)) < 2:
         time.sleep(0.2)
     assert len(namespaces_of(proc.pid)) == 2, "the lab was never built"
-    while time.monotonic() < deadline and len(torchruns_in(nodes_processes(proc.pid))) < 2:
+    while time.monotonic() < deadline and len(torchruns_in(descendants(proc.pid))) < 2:
         time.sleep(0.2)  # until a torchrun runs in each node
-    assert len(torchruns_in(nodes_processes(proc.pid))) == 2
-    lab_pids = nodes_processes(proc.pid)
+    assert len(torchruns_in(descendants(proc.pid))) == 2
+    lab_pids = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "interrupted" in err
@@ -105,21 +105,6 @@ def torchruns_in(pids: list[int]) -> list[int]:
                     found.append(pid)
         except FileNotFoundError:
             pass
-    return found
-
-
-def nodes_processes(pid: int) -> list[int]:
-    """Every descendant of a process (the torchrun agents and their ranks)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as fh:
-                children = [int(c) for c in fh.read().split()]
-        except FileNotFoundError:
-            children = []
-        found += children
-        todo += children
     return found
 
 
@@ -151,7 +136,7 @@ def test_a_node_cut_off_mid_run_is_named_both_sides_and_the_job_goes_on_without_
         deadline = time.monotonic() + 120
         while not (tmp_path / "ckpt" / "ckpt_epoch0001.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        ranks = [p for p in nodes_processes(agents[1].pid)]
+        ranks = descendants(agents[1].pid)
         assert ranks, "node 1 had no rank running"
         lab.cut(1)
         end = time.monotonic() + timeout_s + 60

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.join import Join
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -107,7 +108,7 @@ def _buckets_job(place: RankPlace, emit: Callable, caps: list) -> None:
 
             def record(state, bucket):  # the bucket's bytes, then the default hook's work
                 seen[-1].append(bucket.buffer().numel() * bucket.buffer().element_size())
-                return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+                return default_hooks.allreduce_hook(state, bucket)
 
             model.register_comm_hook(None, record)
             for _ in range(2):  # DDP rebuilds its buckets after the first iteration, in the order grads came
@@ -289,8 +290,9 @@ def _unused(rank: int) -> dict:
     for find in (False, True):
         model = DDP(_WithSpareHead(), find_unused_parameters=find)
         try:
+            images, labels = _batch(rank)
             for step in range(2):
-                F.cross_entropy(model(*_batch(rank)[:1]), _batch(rank)[1]).backward()
+                F.cross_entropy(model(images), labels).backward()
             out[f"find_unused_parameters={find}"] = "2 steps done"
         except RuntimeError as exc:
             out[f"find_unused_parameters={find}"] = f"step {step + 1}: {_said(exc)}"
@@ -308,7 +310,8 @@ def _uneven(rank: int, short: int, long: int, timeout_s: float) -> dict:
     with Join([model]):
         for i in range(n):
             optimizer.zero_grad()
-            F.cross_entropy(model(_batch(10 * rank + i)[0]), _batch(10 * rank + i)[1]).backward()
+            images, labels = _batch(10 * rank + i)
+            F.cross_entropy(model(images), labels).backward()
             optimizer.step()
     out["with Join"] = f"{n} steps done, model digest {_digest(model)}"
     group = dist.new_group(timeout=timedelta(seconds=timeout_s))
@@ -316,7 +319,8 @@ def _uneven(rank: int, short: int, long: int, timeout_s: float) -> dict:
     began = time.perf_counter()
     try:
         for i in range(n):
-            F.cross_entropy(model(_batch(i)[0]), _batch(i)[1]).backward()
+            images, labels = _batch(i)
+            F.cross_entropy(model(images), labels).backward()
         out["without Join"] = f"{n} steps done"
     except RuntimeError as exc:
         out["without Join"] = (f"step {i + 1} waited {time.perf_counter() - began:.0f} s, then "
