@@ -161,12 +161,12 @@ class Board:
     def gone(self, facts: Facts) -> dict[int, float]:
         """Ranks on this machine whose process ended without a record or a finish: rank -> a time it
         was surely alive (its last heartbeat)."""
-        out = {}
+        out, here = {}, machine()
         for r in self.ranks:
             if r in facts.failed or not self.store.check([f"process/{r}"]) or self.store.check([f"finished/{r}"]):
                 continue
             where = json.loads(self.store.get(f"process/{r}"))
-            if where["where"] == machine() and not running(where["pid"]):
+            if where["where"] == here and not running(where["pid"]):
                 out[r] = facts.beats.get(r, {}).get("time", 0.0)
         return out
 

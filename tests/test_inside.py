@@ -1,4 +1,4 @@
-"""Notebook 08's lessons on spawned gloo ranks: the ring here; memory, ZeRO-1 and the four mistakes
+"""Notebook 08's lessons on spawned gloo ranks: the ring here; memory, ZeRO-1 and the five mistakes
 are asserted by the notebook's checked cells (tagged nbval-check-output), which the suite runs."""
 
 from __future__ import annotations

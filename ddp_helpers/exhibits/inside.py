@@ -1,5 +1,5 @@
 """Inside data parallelism, each lesson run on spawned gloo ranks (notebook 08): the buckets DDP
-makes (notebook 01), the ring that all-reduce is made of, what one rank's memory holds, ZeRO-1's sharded optimizer state, and four
+makes (notebook 01), the ring that all-reduce is made of, what one rank's memory holds, ZeRO-1's sharded optimizer state, and five
 common DDP mistakes, each made and then avoided.
 
 Every function returns plain values per rank; the notebook prints and charts them.
@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.join import Join
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 
 from ..data import load_datasets
 from ..dist import job_group
@@ -365,14 +366,30 @@ def _accumulation(rank: int) -> dict:
     return out
 
 
+def _set_epoch(rank: int, samples: int = 12, epochs: int = 3) -> dict:
+    """The indices this rank's DistributedSampler hands out in each epoch, with and without
+    ``set_epoch``: the shuffle is seeded by seed + epoch, and the epoch stays 0 unless it is set."""
+    out = {}
+    for case, call in (("without set_epoch", False), ("with set_epoch(epoch)", True)):
+        sampler = DistributedSampler(range(samples), num_replicas=dist.get_world_size(), rank=rank, shuffle=True, seed=0)
+        orders = []
+        for epoch in range(epochs):
+            if call:
+                sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        out[case] = orders
+    return out
+
+
 def _mistakes_job(place: RankPlace, emit: Callable, timeout_s: float) -> None:
     with job_group(place, 60):
         emit("result", {"saving": _saving(place.rank), "unused parameters": _unused(place.rank),
                         "uneven inputs": _uneven(place.rank, 3, 5, timeout_s),
-                        "accumulation": _accumulation(place.rank)})
+                        "accumulation": _accumulation(place.rank), "set_epoch": _set_epoch(place.rank)})
 
 
 def mistakes(uneven_timeout_s: float = 3, timeout_s: float = 180) -> dict[int, dict]:
-    """Four mistakes on two gloo ranks, each made and avoided: saving the DDP wrapper's state dict,
-    a parameter forward never uses, uneven numbers of batches, and ``no_sync`` with accumulation."""
+    """Five mistakes on two gloo ranks, each made and avoided: saving the DDP wrapper's state dict,
+    a parameter forward never uses, uneven numbers of batches, ``no_sync`` with accumulation, and a
+    DistributedSampler whose epoch is never set."""
     return run_workers(_mistakes_job, 2, (uneven_timeout_s,), launch_timeout_s=timeout_s)

@@ -31,7 +31,8 @@ def _plain_log_ticks(axis) -> None:
 def plot_allreduce(record: dict) -> plt.Figure:
     """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for (w, data), color in zip(record["world_sizes"].items(), sns.color_palette("deep")):
+    shades = sns.color_palette("rocket", len(record["world_sizes"]) + 1)  # world sizes: dark (few) to light (many)
+    for (w, data), color in zip(record["world_sizes"].items(), shades):
         sizes = np.array([int(k) for k in data["seconds"]])
         label = f"{w} ranks" + (" (oversubscribed: more ranks than cores)" if data["oversubscribed"] else "")
         ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color, label=label)
@@ -54,10 +55,10 @@ def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
     """Cost model against measurement; cases whose batch the inputs were carried to are hatched."""
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(table)))
     y = np.arange(len(table))
-    blue, orange = sns.color_palette("deep")[:2]
     hatch = ["" if measured else "//" for measured in table["batch measured"]]
-    ax.barh(y - 0.2, table["predicted ms"], height=0.4, color=blue, hatch=hatch, label="predicted")
-    ax.barh(y + 0.2, table["measured ms"], height=0.4, color=orange, label="measured")
+    ax.barh(y - 0.2, table["predicted ms"], height=0.4, color="silver", edgecolor="dimgrey", hatch=hatch,
+            label="predicted")
+    ax.barh(y + 0.2, table["measured ms"], height=0.4, color="dimgrey", label="measured")
     top = float(table[["predicted ms", "measured ms"]].max().max())
     for yi, (p, m, err) in enumerate(zip(table["predicted ms"], table["measured ms"], table["error %"])):
         ax.text(max(p, m) + 0.01 * top, yi, f"{err:+.0f}%", va="center", fontsize=9)
@@ -75,12 +76,15 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     """Projected throughput speedup against workers, per link; the point measured on one machine,
     and (``lab``: link, workers, speedup) points from all-reduces measured between lab nodes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colors = dict(zip(projection.link.unique(), sns.color_palette("deep")))
+    def color(link: str):  # the lab's and Ethernet's rates take the colours of notebook 06's links
+        return LINK_COLORS.get(link.removeprefix("lab ").removesuffix(" Ethernet"), "darkgoldenrod")
+
+    colors = {link: color(link) for link in projection.link.unique()}
     for link, df in projection.groupby("link", sort=False):
         ax.plot(df.workers, df.speedup, "-o", color=colors[link], ms=4, label=f"projected: {link}")
     if lab is not None:
         for link, df in lab.groupby("link", sort=False):
-            ax.plot(df.workers, df.speedup, "D", color=colors.get(link, "black"), mfc="white", mew=1.8, ms=8,
+            ax.plot(df.workers, df.speedup, "D", color=color(link), mfc="white", mew=1.8, ms=8,
                     label=f"with the all-reduce measured: {link}")
     workers = sorted(projection.workers.unique())
     ax.plot(workers, workers, ":", color="grey", lw=1, label="ideal (linear)")
@@ -101,7 +105,7 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
 def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     """Validation accuracy against training seconds for the six settings of one seed."""
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
-    palette, first = sns.color_palette("deep"), []
+    palette, first = sns.color_palette("Set2"), []  # one colour per pair of settings
     for i, (name, runs) in enumerate(tta["runs"].items()):
         points = next(r for r in runs if r["seed"] == seed)["points"]
         first.append(min(p["train_s"] for p in points if p["val_accuracy"] >= 0.93))  # the first point in view
@@ -129,7 +133,7 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
              "ratio": "ratio = product"}
     per_seed = {pair: pd.DataFrame(p["per_seed"])[list(names)] for pair, p in pairs.items()}
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    width, palette = 0.2, sns.color_palette("deep")
+    width, palette = 0.2, sns.color_palette("crest", len(names))  # the ratio, the product, darkest
     for i, (pair, seeds) in enumerate(per_seed.items()):
         for j, (column, label) in enumerate(names.items()):
             x = i + (j - 1.5) * width
@@ -151,7 +155,7 @@ def plot_knobs(record: dict) -> plt.Figure:
     rows = record["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(rows)))
     for y, row in enumerate(rows):  # bars grow from 1 (the default) to the median ratio
-        ax.barh(y, row["vs_default_median"] - 1, left=1, color=sns.color_palette("deep")[0], alpha=0.5)
+        ax.barh(y, row["vs_default_median"] - 1, left=1, color="slategrey", alpha=0.5)
         ax.plot(row["vs_default_rounds"], [y] * len(row["vs_default_rounds"]), "o", color="black", ms=3)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])

@@ -1,0 +1,115 @@
+"""Notebook 04's tables, built from the study's records (each function takes records and returns a frame)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+
+from ..study.throughput import ratio
+
+
+def made(rec: dict) -> str:
+    """Where, when and by which code a record was made."""
+    return f"{rec['environment']['cpu_model']}, {rec['created'][:16]} UTC, code {rec['environment'].get('code')}"
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median (min-max)' of a list of per-round values."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def epoch_ratio(throughput: dict, a: str, b: str) -> dict:
+    """Case a's epoch time over case b's, round by round, from the throughput record."""
+    return ratio({c["id"]: c for c in throughput["cases"]}, a, b)
+
+
+def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughput: dict) -> pd.DataFrame:
+    """DDP's epoch time over one process's, as each part of the project measured it."""
+    def epoch_s(rec: dict) -> float:
+        return rec["summary"]["median_epoch_time_s"]
+
+    def comm(rec: dict) -> str:
+        return rec["runtime"].get("comm", "gloo").split(" (")[0]
+
+    one_after = "median of 5 epochs each, one run after the other"
+    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", made(nb03)),
+            ("the README's main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", made(cli2))]
+    runs = pairs03["method"].get("runs", 1)
+    rows += [(f"notebook 03, interleaved rounds: {name}", name.split(", ")[-1].replace("shared memory", "shm"),
+              f"one epoch each, {len(s['rounds'])} rounds in {runs} runs, order rotated; median", f"{s['median']:.2f}",
+              f"{s['min']:.2f}-{s['max']:.2f}", made(pairs03)) for name, s in pairs03["summary"].items()]
+    study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
+    case = next(c for c in throughput["cases"] if c["id"] == "ddp_b32")
+    rows.append(("this study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']} warm-up, "
+                 f"{len(study)} rounds, projected to an epoch; the median of per-round ratios",
+                 f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}", made(throughput)))
+    return pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ one process, per epoch",
+                                       "range", "host, made, code"]).set_index("measured by")
+
+
+def tta_settings(tta: dict) -> pd.DataFrame:
+    """Each time-to-98% setting: how many seeds got there, after how many epochs and seconds."""
+    rows = []
+    for name, s in tta["summary"].items():
+        sec = s["seconds"]
+        rows.append({"setting": name, "seeds at 98%": f"{s['reached']}/{s['seeds']}",
+                     "epochs to 98% (mean)": statistics.mean(r["epochs_to_target"] for r in tta["runs"][name]),
+                     "seconds to 98%, mean": sec and sec["mean"], "sd": sec and sec["sd"],
+                     "min-max": sec and f"{sec['min']:.1f}-{sec['max']:.1f}"})
+    return pd.DataFrame(rows).set_index("setting").round(2)
+
+
+def tta_pairs(tta: dict) -> pd.DataFrame:
+    """One process's time to 98% over two workers', seed by seed, for each pair of settings."""
+    return pd.DataFrame([{"pair of settings": pair, "1 process / 2 workers, mean of seeds": p["ratio"]["mean"],
+                          "sd": p["ratio"]["sd"], "per seed": ", ".join(f"{v:.2f}" for v in p["ratio"]["values"])}
+                         for pair, p in tta["pairs"].items()]).set_index("pair of settings").round(2)
+
+
+def gpu_runs(gpu: dict) -> pd.DataFrame:
+    """The lent GPU's runs: seconds per epoch, device and whether the step was a CUDA graph."""
+    names = {"W=1 on this machine's CPU cores": "W=1 on the GPU host's 16 CPU cores"}
+    return pd.DataFrame([{"run": names.get(name, name), "s per epoch": r["summary"]["median_epoch_time_s"],
+                          "epochs run": len(r["epochs"]),
+                          "val. accuracy after epoch 1 %": 100 * r["epochs"][0]["val_accuracy"],
+                          "device": r["runtime"]["device"], "CUDA graph": r["runtime"]["cuda_graph"]}
+                         for name, r in gpu["runs"].items()]).set_index("run").round(3)
+
+
+def bare_allreduce(transport: dict) -> pd.DataFrame:
+    """The gradient's all-reduce alone over gloo and over shared memory, against the memory-copy floor."""
+    floor = statistics.median(transport["memcopy_floor_ms"])
+    rows = []
+    for w, b in transport["bare_allreduce"].items():
+        ms = b["median_ms"]
+        rows.append({"ranks": f"{w}{' (oversubscribed)' if b['oversubscribed'] else ''}",
+                     "gloo, ms": ms["gloo"], "shared memory, ms": ms["shm"],
+                     "gloo ÷ shm, median (rounds)": spread(b["gloo_over_shm_rounds"], 1),
+                     "shm ÷ floor": ms["shm"] / floor,
+                     "back to back: gloo, shm ms": f"{ms['gloo_back_to_back']:.2f}, {ms['shm_back_to_back']:.2f}"})
+    return pd.DataFrame(rows).set_index("ranks").round(2)
+
+
+def hierarchical(hier: dict) -> pd.DataFrame:
+    """Two nodes of two ranks at each link rate: flat gloo against shared memory within the nodes."""
+    def cell(r: dict, what: str) -> str:
+        s = r["flat_over_hierarchical"][what]
+        return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+    return pd.DataFrame([{"link": r["link"],
+                          "all-reduce: flat, ms": statistics.median(r["allreduce_ms"]["gloo"]),
+                          "all-reduce: hierarchical, ms": statistics.median(r["allreduce_ms"]["shm"]),
+                          "flat ÷ hierarchical": cell(r, "allreduce_ms"),
+                          "DDP step: flat, ms": statistics.median(r["ddp_step_ms"]["gloo"]),
+                          "DDP step: hierarchical, ms": statistics.median(r["ddp_step_ms"]["shm"]),
+                          "step: flat ÷ hierarchical": cell(r, "ddp_step_ms")}
+                         for r in hier["runs"]]).set_index("link").round(1)
+
+
+def precision(prec: dict) -> pd.DataFrame:
+    """bf16-mixed against float32: step time per round and the accuracy after the timed steps."""
+    rows = [{"case": r["case"], "step ms, median (rounds)": spread(r["rounds_ms"]),
+             "val. accuracy after the timed steps %": 100 * statistics.median(r["val_accuracy_after_timed_steps"])}
+            for r in prec["rows"]]
+    return pd.DataFrame(rows).set_index("case").round(2)
