@@ -46,7 +46,9 @@ QUICK = ("floor_1t_b32", "floor_1t_b128", "pair_b32", "pair_b128", "w1_1t_b32", 
 
 def cases(quick: bool) -> list[Case]:
     """Every case; with ``quick``, the few the cost model needs (a smoke run for CI)."""
-    c = lambda **kw: TrainConfig(**{"train_subset": 4096 if quick else 0, **kw})  # noqa: E731
+    # gloo throughout, pinned: the cost model's inputs (syncstep, allreduce) are gloo's; the transport part
+    # compares shared memory (the default where ranks share a node)
+    c = lambda **kw: TrainConfig(**{"train_subset": 4096 if quick else 0, "comm": "gloo", **kw})  # noqa: E731
     every = [
         Case("design_w2", "original design's implementation, W=2", "design"),
         Case("floor_1t_b32", "compute floor, 1 thread, b32", "floor", threads=1, batch=32),
@@ -93,7 +95,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
     result = launch(cfg, live=False)
     warmup, row = result.history
     return {"ms": row["step_ms"]["total"], "split_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
-            "threads": result.record["runtime"]["threads_per_rank"],
+            "threads": result.record["runtime"]["threads_per_rank"], "comm": result.record["runtime"].get("comm"),
             "warmup_steps": warmup["steps_per_worker"], "timed_steps": row["steps_per_worker"],
             "peak_rss_mb_per_rank": result.record["runtime"]["peak_rss_mb_per_rank"]}
 
@@ -111,6 +113,7 @@ def summarise(case: Case, rounds: list[dict]) -> dict:
     if case.kind == "train":
         out["split_ms"], out["sync_fraction"] = median["split_ms"], median["sync_fraction"]
         out["peak_rss_mb_per_rank"] = median["peak_rss_mb_per_rank"]  # a run in the study's process: its peak
+        out["comm"] = median["comm"]  # how the all-reduces travelled, as the run's record says
     return out
 
 

@@ -34,7 +34,7 @@ PAIRS = {
 
 def settings(quick: bool) -> dict[str, TrainConfig]:
     """The six settings; with ``quick``, one pair on a data subset (a smoke run for CI)."""
-    common = dict(stop_at_accuracy=TARGET, epochs=1 if quick else 8, evals_per_epoch=4,
+    common = dict(stop_at_accuracy=TARGET, epochs=1 if quick else 8, evals_per_epoch=4, comm="gloo",
                   train_subset=4096 if quick else 0, test_subset=1000 if quick else 0)
     out = {}
     for pair, (single, two) in list(PAIRS.items())[-1:] if quick else PAIRS.items():
@@ -120,5 +120,6 @@ def run_tta(quick: bool, log: Callable[[str], None]) -> dict:
         "target": TARGET, "evals_per_epoch": 4, "seeds": list(seeds), "orders": orders,
         "seconds": "training time only, to the first validation pass at or above the target (process start, data "
                    "loading and evaluation excluded on both sides)",
-        "settings": "3 single-process and 3 two-worker settings declared before the run; order shuffled per seed"},
+        "settings": "3 single-process and 3 two-worker settings declared before the run; order shuffled per seed",
+        "transport": "gloo between the two workers (pinned; the transport part races shared memory)"},
         runs=runs, summary=summary, pairs=pairs, best=best)
