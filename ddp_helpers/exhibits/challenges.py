@@ -41,9 +41,7 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
 def scaling_answer(throughput: dict, allreduce: dict, network: dict) -> str:
     """The design's 3.2x at 4 workers and 5.6x at 8, against what was measured and what the cost model
     projects (same compute per worker, one all-reduce of the gradient per step, no overlap)."""
-    projection, _, _ = costmodel.scaling(throughput, allreduce, network, [4, 8])
-    cases = costmodel.cases_by_id(throughput)
-    one_rounds = [2 * x / y for x, y in zip(cases[costmodel.LOCAL[32]]["rounds_ms"], cases["ddp_b32"]["rounds_ms"])]
+    projection, _, one_rounds = costmodel.scaling(throughput, allreduce, network, [4, 8])
     shown = projection[projection["link"].isin(["lab 1 Gb/s", *costmodel.CLUSTER_LINKS])]
     at = {link: rows.set_index("workers")["speedup"] for link, rows in shown.groupby("link", sort=False)}
     rounds = [1 / r for r in throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]]

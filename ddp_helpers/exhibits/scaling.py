@@ -6,6 +6,7 @@ import statistics
 
 import pandas as pd
 
+from ..study.costmodel import cases_by_id
 from ..study.throughput import ratio
 
 
@@ -21,7 +22,7 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 def epoch_ratio(throughput: dict, a: str, b: str) -> dict:
     """Case a's epoch time over case b's, round by round, from the throughput record."""
-    return ratio({c["id"]: c for c in throughput["cases"]}, a, b)
+    return ratio(cases_by_id(throughput), a, b)
 
 
 def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughput: dict) -> pd.DataFrame:
@@ -40,7 +41,7 @@ def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughp
               f"one epoch each, {len(s['rounds'])} rounds in {runs} runs, order rotated; median", f"{s['median']:.2f}",
               f"{s['min']:.2f}-{s['max']:.2f}", made(pairs03)) for name, s in pairs03["summary"].items()]
     study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
-    case = next(c for c in throughput["cases"] if c["id"] == "ddp_b32")
+    case = cases_by_id(throughput)["ddp_b32"]
     rows.append(("this study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']} warm-up, "
                  f"{len(study)} rounds, projected to an epoch; the median of per-round ratios",
                  f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}", made(throughput)))

@@ -166,14 +166,16 @@ def lab_speedups(network: dict, compute_s: float, nbytes: int) -> pd.DataFrame:
 
 
 def scaling(throughput: dict, allreduce: dict, network: dict, world_sizes: list[int]
-            ) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+            ) -> tuple[pd.DataFrame, pd.DataFrame, list[float]]:
     """Speedup over one 1-thread worker: projected on the stated and the lab's links, computed from the
-    all-reduce measured between the lab's nodes, and measured here with 2 workers (same run, same statistic)."""
+    all-reduce measured between the lab's nodes, and measured here with 2 workers, round by round (the
+    rounds are paired: the same moment)."""
     cases = cases_by_id(throughput)
-    one, ddp = cases[LOCAL[32]]["step_ms"], cases["ddp_b32"]["step_ms"]
-    step_s, nbytes = one / 1000, allreduce["gradient_bytes"]
+    one, ddp = cases[LOCAL[32]], cases["ddp_b32"]
+    step_s, nbytes = one["step_ms"] / 1000, allreduce["gradient_bytes"]
     projection = project_speedup(step_s, nbytes, world_sizes, {**CLUSTER_LINKS, **lab_links(network)})
-    return projection, lab_speedups(network, step_s, nbytes), 2 * one / ddp
+    measured = [2 * x / y for x, y in zip(one["rounds_ms"], ddp["rounds_ms"])]
+    return projection, lab_speedups(network, step_s, nbytes), measured
 
 
 def project_speedup(compute_s: float, nbytes: float, world_sizes: list[int], links: dict[str, tuple[float, float]],
