@@ -22,8 +22,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def peak_rss_mb() -> float:
-    """The peak resident memory of this process's own address space so far, in MB: ``VmHWM`` on Linux.
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process's own address space so far, in MiB: ``VmHWM`` on Linux.
     Not ``ru_maxrss``: a worker started by (v)fork and exec inherits its parent's peak in it (a spawned
     rank of a 950 MB parent reported 950 MB)."""
     try:

@@ -47,7 +47,7 @@ def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, pre
                   threads_rule: str,
                   sync: str, comm: str, buckets_bytes: list[int], optimizer: str, cuda_graph: bool,
                   cuda_graph_note: str, parameters: int, train_samples: int, test_samples: int, global_batch: int,
-                  notes: list[str], peak_rss_mb_per_rank: list[float]) -> dict[str, Any]:
+                  notes: list[str], peak_rss_mib_per_rank: list[float]) -> dict[str, Any]:
     """How a run ran: what the ranks chose and measured for themselves. ``comm``: how the gradients'
     all-reduces travelled; ``buckets_bytes``: the gradient buckets as the strategy really made them."""
     return {"rank_count": rank_count, "backend": backend, "device": device, "dtype": dtype, "precision": precision,
@@ -55,7 +55,7 @@ def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, pre
             "buckets_bytes": buckets_bytes, "optimizer": optimizer,
             "cuda_graph": cuda_graph, "cuda_graph_note": cuda_graph_note, "parameters": parameters,
             "train_samples": train_samples, "test_samples": test_samples, "global_batch": global_batch,
-            "notes": notes, "peak_rss_mb_per_rank": [round(mb, 1) for mb in peak_rss_mb_per_rank]}
+            "notes": notes, "peak_rss_mib_per_rank": [round(mb, 1) for mb in peak_rss_mib_per_rank]}
 
 
 def summary(history: list[dict]) -> dict[str, float]:

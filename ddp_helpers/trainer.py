@@ -24,7 +24,7 @@ from .cuda_graph import GraphedStep, captured_step
 from .data import Split, batches, eval_indices, load_datasets, steps_per_epoch, train_indices
 from .dist import RankContext
 from .engine import NonFiniteLossError, Profiler, Tally, evaluate, make_optimizer, metrics, set_lr, step, warmup_scale
-from .host import native_bf16, peak_rss_mb
+from .host import native_bf16, peak_rss_mib
 from .model import MLP, count_parameters
 from .results import epoch_row, eval_point, runtime_block
 from .preemption import StopStep
@@ -136,7 +136,7 @@ def fit(cfg: TrainConfig, ctx: RankContext, emit: Emit, data: tuple[Split, Split
         train_samples=len(t.train_split), test_samples=len(t.test_split),
         global_batch=cfg.batch_size * ctx.world_size * t.accumulate, notes=t.notes,
         # each rank's process at its peak (a run in this process: all it held before the run too)
-        peak_rss_mb_per_rank=ctx.gather(peak_rss_mb()))
+        peak_rss_mib_per_rank=ctx.gather(peak_rss_mib()))
     if stopped is not None:
         runtime["preempted"] = stopped
     return FitOutput(t.history, runtime, t.model)

@@ -59,6 +59,8 @@ def test_the_quick_network_part_runs_torchrun_over_shaped_links_and_leaves_nothi
     unshaped, shaped = record["runs"]
     assert (unshaped["link"], shaped["link"], shaped["rate_mbit"]) == ("no limit", "1 Gb/s", 1000)
     assert [c["id"] for c in shaped["cases"]] == ["ddp", "local_sgd"]
+    for run in record["runs"]:  # the single-process reference is timed in every round, beside the cases
+        assert len(run["single_process"]["rounds_ms"]) == run["rounds"] == len(run["cases"][0]["vs_single"]["rounds"])
     assert str(GRAD_BYTES) in shaped["allreduce"]["seconds"]
     assert [p["case"] for p in record["predictions"]["steps"]] == ["ddp", "local_sgd"]
     assert record["environment"]["torch"] and record["method"]["launcher"].startswith("torchrun")

@@ -13,7 +13,7 @@ from ddp_helpers import MLP, TrainConfig, launch, load_datasets
 from ddp_helpers.checkpoint import list_checkpoints
 from ddp_helpers.dist import RankContext
 from ddp_helpers.engine import NonFiniteLossError, Tally
-from ddp_helpers.host import peak_rss_mb
+from ddp_helpers.host import peak_rss_mib
 from ddp_helpers.trainer import LossWatch
 
 TINY = dict(dataset="synthetic", device="cpu", train_subset=512, test_subset=64, threads_per_rank=1)
@@ -109,8 +109,8 @@ def test_each_rank_records_its_own_peak_memory_not_its_parents():
     of a run launched from a big process (a notebook kernel) reported the parent's peak. Here the
     parent holds 1 GB more than any small rank needs, and each rank's figure must stay well below it."""
     ballast = torch.ones(2**28)  # 1 GiB of float32, touched, so resident
-    parent = peak_rss_mb()
+    parent = peak_rss_mib()
     result = launch(TrainConfig(world_size=2, epochs=1, **TINY), live=False)
-    peaks = result.record["runtime"]["peak_rss_mb_per_rank"]
+    peaks = result.record["runtime"]["peak_rss_mib_per_rank"]
     assert len(peaks) == 2 and all(0 < mb < parent - 512 for mb in peaks), (peaks, parent)
     del ballast

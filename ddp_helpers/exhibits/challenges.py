@@ -23,7 +23,7 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
     """Peak memory against the design's "< 2 GB": the ranks' proportional set sizes and the launching
     process's (notebook 08), and the peak resident sets the training records keep (they count the
     libraries the ranks share once per rank)."""
-    peaks, single = ddp_run["runtime"].get("peak_rss_mb_per_rank"), single_run["runtime"].get("peak_rss_mb_per_rank")
+    peaks, single = ddp_run["runtime"].get("peak_rss_mib_per_rank"), single_run["runtime"].get("peak_rss_mib_per_rank")
     if not peaks or not single:
         return "peak memory not in these records (made before records kept it)"
     rss = (f"peak RSS per DDP rank {' + '.join(f'{mib:,.0f}' for mib in peaks)} MiB (notebook 03; shared library "

@@ -12,6 +12,7 @@ import seaborn as sns
 
 from ..data import MNIST_MEAN, MNIST_STD, ceil_div
 from ..results import median_item
+from .colours import PHASE_COLOURS, RUN_COLOURS, text_colour
 
 Runs = dict[str, list[dict]]  # label -> per-epoch history
 
@@ -33,7 +34,7 @@ def plot_training_curves(runs: Runs, target: float = 98.0, marks: dict[float, st
     the first have hollow, larger markers, so a run that lies on another stays visible around it.
     ``marks``: {epoch position: label} drawn as vertical lines (a crash, say)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for i, ((label, history), color) in enumerate(zip(runs.items(), sns.color_palette("deep"))):
+    for i, ((label, history), color) in enumerate(zip(runs.items(), RUN_COLOURS)):
         df = history_frame(history)
         style = {"color": color, "lw": 1.8 if i == 0 else 1.0, "ms": 5 if i == 0 else 5 + 4 * i,
                  "mfc": color if i == 0 else "none", "mew": 1.5}
@@ -60,7 +61,7 @@ def plot_epoch_times(runs: Runs) -> plt.Figure:
     """Training seconds of every epoch (evaluation excluded) per run, and each run's median and range
     over its epochs: one epoch is one measurement, and the epochs show how much they vary."""
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for (label, history), color in zip(runs.items(), sns.color_palette("deep")):
+    for (label, history), color in zip(runs.items(), RUN_COLOURS):
         df = history_frame(history)
         median = df["epoch_time_s"].median()
         ax.plot(df.index, df["epoch_time_s"], "o-", color=color, lw=1,
@@ -94,14 +95,14 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))
     widest = phases[[f"{p}_ms" for p in names]].sum(axis=1).max()
-    for phase, color in zip(names, sns.color_palette("deep")):
-        values = phases[f"{phase}_ms"].to_numpy(dtype=float)
+    for phase in names:
+        color, values = PHASE_COLOURS[phase], phases[f"{phase}_ms"].to_numpy(dtype=float)
         if values.max() < 0.005 * widest:
             continue  # nothing to show (a single process synchronises nothing)
         ax.barh(labels, values, left=left, color=color, label=PHASE_NAMES.get(phase, phase))
         for y, (x0, v) in enumerate(zip(left, values)):
             if v > 0.07 * widest:
-                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color="white", fontsize=9)
+                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color=text_colour(color), fontsize=9)
         left += values
     for y, (label, end) in enumerate(zip(labels, left)):
         total = end if totals is None else totals[label]
@@ -145,7 +146,7 @@ def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = ""
 def plot_shard_assignment(shards: Sequence[Sequence[int]], n_show: int = 24) -> plt.Figure:
     """The first n_show positions of an epoch's shuffled order: which rank gets each sample."""
     world = len(shards)
-    palette = sns.color_palette("deep", world)
+    palette = RUN_COLOURS if world <= len(RUN_COLOURS) else sns.color_palette("deep", world)
     fig, ax = plt.subplots(figsize=(12, 2.3))
     for pos in range(n_show):
         rank = pos % world

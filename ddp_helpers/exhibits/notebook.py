@@ -39,9 +39,19 @@ def host_line(record: dict, label: str = "Measured on") -> str:
     gpus = ", ".join(env.get("gpus") or []) or "no GPU"
     memory = f"{env['memory_gib']:.0f} GiB RAM" if env.get("memory_gib") else "RAM unknown"
     code = env.get("code") or "unknown commit"
-    return (f"{label}: {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, {memory}, {gpus}; "
-            f"Python {env['python']}, torch {env['torch']}; {record['created'][:16].replace('T', ' ')} UTC; "
+    return (f"{label}: {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, {memory}, {gpus};\n"
+            f"  Python {env['python']}, torch {env['torch']}; {record['created'][:16].replace('T', ' ')} UTC; "
             f"code {code}. Rendered from commit {code_version() or 'unknown'}.")
+
+
+def say(*parts, sep: str = " ", width: int = 100) -> None:
+    """print(), with each line wrapped at ``width``: continuation lines are indented under a line's
+    own indent, two more after a bullet ("- ")."""
+    for line in sep.join(str(p) for p in parts).splitlines() or [""]:
+        indent = " " * (len(line) - len(line.lstrip()))
+        more = "  " if line.lstrip().startswith("- ") else ""
+        print(textwrap.fill(line, width, subsequent_indent=indent + more, break_on_hyphens=False)
+              if len(line) > width else line)
 
 
 def environment_table(record: dict) -> pd.DataFrame:

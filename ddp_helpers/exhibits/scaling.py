@@ -26,27 +26,31 @@ def epoch_ratio(throughput: dict, a: str, b: str) -> dict:
 
 
 def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughput: dict) -> pd.DataFrame:
-    """DDP's epoch time over one process's, as each part of the project measured it."""
+    """DDP's epoch time over one process's, as each part of the project measured it: medians, of per-round
+    ratios where there are rounds (the study's steps projected to an epoch)."""
     def epoch_s(rec: dict) -> float:
         return rec["summary"]["median_epoch_time_s"]
 
     def comm(rec: dict) -> str:
         return rec["runtime"].get("comm", "gloo").split(" (")[0]
 
-    one_after = "median of 5 epochs each, one run after the other"
-    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", made(nb03)),
-            ("the README's main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", made(cli2))]
+    def when(rec: dict) -> str:
+        return f"{rec['environment']['cpu_model']} {rec['created'][5:16].replace('T', ' ')}, {rec['environment'].get('code')}"
+
+    one_after = "median of 5 epochs, runs in sequence"
+    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", when(nb03)),
+            ("main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", when(cli2))]
     runs = pairs03["method"].get("runs", 1)
-    rows += [(f"notebook 03, interleaved rounds: {name}", name.split(", ")[-1].replace("shared memory", "shm"),
-              f"one epoch each, {len(s['rounds'])} rounds in {runs} runs, order rotated; median", f"{s['median']:.2f}",
-              f"{s['min']:.2f}-{s['max']:.2f}", made(pairs03)) for name, s in pairs03["summary"].items()]
+    rows += [(f"03's rounds: {name.split(', ', 1)[-1]}", name.split(", ")[-1].replace("shared memory", "shm"),
+              f"1 epoch each, {len(s['rounds'])} rounds ({runs} runs), rotated", f"{s['median']:.2f}",
+              f"{s['min']:.2f}-{s['max']:.2f}", when(pairs03)) for name, s in pairs03["summary"].items()]
     study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     case = cases_by_id(throughput)["ddp_b32"]
-    rows.append(("this study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']} warm-up, "
-                 f"{len(study)} rounds, projected to an epoch; the median of per-round ratios",
-                 f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}", made(throughput)))
-    return pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ one process, per epoch",
-                                       "range", "host, made, code"]).set_index("measured by")
+    rows.append(("study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']}, "
+                 f"{len(study)} rounds, rotated", f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}",
+                 when(throughput)))
+    return pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ 1 process",
+                                       "range", "host, made (UTC), code"]).set_index("measured by")
 
 
 def tta_settings(tta: dict) -> pd.DataFrame:
@@ -98,14 +102,16 @@ def hierarchical(hier: dict) -> pd.DataFrame:
         s = r["flat_over_hierarchical"][what]
         return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
-    return pd.DataFrame([{"link": r["link"],
-                          "all-reduce: flat, ms": statistics.median(r["allreduce_ms"]["gloo"]),
-                          "all-reduce: hierarchical, ms": statistics.median(r["allreduce_ms"]["shm"]),
-                          "flat ÷ hierarchical": cell(r, "allreduce_ms"),
-                          "DDP step: flat, ms": statistics.median(r["ddp_step_ms"]["gloo"]),
-                          "DDP step: hierarchical, ms": statistics.median(r["ddp_step_ms"]["shm"]),
-                          "step: flat ÷ hierarchical": cell(r, "ddp_step_ms")}
-                         for r in hier["runs"]]).set_index("link").round(1)
+    table = pd.DataFrame([{("link", ""): r["link"],
+                           ("all-reduce", "flat ms"): statistics.median(r["allreduce_ms"]["gloo"]),
+                           ("all-reduce", "hierarchical ms"): statistics.median(r["allreduce_ms"]["shm"]),
+                           ("all-reduce", "flat ÷ hier. (rounds)"): cell(r, "allreduce_ms"),
+                           ("DDP step", "flat ms"): statistics.median(r["ddp_step_ms"]["gloo"]),
+                           ("DDP step", "hierarchical ms"): statistics.median(r["ddp_step_ms"]["shm"]),
+                           ("DDP step", "flat ÷ hier. (rounds)"): cell(r, "ddp_step_ms")}
+                          for r in hier["runs"]]).set_index(("link", "")).round(1)
+    table.index.name, table.columns = "link", pd.MultiIndex.from_tuples(table.columns)
+    return table
 
 
 def precision(prec: dict) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from ..place import RankPlace
 from ..sync import BucketedDataParallel
 from ..transport import open_transport
 from ..workers import run_workers
+from .colours import PHASE_COLOURS
 
 
 def _timeline_job(place: RankPlace, emit: Callable, comm: str, bucket_cap_mb: float, warmup: int,
@@ -88,7 +89,8 @@ def typical_step(run: dict) -> tuple[dict, dict]:
 def plot_timelines(timelines: dict) -> plt.Figure:
     """One panel per transport: each rank's lane, one typical step."""
     fig, axes = plt.subplots(len(timelines), 1, figsize=(9, 1.6 + 1.25 * len(timelines)), sharex=True)
-    colours = {"compute": "#8da0cb", "all-reduce": "#fc8d62", "wait": "#bbbbbb", "optimizer": "#66c2a5"}
+    colours = {"compute": PHASE_COLOURS["compute"], "all-reduce": PHASE_COLOURS["sync"], "wait": PHASE_COLOURS["wait"],
+               "optimizer": PHASE_COLOURS["optimizer"]}  # the same colours as the phase bars
     for ax, (comm, run) in zip(list(axes) if len(timelines) > 1 else [axes], timelines.items()):
         ranks, info = typical_step(run)
         for lane, (rank, p) in enumerate(ranks.items()):

@@ -7,7 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..host import peak_rss_mb
+from ..host import peak_rss_mib
 from ..results import RESULTS_DIR, save_json
 from .netlab import LabUnavailable
 from .records import cpu_shares, cpu_ticks
@@ -68,7 +68,7 @@ def run_parts(parts: list[str], asked: str, quick: bool, out: Path) -> int:
             continue
         record["cpu_time_shares"] = cpu_shares(before, cpu_ticks())  # steal > 0: the host took our cores
         # the study's own process so far: parts run in order, so a later part's figure covers the earlier ones
-        record["study_process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+        record["study_process_peak_rss_mib"] = round(peak_rss_mib(), 1)
         suffix = "_quick" if quick else ""
         print(f"wrote {save_json(record, out / f'study_{part}{suffix}.json')}")
     return 0

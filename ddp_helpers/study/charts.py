@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from ..exhibits.colours import RUN_COLOURS as SETTING_COLOURS
+
 
 def _legend_below(ax, ncol: int = 2) -> None:
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
@@ -31,7 +33,7 @@ def _plain_log_ticks(axis) -> None:
 def plot_allreduce(record: dict) -> plt.Figure:
     """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    shades = sns.color_palette("rocket", len(record["world_sizes"]) + 1)  # world sizes: dark (few) to light (many)
+    shades = sns.color_palette("Greys_r", len(record["world_sizes"]) + 2)  # world sizes: dark (few) to light (many)
     for (w, data), color in zip(record["world_sizes"].items(), shades):
         sizes = np.array([int(k) for k in data["seconds"]])
         label = f"{w} ranks" + (" (oversubscribed: more ranks than cores)" if data["oversubscribed"] else "")
@@ -105,7 +107,7 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
 def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     """Validation accuracy against training seconds for the six settings of one seed."""
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
-    palette, first = sns.color_palette("Set2"), []  # one colour per pair of settings
+    palette, first = SETTING_COLOURS, []  # one colour per pair of settings, as in notebook 08
     for i, (name, runs) in enumerate(tta["runs"].items()):
         points = next(r for r in runs if r["seed"] == seed)["points"]
         first.append(min(p["train_s"] for p in points if p["val_accuracy"] >= 0.93))  # the first point in view
@@ -172,6 +174,7 @@ LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
 # one colour per link in every chart, ordered dark (slow) to light (fast), apart from the strategies'
 # qualitative palette
 LINK_COLORS = dict(zip(LINK_ORDER, sns.color_palette("viridis", len(LINK_ORDER) + 1)))
+CASE_MARKERS = "osD^vP"  # one marker shape per strategy (case id, in sorted order)
 
 
 def runs_of(network: dict, nodes: int) -> list[dict]:
@@ -200,21 +203,21 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
 
 
 def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
-    """Samples per second of each strategy on each link, against one process with two threads."""
+    """Samples per second of each strategy on each link, against one process with two threads timed
+    in the same job's rounds."""
     runs = runs_of(network, nodes)
     fig, ax = plt.subplots(figsize=(8, 4.6))
     ids = [c["id"] for c in runs[0]["cases"]]
     labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
     x = np.arange(len(runs))
-    styles = ["-o", "--s", ":D", "-^", "-v", "-P"]
-    for i, (case, color, style) in enumerate(zip(ids, sns.color_palette("deep"), styles)):
+    lines = ["-", "--", ":", "-", "--", ":"]  # shape: the strategy, as in the link model's chart; colour: none
+    for i, (case, line) in enumerate(zip(ids, lines)):  # (colours name links in notebook 06)
+        style, color = line + CASE_MARKERS[sorted(ids).index(case)], ("black", "dimgrey")[i % 2]
         ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
         shift = 0.04 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
         ax.plot(x + shift, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
-    single = network.get("single_process")
-    if single:
-        ax.axhline(32 * 1000 / single["step_ms"], color="black", ls=":", lw=1.2,
-                   label="1 process, 2 threads (no network)")
+    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="black", lw=2.5, alpha=0.35,
+            label="1 process, 2 threads, no network (timed in the same rounds)")
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes (series shifted sideways, so that equal values stay visible)",
            ylabel="samples per second (all ranks)",
@@ -227,7 +230,7 @@ def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     steps = pd.DataFrame(network["predictions"]["steps"])
     labels = {c["id"]: c["label"] for r in network["runs"] for c in r["cases"]}
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    markers = dict(zip(sorted(steps.case.unique()), "osD^vP"))
+    markers = dict(zip(sorted(steps.case.unique()), CASE_MARKERS))
     colors = LINK_COLORS
     for (case, link, nodes), row in steps.groupby(["case", "link", "nodes"]):
         ax.plot(row.measured_ms, row.predicted_ms, markers[case], color=colors[link], ms=7 if nodes == 2 else 5,

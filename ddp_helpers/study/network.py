@@ -4,9 +4,11 @@ For each (nodes, link rate) the lab (:mod:`.netlab`) is built and one torchrun j
 it (:func:`job`, one rank per node, 1 thread each). The job measures, in the same process
 group: the bare all-reduce against message size (the link's alpha and beta), then every
 strategy's step through the shared engine, in interleaved rounds (every case once per
-round, the order rotated from round to round). The single-process reference runs in a fresh
-process before every job and after the last. At 1 Gb/s, the fastest two-worker strategies then train to 98% beside the single
-process. Finally each shaped-link case is predicted from what was measured without shaping
+round, the order rotated from round to round). The single-process reference is one more case of
+every round: rank 0 times it with two threads while the other ranks wait, so each strategy's
+ratio to one process is taken round by round, in the same kind of process, with the same warm-up
+and statistic. At 1 Gb/s, the fastest two-worker strategies then train to 98% beside the single
+process, for three seeds, the order rotated per seed. Finally each shaped-link case is predicted from what was measured without shaping
 and the link's nominal rate, and compared with its measurement.
 """
 
@@ -32,7 +34,6 @@ from ..host import usable_cores
 from ..launcher import launch
 from ..sync import LocalSync, make_sync
 from ..transport import Gloo, SharedMemory
-from ..workers import run_workers
 from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
 from .netlab import NetLab
@@ -50,6 +51,9 @@ CASES = {
     "local_sgd": ("local SGD, average every 8 steps", dict(sync="local_sgd", local_sgd_every=8)),
 }
 FOUR_NODE_CASES = ("ddp", "local_sgd")
+REFERENCE = "single"  # the single-process reference's place in a job's rotation
+REFERENCE_LABEL = "1 process, 2 threads (no network)"
+TTA_SEEDS = (0, 1, 2)
 TTA_STRATEGIES = ("ddp", "fp16", "powersgd", "local_sgd")  # every-step and periodic: the best two race
 SWEEP_SIZES = sorted({*(2 ** k for k in range(10, 23, 2)), GRAD_BYTES})
 
@@ -57,12 +61,12 @@ SWEEP_SIZES = sorted({*(2 ** k for k in range(10, 23, 2)), GRAD_BYTES})
 def plan(quick: bool) -> list[dict]:
     """The jobs: (nodes, link, cases, steps). Slower links time fewer steps (the same seconds)."""
     if quick:
-        return [{"nodes": 2, "link": link, "cases": ["ddp", "local_sgd"], "warmup": 8, "steps": 16, "rounds": 1}
+        return [{"nodes": 2, "link": link, "cases": ["ddp", "local_sgd", REFERENCE], "warmup": 8, "steps": 16, "rounds": 1}
                 for link in ("no limit", "1 Gb/s")]
     steps = {"no limit": 96, "10 Gb/s": 96, "1 Gb/s": 64, "100 Mb/s": 24}  # multiples of local SGD's 8
-    jobs = [{"nodes": 2, "link": link, "cases": list(CASES), "warmup": steps[link], "steps": steps[link], "rounds": 5}
+    jobs = [{"nodes": 2, "link": link, "cases": [*CASES, REFERENCE], "warmup": steps[link], "steps": steps[link], "rounds": 5}
             for link in LINKS]
-    jobs += [{"nodes": 4, "link": link, "cases": list(FOUR_NODE_CASES), "warmup": steps[link], "steps": steps[link],
+    jobs += [{"nodes": 4, "link": link, "cases": [*FOUR_NODE_CASES, REFERENCE], "warmup": steps[link], "steps": steps[link],
               "rounds": 5} for link in ("no limit", "1 Gb/s", "100 Mb/s")]
     return jobs
 
@@ -71,7 +75,8 @@ def plan(quick: bool) -> list[dict]:
 
 def job(spec: dict) -> dict | None:
     """One rank: the all-reduce sweep, then every case in interleaved rounds, the order rotated by
-    one case each round (so that none always runs first); rank 0's result."""
+    one case each round (so that none always runs first); rank 0's result. The reference case is one
+    process alone: rank 0 trains with two threads and no synchronisation while the others wait."""
     env = launcher_place()
     with job_group(env, 300, backend="gloo", threads=1) as ctx:
         sweep = allreduce_medians(spec["sizes"], spec["repeats"])
@@ -80,6 +85,13 @@ def job(spec: dict) -> dict | None:
         for r in range(spec["rounds"]):
             shift = r % len(spec["cases"])
             for case in spec["cases"][shift:] + spec["cases"][:shift]:
+                if case == REFERENCE:
+                    if env.rank == 0:
+                        with single_process(torch.device("cpu"), 2):
+                            rounds[case].append(timed_steps(TrainConfig(world_size=1), 0, 1, _local, train,
+                                                            spec["warmup"], spec["steps"]))
+                    dist.barrier()  # the other ranks wait, idle, until the reference is timed
+                    continue
                 cfg = TrainConfig(world_size=env.world_size, **CASES[case][1])
                 strategy = lambda model, opt, profiler, cfg=cfg: make_sync(  # noqa: E731
                     cfg.sync, model, opt, env.world_size, ctx.device, cfg.local_sgd_every, profiler, ctx.transport,
@@ -89,6 +101,10 @@ def job(spec: dict) -> dict | None:
     if env.rank != 0:
         return None
     return {"allreduce_s": {str(size): s for size, s in sweep.items()}, "rounds": rounds}
+
+
+def _local(model, optimizer, profiler):
+    return LocalSync(model, optimizer)
 
 
 def hierarchical_job(spec: dict) -> dict | None:
@@ -136,11 +152,14 @@ def job_main(argv: list[str]) -> int:
 
 # --- in the parent: build, run, predict --------------------------------------------------------
 
-def summarise_case(case: str, rounds: list[dict]) -> dict:
+def summarise_case(case: str, rounds: list[dict], nodes: int, reference_ms: list[float]) -> dict:
+    """A case's step time over the rounds, and its samples per second over the reference's, round by round."""
     ms = [r["ms"] for r in rounds]
+    vs = [nodes * ref / m for m, ref in zip(ms, reference_ms)]  # (nodes x 32 / m) / (32 / ref)
     return {"id": case, "label": CASES[case][0], "config": CASES[case][1], "rounds_ms": ms,
             "step_ms": statistics.median(ms), "step_ms_range": [min(ms), max(ms)],
-            "split_ms": {p: statistics.median(r["split_ms"][p] for r in rounds) for p in rounds[0]["split_ms"]}}
+            "split_ms": {p: statistics.median(r["split_ms"][p] for r in rounds) for p in rounds[0]["split_ms"]},
+            "vs_single": {"median": statistics.median(vs), "min": min(vs), "max": max(vs), "rounds": vs}}
 
 
 def run_job(spec: dict, quick: bool, log: Callable[[str], None]) -> dict:
@@ -157,14 +176,17 @@ def run_job(spec: dict, quick: bool, log: Callable[[str], None]) -> dict:
         setup = lab.describe()
     seconds = {int(size): s for size, s in result["allreduce_s"].items()}
     alpha, beta = fit_alpha_beta(list(seconds), list(seconds.values()))
-    cases = [summarise_case(case, rounds) for case, rounds in result["rounds"].items()]
+    reference = [r["ms"] for r in result["rounds"].pop(REFERENCE)]
+    cases = [summarise_case(case, rounds, spec["nodes"], reference) for case, rounds in result["rounds"].items()]
     log(f"{spec['nodes']} nodes, {spec['link']:>8}: gradient all-reduce {1000 * seconds[GRAD_BYTES]:.1f} ms; "
-        + ", ".join(f"{c['id']} {c['step_ms']:.1f}" for c in cases) + " ms/step")
+        + ", ".join(f"{c['id']} {c['step_ms']:.1f}" for c in cases) + f" ms/step; 1 process {statistics.median(reference):.2f}")
     return {"nodes": spec["nodes"], "link": spec["link"], "rate_mbit": rate, "setup": setup,
             "oversubscribed": spec["nodes"] > usable_cores(), "warmup_steps": spec["warmup"],
             "timed_steps": spec["steps"], "rounds": spec["rounds"],
             "allreduce": {"sizes_bytes": sorted(seconds), "seconds": {str(s): t for s, t in seconds.items()},
                           "alpha_s": alpha, "beta_s_per_byte": beta}, "cases": cases,
+            "single_process": {"label": REFERENCE_LABEL, "threads": 2, "rounds_ms": reference,
+                               "step_ms": statistics.median(reference)},
             "wall_s": time.perf_counter() - start}
 
 
@@ -197,54 +219,48 @@ def predictions(runs: list[dict]) -> dict:
 
 def run_tta(runs: list[dict], log: Callable[[str], None]) -> dict:
     """At 1 Gb/s, the two fastest two-worker strategies of this run train to 98% (torchrun on
-    two nodes), beside the single process with two threads (no network): the design's settings."""
+    two nodes), beside the single process with two threads (no network): the design's settings,
+    one run of each per seed, the order rotated from seed to seed."""
     one_gig = next(r for r in runs if r["nodes"] == 2 and r["link"] == "1 Gb/s")
     by_speed = sorted((c for c in one_gig["cases"] if c["id"] in TTA_STRATEGIES), key=lambda c: c["step_ms"])
     chosen = [c["id"] for c in by_speed[:2]]
     common = dict(stop_at_accuracy=TARGET, epochs=6, evals_per_epoch=4)
-    out = {"strategies": chosen, "chosen_by": "step time at 1 Gb/s in this run", "runs": {}}
-    single = launch(TrainConfig(world_size=1, threads_per_rank=2, **common), live=False)
-    out["runs"]["1 process, 2 threads"] = {"config": single.record["config"], **time_to_target(single.history)}
-    for case in chosen:
-        with tempfile.TemporaryDirectory(prefix="ddpnet_") as tmp, NetLab(2, LINKS["1 Gb/s"]) as lab:
-            cfg = TrainConfig(world_size=2, threads_per_rank=1, backend="gloo", device="cpu", output_dir=tmp,
-                              run_name="tta", **common, **CASES[case][1])
-            lab.torchrun(["-m", "ddp_helpers", "train", "--config", str(save_config(cfg, tmp)), "--no-progress"],
-                         timeout_s=1800)
-            rec = json.loads((Path(tmp) / "tta.json").read_text())
-        out["runs"][f"2 nodes at 1 Gb/s: {case}"] = {"config": rec["config"], **time_to_target(rec["epochs"])}
-    for name, r in out["runs"].items():
-        log(f"time to 98%: {name:<32} " + (f"{r['seconds_to_target']:.1f} s (epoch {r['epochs_to_target']:.2f})"
-                                          if r["reached"] else "not reached"))
+    names = {None: "1 process, 2 threads", **{case: f"2 nodes at 1 Gb/s: {case}" for case in chosen}}
+    out = {"strategies": chosen, "chosen_by": "step time at 1 Gb/s in this run", "seeds": list(TTA_SEEDS),
+           "runs": {name: [] for name in names.values()}}
+    for i, seed in enumerate(TTA_SEEDS):
+        order = list(names)[i % len(names):] + list(names)[:i % len(names)]
+        for case in order:
+            if case is None:
+                got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False)
+                config, history = got.record["config"], got.history
+            else:
+                config, history = _tta_on_link(case, seed, common)
+            out["runs"][names[case]].append({"seed": seed, "config": config, **time_to_target(history)})
+    single = out["runs"][names[None]]
+    out["ratios"] = {case: [s["seconds_to_target"] / t["seconds_to_target"] if s["reached"] and t["reached"] else None
+                            for s, t in zip(single, out["runs"][names[case]])] for case in chosen}
+    for name, seeds in out["runs"].items():
+        log(f"time to 98%: {name:<32} " + ", ".join(f"{r['seconds_to_target']:.1f} s" if r["reached"] else "not reached"
+                                                    for r in seeds))
     return out
+
+
+def _tta_on_link(case: str, seed: int, common: dict) -> tuple[dict, list[dict]]:
+    """One two-node training run at 1 Gb/s through torchrun: its config and per-epoch history."""
+    with tempfile.TemporaryDirectory(prefix="ddpnet_") as tmp, NetLab(2, LINKS["1 Gb/s"]) as lab:
+        cfg = TrainConfig(world_size=2, threads_per_rank=1, backend="gloo", device="cpu", output_dir=tmp,
+                          run_name="tta", seed=seed, **common, **CASES[case][1])
+        lab.torchrun(["-m", "ddp_helpers", "train", "--config", str(save_config(cfg, tmp)), "--no-progress"],
+                     timeout_s=1800)
+        rec = json.loads((Path(tmp) / "tta.json").read_text())
+    return rec["config"], rec["epochs"]
 
 
 def save_config(cfg: TrainConfig, folder: str) -> Path:
     path = Path(folder) / "config.json"
     path.write_text(cfg.to_json())
     return path
-
-
-def _single_job(place, emit, steps: int, train_subset: int, threads: int) -> None:
-    train, _ = load_datasets("mnist", "", train_subset, 1, 0)
-    with single_process(torch.device("cpu"), threads):
-        emit("result", timed_steps(TrainConfig(world_size=1), 0, 1, lambda model, opt, profiler: LocalSync(model, opt),
-                                   train, steps, steps))
-
-
-def single_process_ms(quick: bool, steps: int = 96, threads: int = 2) -> dict:
-    """The reference: one process with two threads, no network, in a fresh process as the lab's ranks
-    are, through the same engine and the same statistic (warm-up, then the mean over the timed steps).
-    A smoke run (``quick``) times it in this process: it checks the record's shape, not the number."""
-    if quick:
-        return _single_in_this_process(16, 4096, threads)
-    return run_workers(_single_job, 1, (steps, 0, threads), launch_timeout_s=600)[0]
-
-
-def _single_in_this_process(steps: int, train_subset: int, threads: int) -> dict:
-    out = {}
-    _single_job(None, lambda kind, payload: out.update(payload), steps, train_subset, threads)
-    return out
 
 
 def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
@@ -289,18 +305,7 @@ def run_hierarchical_part(quick: bool, log: Callable[[str], None]) -> dict:
 
 
 def run_network(quick: bool, log: Callable[[str], None]) -> dict:
-    single, runs = [], []
-    for i, spec in enumerate(plan(quick)):  # the reference before every lab job and after the last: the drift shows
-        if i == 0 or not quick:  # (a smoke run: before the first and after the last only)
-            single.append(single_process_ms(quick))
-        runs.append(run_job(spec, quick, log))
-    single.append(single_process_ms(quick))
-    reference = {"threads": 2, "rounds_ms": [r["ms"] for r in single],
-                 "step_ms": statistics.median(r["ms"] for r in single),
-                 "process": "the study's own process (a smoke run)" if quick else
-                   "a fresh spawned process, before every lab job and after the last"}
-    log(f"1 process, 2 threads, no network: {reference['step_ms']:.2f} ms/step "
-        f"(before each lab job and after the last: {', '.join(f'{v:.2f}' for v in reference['rounds_ms'])})")
+    runs = [run_job(spec, quick, log) for spec in plan(quick)]
     checked = predictions(runs)
     if checked["mean_abs_error_pct"] is not None:
         log(f"model on the shaped links: mean |error| {checked['mean_abs_error_pct']:.1f}% over "
@@ -312,10 +317,12 @@ def run_network(quick: bool, log: Callable[[str], None]) -> dict:
         "launcher": "torchrun --nnodes N --nproc-per-node 1, c10d rendezvous on node 0, gloo over eth0",
         "threads_per_rank": 1, "batch_per_rank": 32,
         "statistic": "per round: mean step time over the timed steps after the warm-up; median over rounds",
+        "reference": "1 process, 2 threads, no synchronisation: one more case of every round, timed by rank 0 of the "
+                     "job while the other ranks wait; each case's vs_single is taken round by round",
         "allreduce": "median of repeats per size after 5 untimed; t = alpha + beta * bytes fitted on relative error",
         "model": "shaped link = the same case measured on the unshaped link of this run, with the gradient's bytes "
                  "moved at max(unshaped beta, 2(W-1)/W x 8 / rate) instead of the unshaped beta; no overlap assumed",
-        "cores": usable_cores()}, links=LINKS, single_process=reference, runs=runs, predictions=checked, tta=tta)
+        "cores": usable_cores()}, links=LINKS, runs=runs, predictions=checked, tta=tta)
 
 
 if __name__ == "__main__":  # one rank of a lab job, started by torchrun

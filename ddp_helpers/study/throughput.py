@@ -97,7 +97,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
     return {"ms": row["step_ms"]["total"], "split_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
             "threads": result.record["runtime"]["threads_per_rank"], "comm": result.record["runtime"].get("comm"),
             "warmup_steps": warmup["steps_per_worker"], "timed_steps": row["steps_per_worker"],
-            "peak_rss_mb_per_rank": result.record["runtime"]["peak_rss_mb_per_rank"]}
+            "peak_rss_mib_per_rank": result.record["runtime"]["peak_rss_mib_per_rank"]}
 
 
 def summarise(case: Case, rounds: list[dict]) -> dict:
@@ -112,7 +112,7 @@ def summarise(case: Case, rounds: list[dict]) -> dict:
     out["epoch_s"] = out["step_ms"] * steps_per_epoch(TRAIN_SAMPLES, case.world_size, case.batch_per_rank) / 1000
     if case.kind == "train":
         out["split_ms"], out["sync_fraction"] = median["split_ms"], median["sync_fraction"]
-        out["peak_rss_mb_per_rank"] = median["peak_rss_mb_per_rank"]  # a run in the study's process: its peak
+        out["peak_rss_mib_per_rank"] = median["peak_rss_mib_per_rank"]  # a run in the study's process: its peak
         out["comm"] = median["comm"]  # how the all-reduces travelled, as the run's record says
     return out
 

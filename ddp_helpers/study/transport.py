@@ -142,7 +142,7 @@ def run_transport(quick: bool, log: Callable[[str], None]) -> dict:
                          "rounds_ms": ms, "step_ms": statistics.median(ms), "samples_per_s_rounds": samples_per_s,
                          "split_ms_rounds": [m["split_ms"] for m in measured[case.id]],
                          "threads_per_rank": measured[case.id][0]["threads"],
-                         "peak_rss_mb_per_rank": measured[case.id][0]["peak_rss_mb_per_rank"]}
+                         "peak_rss_mib_per_rank": measured[case.id][0]["peak_rss_mib_per_rank"]}
     for row in rows.values():  # samples per second against the same round's ceiling and one process
         for ref in ("ceiling", "w1_2t"):
             per_round = [a / b for a, b in zip(row["samples_per_s_rounds"], rows[ref]["samples_per_s_rounds"])]
@@ -172,7 +172,7 @@ def run_tta_pair(quick: bool, log: Callable[[str], None]) -> dict:
         for name in names:
             result = launch(TTA_PAIR[name].replace(seed=seed, **common), live=False)
             got = {"seed": seed, **time_to_target(result.history),
-                   "peak_rss_mb_per_rank": result.record["runtime"]["peak_rss_mb_per_rank"]}
+                   "peak_rss_mib_per_rank": result.record["runtime"]["peak_rss_mib_per_rank"]}
             runs[name].append(got)
             log(f"seed {seed}  {name:<40} " + (f"{TARGET:.0%} at epoch {got['epochs_to_target']:.2f}, "
                                               f"{got['seconds_to_target']:.1f} s" if got["reached"] else "not reached"))
