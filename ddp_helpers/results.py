@@ -55,7 +55,7 @@ def runtime_block(*, rank_count: int, backend: str, device: str, dtype: str, pre
             "buckets_bytes": buckets_bytes, "optimizer": optimizer,
             "cuda_graph": cuda_graph, "cuda_graph_note": cuda_graph_note, "parameters": parameters,
             "train_samples": train_samples, "test_samples": test_samples, "global_batch": global_batch,
-            "notes": notes, "peak_rss_mib_per_rank": [round(mb, 1) for mb in peak_rss_mib_per_rank]}
+            "notes": notes, "peak_rss_mib_per_rank": [round(mib, 1) for mib in peak_rss_mib_per_rank]}
 
 
 def summary(history: list[dict]) -> dict[str, float]:

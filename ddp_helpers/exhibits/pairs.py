@@ -16,6 +16,7 @@ import statistics
 from ..config import TrainConfig
 from ..launcher import launch
 from ..results import header
+from ..study.records import per_round, rotated
 
 
 def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, runs: int = 1) -> dict:
@@ -24,7 +25,7 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
     names, rows = list(configs), []
     for run in range(runs):
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = rotated(names, r)
             times = {}
             for name in order:
                 epoch = launch(configs[name].replace(epochs=1), live=False).history[0]
@@ -39,8 +40,7 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
             ratios = [row["ratios"][name] for row in rows]
             per_run = [statistics.median(row["ratios"][name] for row in rows if row["run"] == run + 1)
                        for run in range(runs)]
-            summary[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                             "rounds": ratios, "run_medians": per_run}
+            summary[name] = {**per_round(ratios), "run_medians": per_run}
     method = {"runs": runs, "rounds": rounds,
               "timed": "one epoch each, training time only (evaluation and start-up excluded)",
               "order": "rotated by one configuration each round",

@@ -11,8 +11,8 @@ from ..study.throughput import ratio
 
 
 def made(rec: dict) -> str:
-    """Where, when and by which code a record was made."""
-    return f"{rec['environment']['cpu_model']}, {rec['created'][:16]} UTC, code {rec['environment'].get('code')}"
+    """Where, when (UTC, month-day hour:minute) and by which code a record was made."""
+    return f"{rec['environment']['cpu_model']} {rec['created'][5:16].replace('T', ' ')}, {rec['environment'].get('code')}"
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -34,21 +34,18 @@ def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughp
     def comm(rec: dict) -> str:
         return rec["runtime"].get("comm", "gloo").split(" (")[0]
 
-    def when(rec: dict) -> str:
-        return f"{rec['environment']['cpu_model']} {rec['created'][5:16].replace('T', ' ')}, {rec['environment'].get('code')}"
-
     one_after = "median of 5 epochs, runs in sequence"
-    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", when(nb03)),
-            ("main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", when(cli2))]
+    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", made(nb03)),
+            ("main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", made(cli2))]
     runs = pairs03["method"].get("runs", 1)
     rows += [(f"03's rounds: {name.split(', ', 1)[-1]}", name.split(", ")[-1].replace("shared memory", "shm"),
               f"1 epoch each, {len(s['rounds'])} rounds ({runs} runs), rotated", f"{s['median']:.2f}",
-              f"{s['min']:.2f}-{s['max']:.2f}", when(pairs03)) for name, s in pairs03["summary"].items()]
+              f"{s['min']:.2f}-{s['max']:.2f}", made(pairs03)) for name, s in pairs03["summary"].items()]
     study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     case = cases_by_id(throughput)["ddp_b32"]
     rows.append(("study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']}, "
                  f"{len(study)} rounds, rotated", f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}",
-                 when(throughput)))
+                 made(throughput)))
     return pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ 1 process",
                                        "range", "host, made (UTC), code"]).set_index("measured by")
 

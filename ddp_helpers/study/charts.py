@@ -174,7 +174,11 @@ LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
 # one colour per link in every chart, ordered dark (slow) to light (fast), apart from the strategies'
 # qualitative palette
 LINK_COLORS = dict(zip(LINK_ORDER, sns.color_palette("viridis", len(LINK_ORDER) + 1)))
-CASE_MARKERS = "osD^vP"  # one marker shape per strategy (case id, in sorted order)
+
+
+def case_markers(case_ids) -> dict[str, str]:
+    """One marker shape per strategy, the same in every chart of the lab: by the case ids' sorted order."""
+    return dict(zip(sorted(case_ids), "osD^vP"))
 
 
 def runs_of(network: dict, nodes: int) -> list[dict]:
@@ -210,9 +214,9 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     ids = [c["id"] for c in runs[0]["cases"]]
     labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
     x = np.arange(len(runs))
-    lines = ["-", "--", ":", "-", "--", ":"]  # shape: the strategy, as in the link model's chart; colour: none
+    markers, lines = case_markers(ids), ["-", "--", ":", "-", "--", ":"]  # shape: the strategy; colour: none
     for i, (case, line) in enumerate(zip(ids, lines)):  # (colours name links in notebook 06)
-        style, color = line + CASE_MARKERS[sorted(ids).index(case)], ("black", "dimgrey")[i % 2]
+        style, color = line + markers[case], ("black", "dimgrey")[i % 2]
         ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
         shift = 0.04 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
         ax.plot(x + shift, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
@@ -230,7 +234,7 @@ def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     steps = pd.DataFrame(network["predictions"]["steps"])
     labels = {c["id"]: c["label"] for r in network["runs"] for c in r["cases"]}
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    markers = dict(zip(sorted(steps.case.unique()), CASE_MARKERS))
+    markers = case_markers(steps.case.unique())
     colors = LINK_COLORS
     for (case, link, nodes), row in steps.groupby(["case", "link", "nodes"]):
         ax.plot(row.measured_ms, row.predicted_ms, markers[case], color=colors[link], ms=7 if nodes == 2 else 5,

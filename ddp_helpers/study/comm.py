@@ -124,6 +124,11 @@ def timed_steps(cfg: TrainConfig, rank: int, world_size: int, make_strategy: Cal
             "split_ms": {phase: 1000 * s / steps for phase, s in profiler.take().items()}}
 
 
+def local_strategy(model, optimizer, profiler) -> LocalSync:
+    """A ``make_strategy`` for :func:`timed_steps` that synchronises nothing: one process's step."""
+    return LocalSync(model, optimizer)
+
+
 def _probe_job(place: RankPlace, emit: Callable, cfg_dict: dict, warmup: int, steps: int) -> None:
     cfg = TrainConfig.from_dict(cfg_dict)
     with job_group(place, 60):
@@ -142,8 +147,7 @@ def _hook_job(place: RankPlace, emit: Callable, cfg_dict: dict, warmup: int, ste
     rank, world_size = place.rank, place.world_size
     with job_group(place, 60) as ctx:
         train, _ = load_datasets(cfg.dataset, cfg.data_dir, cfg.train_subset, 1, cfg.seed)
-        out = {"local": timed_steps(cfg, rank, world_size, lambda model, opt, profiler: LocalSync(model, opt), train,
-                                    warmup, steps)["ms"]}
+        out = {"local": timed_steps(cfg, rank, world_size, local_strategy, train, warmup, steps)["ms"]}
         for hook in (h for h in DDP_HOOKS if refusal(h, torch.device("cpu")) is None):
             out[hook] = timed_steps(cfg, rank, world_size, lambda model, opt, profiler, h=hook: DDPSync(
                 model, opt, torch.device("cpu"), hook=h, transport=ctx.transport, profiler=profiler), train, warmup,

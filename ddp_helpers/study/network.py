@@ -32,12 +32,12 @@ from ..data import load_datasets
 from ..dist import job_group, job_store, process_group, single_process
 from ..host import usable_cores
 from ..launcher import launch
-from ..sync import LocalSync, make_sync
+from ..sync import make_sync
 from ..transport import Gloo, SharedMemory
-from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, timed_steps
+from .comm import GRAD_BYTES, allreduce_medians, fit_alpha_beta, local_strategy, timed_steps
 from .costmodel import predict_allreduce_on_link, predict_step_on_link
 from .netlab import NetLab
-from .records import record
+from .records import per_round, record, rotated
 from .tta import TARGET, time_to_target
 
 LINKS = {"no limit": None, "10 Gb/s": 10_000, "1 Gb/s": 1_000, "100 Mb/s": 100}  # Mbit/s
@@ -83,12 +83,11 @@ def job(spec: dict) -> dict | None:
         train, _ = load_datasets("mnist", "", spec["train_subset"], 1, 0)
         rounds: dict[str, list[dict]] = {case: [] for case in spec["cases"]}
         for r in range(spec["rounds"]):
-            shift = r % len(spec["cases"])
-            for case in spec["cases"][shift:] + spec["cases"][:shift]:
+            for case in rotated(spec["cases"], r):
                 if case == REFERENCE:
                     if env.rank == 0:
                         with single_process(torch.device("cpu"), 2):
-                            rounds[case].append(timed_steps(TrainConfig(world_size=1), 0, 1, _local, train,
+                            rounds[case].append(timed_steps(TrainConfig(world_size=1), 0, 1, local_strategy, train,
                                                             spec["warmup"], spec["steps"]))
                     dist.barrier()  # the other ranks wait, idle, until the reference is timed
                     continue
@@ -101,10 +100,6 @@ def job(spec: dict) -> dict | None:
     if env.rank != 0:
         return None
     return {"allreduce_s": {str(size): s for size, s in sweep.items()}, "rounds": rounds}
-
-
-def _local(model, optimizer, profiler):
-    return LocalSync(model, optimizer)
 
 
 def hierarchical_job(spec: dict) -> dict | None:
@@ -159,7 +154,7 @@ def summarise_case(case: str, rounds: list[dict], nodes: int, reference_ms: list
     return {"id": case, "label": CASES[case][0], "config": CASES[case][1], "rounds_ms": ms,
             "step_ms": statistics.median(ms), "step_ms_range": [min(ms), max(ms)],
             "split_ms": {p: statistics.median(r["split_ms"][p] for r in rounds) for p in rounds[0]["split_ms"]},
-            "vs_single": {"median": statistics.median(vs), "min": min(vs), "max": max(vs), "rounds": vs}}
+            "vs_single": per_round(vs)}
 
 
 def run_job(spec: dict, quick: bool, log: Callable[[str], None]) -> dict:
@@ -229,8 +224,7 @@ def run_tta(runs: list[dict], log: Callable[[str], None]) -> dict:
     out = {"strategies": chosen, "chosen_by": "step time at 1 Gb/s in this run", "seeds": list(TTA_SEEDS),
            "runs": {name: [] for name in names.values()}}
     for i, seed in enumerate(TTA_SEEDS):
-        order = list(names)[i % len(names):] + list(names)[:i % len(names)]
-        for case in order:
+        for case in rotated(list(names), i):
             if case is None:
                 got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False)
                 config, history = got.record["config"], got.history
@@ -279,10 +273,8 @@ def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
                "rounds": spec["rounds"], "allreduce_ms": got["allreduce_ms"],
                "ddp_step_ms": {k: [r["ms"] for r in v] for k, v in got["rounds"].items()},
                "ddp_split_ms": {k: [r["split_ms"] for r in v] for k, v in got["rounds"].items()}}
-        row["flat_over_hierarchical"] = {
-            what: {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
-            for what in ("allreduce_ms", "ddp_step_ms")
-            for ratios in [[g / h for g, h in zip(row[what]["gloo"], row[what]["shm"])]]}
+        row["flat_over_hierarchical"] = {what: per_round([g / h for g, h in zip(row[what]["gloo"], row[what]["shm"])])
+                                         for what in ("allreduce_ms", "ddp_step_ms")}
         log(f"2 nodes x 2 ranks, {link:>8}: gradient all-reduce flat {statistics.median(row['allreduce_ms']['gloo']):.1f}"
             f" ms, hierarchical {statistics.median(row['allreduce_ms']['shm']):.1f} ms; DDP step "
             f"{statistics.median(row['ddp_step_ms']['gloo']):.1f} and {statistics.median(row['ddp_step_ms']['shm']):.1f} ms")

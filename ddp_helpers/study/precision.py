@@ -18,7 +18,7 @@ from typing import Callable
 from ..config import TrainConfig
 from ..host import native_bf16
 from ..launcher import launch
-from .records import record
+from .records import per_round, record
 
 CASES = {
     "1 process, float32": {"world_size": 1, "threads_per_rank": 2},
@@ -46,9 +46,7 @@ def run_precision(quick: bool, log: Callable[[str], None]) -> dict:
              "val_accuracy_after_timed_steps": val[name]} for name in names]
     ratios = {}
     for where in ("1 process", "DDP W=2"):
-        per_round = [b / f for b, f in zip(ms[f"{where}, bf16-mixed"], ms[f"{where}, float32"])]
-        ratios[where] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
-                         "rounds": per_round}
+        ratios[where] = per_round([b / f for b, f in zip(ms[f"{where}, bf16-mixed"], ms[f"{where}, float32"])])
     return record("study_precision", quick, {
         "rounds": rounds, "warmup_steps": steps, "timed_steps": steps,
         "what": "batch 32 per rank, the design's model; step time = mean over the timed steps; ratio = "

@@ -3,7 +3,8 @@ a quick run, its method; and the machine's CPU-time shares while it ran."""
 
 from __future__ import annotations
 
-from typing import Any
+import statistics
+from typing import Any, Sequence, TypeVar
 
 from ..results import header
 
@@ -26,6 +27,20 @@ def cpu_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> d
     delta = {k: after[k] - before[k] for k in before}
     total = sum(delta.values()) or 1
     return {k: round(v / total, 4) for k, v in delta.items() if k in ("user", "system", "idle", "steal")}
+
+
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], r: int) -> list[T]:
+    """Round r's order: the items rotated by r places, so that each goes first in turn."""
+    shift = r % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def per_round(ratios: list[float]) -> dict[str, Any]:
+    """A ratio taken round by round, as the records quote it: the median of the rounds, their range, and the rounds."""
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios}
 
 
 def record(kind: str, quick: bool, method: dict[str, Any], **data: Any) -> dict[str, Any]:

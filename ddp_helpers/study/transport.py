@@ -28,7 +28,7 @@ from ..place import RankPlace
 from ..transport import Gloo, SharedMemory
 from ..workers import run_workers
 from .comm import GRAD_BYTES
-from .records import record
+from .records import per_round, record, rotated
 from .throughput import Case, measure
 from .tta import TARGET, spread, time_to_target
 
@@ -128,7 +128,7 @@ def run_transport(quick: bool, log: Callable[[str], None]) -> dict:
     measured: dict[str, list[dict]] = {c.id: [] for c in cases}
     orders = []
     for r in range(rounds):
-        order = cases[r % len(cases):] + cases[:r % len(cases)]  # each case first in its own round
+        order = rotated(cases, r)  # each case first in its own round
         orders.append([c.id for c in order])
         for case in order:
             cfg = case.cfg.replace(train_subset=4096 if quick else 0)
@@ -145,9 +145,8 @@ def run_transport(quick: bool, log: Callable[[str], None]) -> dict:
                          "peak_rss_mib_per_rank": measured[case.id][0]["peak_rss_mib_per_rank"]}
     for row in rows.values():  # samples per second against the same round's ceiling and one process
         for ref in ("ceiling", "w1_2t"):
-            per_round = [a / b for a, b in zip(row["samples_per_s_rounds"], rows[ref]["samples_per_s_rounds"])]
-            row[f"vs_{ref}"] = {"median": statistics.median(per_round), "min": min(per_round),
-                                "max": max(per_round), "rounds": per_round}
+            ratios = [a / b for a, b in zip(row["samples_per_s_rounds"], rows[ref]["samples_per_s_rounds"])]
+            row[f"vs_{ref}"] = per_round(ratios)
     tta = run_tta_pair(quick, log)
     return record("study_transport", quick, {
         "rounds": rounds, "bare_repeats": repeats, "steps": f"our loop: epoch 1 warms up, epoch 2 is timed, each cut at "
