@@ -9,14 +9,18 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import IMAGE_PIXELS, RAW_FILES
+from ..failures import BLAME_GRACE_S
 from ..results import load_json
 from ..study import costmodel
 
 
-def data_megabytes() -> float:
-    """Both MNIST splits as this project holds them: float32 images and int64 labels."""
+TWO_GB_MIB = 2e9 / 2 ** 20  # the design's "under 2 GB", in MiB (1,907)
+
+
+def data_mib() -> float:
+    """Both MNIST splits as this project holds them, float32 images and int64 labels, in MiB."""
     samples = sum(shape[0] for name, (_, shape, _) in RAW_FILES.items() if "labels" in name)
-    return samples * (IMAGE_PIXELS * 4 + 8) / 1e6
+    return samples * (IMAGE_PIXELS * 4 + 8) / 2 ** 20
 
 
 def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -> str:
@@ -31,11 +35,15 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
     if not inside:
         return rss
     memory = inside["lessons"]["memory"]
-    ranks = sum(r["peak_pss_mib"] for r in memory["ranks"].values()) * 2 ** 20 / 1e9
-    launcher = memory["launcher_peak_pss_mib"] * 2 ** 20 / 1e9
-    return (f"PSS, sampled every {1000 * memory['interval_s']:.0f} ms (notebook 08): the two ranks {ranks:.2f} GB, "
-            f"{'under' if ranks < 2 else 'over'} 2 GB; with the notebook kernel that launched them {ranks + launcher:.2f} "
-            f"GB. {rss[0].upper()}{rss[1:]}")
+    ranks = sum(r["peak_pss_mib"] for r in memory["ranks"].values())
+    both = ranks + memory["launcher_peak_pss_mib"]
+
+    def versus(mib: float) -> str:
+        return "under" if mib < TWO_GB_MIB else "over"
+
+    return (f"PSS, sampled every {1000 * memory['interval_s']:.0f} ms (notebook 08): the two ranks {ranks:,.0f} MiB, "
+            f"{versus(ranks)} 2 GB ({TWO_GB_MIB:,.0f} MiB); with the notebook kernel that launched them {both:,.0f} "
+            f"MiB, {versus(both)}. {rss[0].upper()}{rss[1:]}")
 
 
 def scaling_answer(throughput: dict, allreduce: dict, network: dict) -> str:
@@ -65,9 +73,10 @@ def platforms_answer(gpu: dict) -> str:
 def silent_answer(faults: pd.DataFrame, timeout_s: float) -> str:
     """How soon a rank that went silent (hung, frozen) was named, from section 2's table."""
     after = faults["reported after (s)"]
-    named = [f"a {what} rank reported {after[kind]:.1f} s after it stopped" for kind, what in
+    named = [f"a {what} rank reported {after[kind]} s after it stopped" for kind, what in
              (("hangs", "hung"), ("is frozen", "frozen")) if kind in after]
-    return f"{'; '.join(named)} (timeout {timeout_s:g} s); workers left: {int(faults['workers left'].sum())}"
+    return (f"{'; '.join(named)} (the timeout, {timeout_s:g} s, then {BLAME_GRACE_S:g} s for other ranks to fail too); "
+            f"workers left: {int(faults['workers left'].sum())}")
 
 
 def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool, restarted: bool,
@@ -76,7 +85,7 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
     base, ddp = load_json(results / "02_baseline.json"), load_json(results / "03_ddp.json")
     throughput, allreduce = load_json(results / "study_throughput.json"), load_json(results / "study_allreduce.json")
     gpu, network = load_json(results / "gpu" / "study_gpu.json"), load_json(results / "study_network.json")
-    data_mb = data_megabytes()
+    data = data_mib()
     data_share = statistics.median(r["step_ms"]["data"] / r["step_ms"]["total"] for r in base["epochs"])
     study_ddp = costmodel.cases_by_id(throughput)["ddp_b32"]  # the all-reduce's host and run
     allreduce_ms = 1000 * allreduce["world_sizes"]["2"]["seconds"][str(allreduce["gradient_bytes"])]
@@ -84,7 +93,7 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
     rows = [
         ("6.1 data preprocessing is CPU-bound", "data.py: images preloaded as tensors; a batch is an index",
          f"data handling {100 * data_share:.0f}% of a baseline step (notebook 02)"),
-        ("6.1 memory", f"nothing to manage: both splits as tensors are {data_mb:.0f} MB (from their shapes)",
+        ("6.1 memory", f"nothing to manage: both splits as tensors are {data:.0f} MiB (from their shapes)",
          memory_answer(ddp, load_json(results / "train_ws1.json"),
                        load_json(results / "08_inside.json") if (results / "08_inside.json").exists() else None)),
         ("6.1 CPU training is slow", "cuda_graph.py: the whole step as one CUDA graph on a GPU",
@@ -95,9 +104,9 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
         ("6.2 NCCL needs GPUs; ports conflict", "dist.py: backend and GPU check per node; free port picked, busy one "
          "named", "nccl without GPUs and a busy --master-port refused with a fix (section 4)"),
         ("6.3 gradient synchronisation costs", "sync/: DDP, manual all-reduce, fp16, PowerSGD, local SGD; notebook 04",
-         f"sync (all-reduce + waiting) {100 * sync_share:.0f}% of a DDP step (notebook 03). On the study's host: "
-         f"sync {100 * study_ddp['sync_fraction']:.0f}% of its DDP step, the bare all-reduce of the gradient alone "
-         f"{allreduce_ms:.1f} ms, {100 * allreduce_ms / study_ddp['step_ms']:.0f}% of that step"),
+         f"sync (all-reduce + waiting) over shared memory {100 * sync_share:.0f}% of a DDP step (notebook 03's run); "
+         f"over gloo {100 * study_ddp['sync_fraction']:.0f}% (the study, notebook 04), the bare all-reduce of the "
+         f"gradient alone {allreduce_ms:.1f} ms, {100 * allreduce_ms / study_ddp['step_ms']:.0f}% of that step"),
         ("6.3 starting and stopping together", "dist.py: timeouts on every wait; ranks leave together via the store",
          silent_answer(faults, timeout_s)),
         ("6.3 collecting metrics", "trainer.py: loss and accuracy sums all-reduced; each test sample counted once",
@@ -105,7 +114,7 @@ def challenges_table(results: Path, faults: pd.DataFrame, resumed_exactly: bool,
         ("6.4 the download can fail", "data.py: no dummy data; a clear error naming the folder and the fix",
          "missing, truncated and corrupt files refused (section 4)"),
         ("6.4 memory-efficient data handling", "data.py: decoded once into tensors, shards are index lists",
-         f"not measured apart: each rank holds its own copy of both splits ({data_mb:.0f} MB); "
+         f"each rank holds its own copy of both splits ({data:.0f} MiB), counted in its memory by notebook 08; "
          f"its shard is a list of indices"),
         ("6.5 worker failure and lost progress", "resume.py, checkpoint.py, workers.py, torchrun --max-restarts",
          f"resume bit-identical: {resumed_exactly}; torchrun restart finished: {restarted}"),

@@ -101,8 +101,8 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
             continue  # nothing to show (a single process synchronises nothing)
         ax.barh(labels, values, left=left, color=color, label=PHASE_NAMES.get(phase, phase))
         for y, (x0, v) in enumerate(zip(left, values)):
-            if v > 0.07 * widest:
-                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color=text_colour(color), fontsize=9)
+            if v > 0.11 * widest:  # narrower segments would run their labels together
+                ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color=text_colour(color), fontsize=8)
         left += values
     for y, (label, end) in enumerate(zip(labels, left)):
         total = end if totals is None else totals[label]
@@ -139,6 +139,28 @@ def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = ""
         ax.set_title(text, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pair_rounds(pairs: dict, colours: dict | None = None) -> plt.Figure:
+    """Each interleaved round's epoch-time ratio to the reference (dots; runs side by side, split by
+    thin lines) and each configuration's pooled median (dashed)."""
+    names, rows = list(pairs["summary"]), pairs["rows"]
+    colours = colours or dict(zip(names, RUN_COLOURS[1:]))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
+    x = np.arange(1, len(rows) + 1)
+    for name in names:
+        ax.plot(x, [row["ratios"][name] for row in rows], "o", color=colours[name], ms=6, label=name)
+        ax.axhline(pairs["summary"][name]["median"], color=colours[name], ls="--", lw=1.2)
+    for i in range(1, len(rows)):
+        if rows[i]["run"] != rows[i - 1]["run"]:
+            ax.axvline(i + 0.5, color="grey", lw=0.6)
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set_xticks(x, [str(row["round"]) for row in rows])
+    ax.set(xlabel="round (runs separated by thin lines)", ylabel="epoch time ÷ 1 process's\n(below 1: DDP faster)",
+           title=f"Each round's ratio to {pairs['reference']} in the same round (dashed: median of all rounds)")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(names), frameon=False)
     fig.tight_layout()
     return fig
 

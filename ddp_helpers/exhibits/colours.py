@@ -1,6 +1,7 @@
 """The course's colours, one meaning each: runs, ranks and settings take seaborn "deep"'s first three
-(blue, orange, green); the phases of a step take others of it (sync red, waiting for it pink), so that
-no colour names a phase in one chart and a run in the next."""
+(blue, orange, green); the phases of a step take others of it (sync red, the waiting within it pale red), so that
+no colour names a phase in one chart and a run in the next. Measurements without a run to tell apart are
+black (predictions beside them white); grey is kept for reference lines and annotations."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import seaborn as sns
 
 _DEEP = sns.color_palette("deep")
 RUN_COLOURS = _DEEP[:3]
-PHASE_COLOURS = {"data": _DEEP[7], "compute": _DEEP[4], "sync": _DEEP[3], "optimizer": _DEEP[8], "wait": _DEEP[6]}
+MEDIAN_COLOUR = _DEEP[9]  # a bar that stands for the median of rounds drawn as dots
+PHASE_COLOURS = {"data": _DEEP[5], "compute": _DEEP[4], "sync": _DEEP[3], "optimizer": _DEEP[8]}
+PHASE_COLOURS["wait"] = tuple(1 - 0.4 * (1 - c) for c in PHASE_COLOURS["sync"])  # part of sync: its red, paler
 
 
 def text_colour(background) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import tempfile
 import time
@@ -42,6 +43,13 @@ def allreduce_demo(values: list[list[float]], timeout_s: float = 120) -> dict[in
 FAILURES = {"raise": "raises", "exit": "exits hard", "hang": "hangs", "SIGSTOP": "is frozen", "SIGKILL": "is killed"}
 
 
+def stopped_at(report: str) -> str:
+    """The innermost frame of the silent rank's main thread in a failure report, as 'file:line function'
+    without the folders; '-' where the report has no stack (the rank's own error or exit said enough)."""
+    found = re.search(r'Current thread [^\n]*\n\s*File "(?:[^"]*/)?([^"/]+)", line (\d+) in (\S+)', report)
+    return f"{found.group(1)}:{found.group(2)} {found.group(3)}" if found else "-"
+
+
 def fail_rank_1(how: str, timeout_s: float) -> dict:
     """A short two-rank run in which rank 1 fails in the way ``how`` names (a key of FAILURES):
     the three injected faults, or a signal sent from outside once rank 1 has taken 10 steps.
@@ -64,9 +72,9 @@ def fail_rank_1(how: str, timeout_s: float) -> dict:
             launch(cfg, on_event=watch, live=False)
     except WorkerError as err:
         return {"rank 1 ...": FAILURES[how], "blamed": f"rank {err.rank}", "reported as": err.reason,
-                "reported after (s)": round(err.detected_at - began["time"], 1),
+                "reported after (s)": f"{err.detected_at - began['time']:.1f}",
                 "workers left": sum(os.path.exists(f"/proc/{p}") for p in err.pids),
-                "stack shown": "Python stack of rank" in str(err)}
+                "its stack, innermost frame": stopped_at(str(err))}
     raise RuntimeError(f"rank 1 was to fail ({how}) but the run finished")
 
 

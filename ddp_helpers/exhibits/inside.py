@@ -297,6 +297,8 @@ def _unused(rank: int) -> dict:
             out[f"find_unused_parameters={find}"] = "2 steps done"
         except RuntimeError as exc:
             out[f"find_unused_parameters={find}"] = f"step {step + 1}: {_said(exc)}"
+            named = re.search(r"Parameter indices which did not receive grad for rank \d+: [\d ]+", str(exc))
+            out["which parameters, in torch's words"] = named.group(0).strip() if named else "(not named)"
     return out
 
 
@@ -358,12 +360,17 @@ def _accumulation(rank: int) -> dict:
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         everyone = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, grads)
-        out[case] = {"gradients sent": sum(calls) / grads.numel(), "ranks_differ_by": max(float((g - grads).abs().max()) for g in everyone),
+        out[case] = {SENT: round(sum(calls) / grads.numel()), APART: max(float((g - grads).abs().max()) for g in everyone),
                      "grads": grads}
     reference = out["no no_sync: every backward all-reduces"]["grads"]
     for case in out.values():
-        case["differs_from_every_step_by"] = float((case.pop("grads") - reference).abs().max())
+        case[OFF] = float((case.pop("grads") - reference).abs().max())
     return out
+
+
+SENT = "gradients all-reduced per step"
+APART = "ranks' gradients differ by (max |difference|)"
+OFF = "differs from all-reducing every backward by (max |difference|)"
 
 
 def _set_epoch(rank: int, samples: int = 12, epochs: int = 3) -> dict:
@@ -393,3 +400,29 @@ def mistakes(uneven_timeout_s: float = 3, timeout_s: float = 180) -> dict[int, d
     a parameter forward never uses, uneven numbers of batches, ``no_sync`` with accumulation, and a
     DistributedSampler whose epoch is never set."""
     return run_workers(_mistakes_job, 2, (uneven_timeout_s,), launch_timeout_s=timeout_s)
+
+
+def check_mistakes(mistakes: dict[int, dict]) -> dict[str, bool]:
+    """What each of the five lessons must show, on both ranks, as named claims."""
+    m0, m1 = mistakes[0], mistakes[1]
+    acc = list(m0["accumulation"].values())
+    orders = {rank: m["set_epoch"] for rank, m in mistakes.items()}
+    unused = [m["unused parameters"] for m in (m0, m1)]
+    joined = [m["uneven inputs"]["with Join"].split("digest")[1] for m in (m0, m1)]
+    return {
+        "1. DDP's keys start with 'module.'; a plain model refuses them, takes model.module's":
+            m0["saving"]["ddp_keys"][0].startswith("module.") and "Missing key" in m0["saving"]["load_ddp_state_dict"]
+            and m0["saving"]["load_module_state_dict"] == "loaded",
+        "2. an unused parameter stops step 2; find_unused_parameters=True runs":
+            all(u["find_unused_parameters=False"].startswith("step 2: RuntimeError")
+                and u["find_unused_parameters=True"] == "2 steps done" for u in unused),
+        "3. with Join the ranks end equal; without, rank 1 waits in step 4 until the timeout":
+            joined[0] == joined[1] and m1["uneven inputs"]["without Join"].startswith("step 4 waited"),
+        "4. gradients sent 1, 0, 2 times; ranks equal, apart, equal; no_sync's sum = every step's":
+            [a[SENT] for a in acc] == [1, 0, 2] and acc[0][APART] == 0 == acc[2][APART] and acc[1][APART] > 0
+            and acc[0][OFF] < 1e-12,
+        "5. without set_epoch every epoch repeats epoch 0's order; the ranks' shares never overlap":
+            all(len({tuple(o) for o in s["without set_epoch"]}) == 1 and len({tuple(o) for o in s["with set_epoch(epoch)"]}) > 1
+                for s in orders.values())
+            and all(not set(a) & set(b) for a, b in zip(orders[0]["with set_epoch(epoch)"], orders[1]["with set_epoch(epoch)"])),
+    }

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 
+import pandas as pd
+
 from ..config import TrainConfig
 from ..launcher import launch
 from ..results import header
@@ -49,3 +51,10 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
                            "with their range; each run's median beside it"}
     return header("pairs", quick=False, method=method, reference=reference,
                   configs={name: cfg.to_dict() for name, cfg in configs.items()}, rows=rows, summary=summary)
+
+
+def rounds_table(pairs: dict) -> pd.DataFrame:
+    """Every round's epoch times and which configuration ran first."""
+    return pd.DataFrame([{"run": r["run"], "round": r["round"], "ran first": r["order"][0],
+                          **{f"{n}, s": t["epoch_s"] for n, t in r["times"].items()}}
+                         for r in pairs["rows"]]).set_index(["run", "round"]).round(2)

@@ -117,3 +117,58 @@ def precision(prec: dict) -> pd.DataFrame:
              "val. accuracy after the timed steps %": 100 * statistics.median(r["val_accuracy_after_timed_steps"])}
             for r in prec["rows"]]
     return pd.DataFrame(rows).set_index("case").round(2)
+
+
+def provenance(records: dict[str, dict]) -> str:
+    """One line: whether every record came from one host, when, and by which code."""
+    hosts = {(r["environment"]["cpu_model"], r["environment"]["hostname"]) for r in records.values()}
+    created = sorted(r["created"][:16].replace("T", " ") for r in records.values())
+    codes = sorted({r["environment"].get("code") or "?" for r in records.values()})
+    return (f"all {len(records)} study records from one host: {len(hosts) == 1}; made between {created[0]} and "
+            f"{created[-1]} UTC, by code {', '.join(codes)}")
+
+
+def model_errors(check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
+    """The cost model's mean |error| on the fit's own rounds, at other batches and on other runs."""
+    def signed(df: pd.DataFrame) -> str:
+        return ", ".join(f"{v:+.0f}%" for v in df["error %"])
+
+    inside, outside = check[check["batch measured"]], check[~check["batch measured"]]
+    return [f"1. the fit's own rounds, batches 32 and 128 ({len(inside)} cases): mean |error| "
+            f"{inside['error %'].abs().mean():.0f}% ({signed(inside)})",
+            f"2. the same rounds, batches 64 and 256 ({len(outside)} cases): mean |error| "
+            f"{outside['error %'].abs().mean():.0f}% ({signed(outside)})",
+            f"3. other runs (the {len(other)} two-worker time-to-accuracy runs): mean |error| "
+            f"{other['error %'].abs().mean():.0f}% (from {other['error %'].min():+.0f}% to {other['error %'].max():+.0f}%)"]
+
+
+def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
+    """Notebook 04's findings, each a line computed from the records (R: the study's records by part)."""
+    cases = cases_by_id(R["throughput"])
+    ddp, per_round = cases["ddp_b32"], R["throughput"]["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
+    w2, nbytes = R["allreduce"]["world_sizes"]["2"], R["allreduce"]["gradient_bytes"]
+    pooled = "; ".join(f"{n} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for n, s in pairs03["summary"].items())
+    inside, outside = check[check["batch measured"]], check[~check["batch measured"]]
+    bare, tcases = transport["bare_allreduce"]["2"]["median_ms"], {c["id"]: c for c in transport["cases"]}
+    lines = [f"- DDP, 2 workers, the design's settings: {spread(per_round)}x the epoch time of one 2-thread process in "
+             f"this study, over gloo (median of per-round ratios, range); over notebook 03's interleaved rounds "
+             f"{pooled}. In the study, sync (all-reduce + waiting) is {100 * ddp['sync_fraction']:.0f}% of a DDP step.",
+             f"- The all-reduce of the gradient alone: {1000 * w2['seconds'][str(nbytes)]:.1f} ms; a DDP step's "
+             f"synchronisation: {ddp['split_ms']['sync']:.1f} ms.",
+             "- Compute-only ceiling of two processes against one 2-thread process: "
+             + ", ".join(f"{r['ceiling_median']:.2f}x at b{r['batch']}" for r in R["cores"]["rows"]) + ".",
+             f"- Cost model: mean |error| {inside['error %'].abs().mean():.0f}% where its inputs were measured, "
+             f"{outside['error %'].abs().mean():.0f}% at other batches, {other['error %'].abs().mean():.0f}% on other "
+             f"runs; biased low.",
+             f"- The gradient's all-reduce, W=2: gloo {bare['gloo']:.2f} ms, shared memory {bare['shm']:.2f} ms; DDP over "
+             f"shared memory {tcases['ddp_shm']['vs_ceiling']['median']:.2f} of the no-sync ceiling's samples per "
+             f"second, the from-scratch module {tcases['bucketed_shm']['vs_ceiling']['median']:.2f}."]
+    best = R["tta"]["best"]
+    if "ratio" in best:
+        values = best["ratio"]["values"]
+        lines.append(f"- Time to 98%: best two-worker setting against best single process {best['ratio']['mean']:.2f}x "
+                     f"(per seed {min(values):.2f}-{max(values):.2f}): a tie at {len(values)} seeds.")
+    lines.append(f"- bf16-mixed on this CPU (native bf16: {prec['method']['native_bf16']}): "
+                 + ", ".join(f"{n} {spread(v['rounds'])}x float32's step time" for n, v in prec["bf16_over_float32"].items())
+                 + ".")
+    return lines

@@ -102,13 +102,15 @@ def plot_timelines(timelines: dict) -> plt.Figure:
                 ax.barh(y - 0.34, b - a, left=a, height=0.16, color=colours["all-reduce"])
             for what in ("wait", "optimizer"):
                 a, b = p[what]
-                ax.barh(y, b - a, left=a, height=0.5, color=colours[what])
+                ax.barh(y, b - a, left=a, height=0.5, color=colours[what], hatch="////" if what == "wait" else None,
+                        edgecolor=colours["all-reduce"] if what == "wait" else None, lw=0)
         ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in reversed(list(ranks))])
         ax.set_title(f"{run[0]['comm']}: a step of {info['step_ms']:.1f} ms (the median step of both ranks), "
                      f"{len(run[0]['buckets_bytes'])} buckets", fontsize=9, loc="left")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    labels = ["forward + backward (ticks: a gradient ready)", "a bucket's all-reduce", "waiting for the all-reduces",
-              "optimizer"]
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor=colours["all-reduce"] if name == "wait" else c,
+                             hatch="////" if name == "wait" else None, lw=0) for name, c in colours.items()]
+    labels = ["forward + backward (ticks: a gradient ready)", "a bucket's all-reduce (sync)",
+              "waiting for the all-reduces (sync)", "optimizer"]
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     axes_list = list(axes) if len(timelines) > 1 else [axes]
     axes_list[-1].set_xlabel("milliseconds from the start of the step")
@@ -117,15 +119,16 @@ def plot_timelines(timelines: dict) -> plt.Figure:
 
 
 def timeline_table(timelines: dict) -> pd.DataFrame:
-    """Per transport and rank, the typical step's parts in ms."""
+    """Per transport and rank, the typical step's parts in ms; the two 'at' columns are times, in ms from
+    the start of the earlier rank's step, the others durations."""
     rows = []
     for comm, run in timelines.items():
         ranks, info = typical_step(run)
         for rank, p in ranks.items():
             reduces = p["all-reduce"]
             rows.append({"transport": run[0]["comm"].split(" (")[0], "rank": rank,
-                         "forward + backward ms": p["compute"][1] - p["compute"][0],
-                         "first all-reduce starts ms": min(a for _, a, _ in reduces),
+                         "starts at": p["compute"][0], "forward + backward ms": p["compute"][1] - p["compute"][0],
+                         "first all-reduce at": min(a for _, a, _ in reduces),
                          "all-reduces busy ms": sum(b - a for _, a, b in reduces),
                          "waiting ms": p["wait"][1] - p["wait"][0],
                          "optimizer ms": p["optimizer"][1] - p["optimizer"][0], "step ms": info["step_ms"]})

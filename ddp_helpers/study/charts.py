@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..exhibits.colours import RUN_COLOURS as SETTING_COLOURS
+from ..exhibits.colours import MEDIAN_COLOUR, RUN_COLOURS as SETTING_COLOURS
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -33,13 +33,14 @@ def _plain_log_ticks(axis) -> None:
 def plot_allreduce(record: dict) -> plt.Figure:
     """All-reduce time against message size per world size, with the fitted alpha + beta * bytes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    shades = sns.color_palette("Greys_r", len(record["world_sizes"]) + 2)  # world sizes: dark (few) to light (many)
-    for (w, data), color in zip(record["world_sizes"].items(), shades):
+    styles = ("-", "--", ":", "-.")  # world sizes: filled then hollow points, solid then dashed fits; all black
+    for i, (w, data) in enumerate(record["world_sizes"].items()):
         sizes = np.array([int(k) for k in data["seconds"]])
         label = f"{w} ranks" + (" (oversubscribed: more ranks than cores)" if data["oversubscribed"] else "")
-        ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color=color, label=label)
+        ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color="black",
+                  mfc="black" if i == 0 else "white", label=label)
         grid = np.geomspace(sizes.min(), sizes.max(), 50)
-        ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), "-", color=color, lw=1,
+        ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), styles[i % 4], color="black", lw=1,
                   label=f"fit: {1e6 * data['alpha_s']:.0f} µs + "
                         f"{1e9 * data['beta_s_per_byte']:.2f} ns/byte")
     grad = record["gradient_bytes"]
@@ -58,9 +59,9 @@ def plot_predicted_vs_measured(table: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(table)))
     y = np.arange(len(table))
     hatch = ["" if measured else "//" for measured in table["batch measured"]]
-    ax.barh(y - 0.2, table["predicted ms"], height=0.4, color="silver", edgecolor="dimgrey", hatch=hatch,
+    ax.barh(y - 0.2, table["predicted ms"], height=0.4, color="white", edgecolor="black", hatch=hatch,
             label="predicted")
-    ax.barh(y + 0.2, table["measured ms"], height=0.4, color="dimgrey", label="measured")
+    ax.barh(y + 0.2, table["measured ms"], height=0.4, color="black", label="measured")
     top = float(table[["predicted ms", "measured ms"]].max().max())
     for yi, (p, m, err) in enumerate(zip(table["predicted ms"], table["measured ms"], table["error %"])):
         ax.text(max(p, m) + 0.01 * top, yi, f"{err:+.0f}%", va="center", fontsize=9)
@@ -135,7 +136,7 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
              "ratio": "ratio = product"}
     per_seed = {pair: pd.DataFrame(p["per_seed"])[list(names)] for pair, p in pairs.items()}
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    width, palette = 0.2, sns.color_palette("crest", len(names))  # the ratio, the product, darkest
+    width, palette = 0.2, sns.color_palette("Purples", len(names) + 1)[1:]  # the ratio, the product, darkest
     for i, (pair, seeds) in enumerate(per_seed.items()):
         for j, (column, label) in enumerate(names.items()):
             x = i + (j - 1.5) * width
@@ -153,17 +154,74 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
 
 
 def plot_knobs(record: dict) -> plt.Figure:
-    """Each DDP setting's step time relative to the default, per round (dots) and median (bar)."""
+    """Each DDP setting's step time relative to the default, per round (dots) and median (bar, from 1)."""
     rows = record["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(rows)))
     for y, row in enumerate(rows):  # bars grow from 1 (the default) to the median ratio
-        ax.barh(y, row["vs_default_median"] - 1, left=1, color="slategrey", alpha=0.5)
+        ax.barh(y, row["vs_default_median"] - 1, left=1, color=MEDIAN_COLOUR)
         ax.plot(row["vs_default_rounds"], [y] * len(row["vs_default_rounds"]), "o", color="black", ms=3)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
     ax.invert_yaxis()
-    ax.set(xlabel="step time / default's in the same round (below 1 = faster; dots: rounds)",
+    ax.set(xlabel="step time / default's in the same round (below 1 = faster; dots: rounds; bar: their median)",
            title="DDP's knobs at the design's settings", xlim=(0.7, 1.3))
+    fig.tight_layout()
+    return fig
+
+
+def _round_shades(count: int):
+    """Rounds in order, dark (first) to light (last): greys, the one ramp no other chart uses for data."""
+    return sns.color_palette("Greys_r", count + 2)[:count]
+
+
+def plot_throughput_rounds(record: dict) -> plt.Figure:
+    """Every throughput case's rounds (dots, dark = first) and its median round (bar), on a log axis."""
+    cases = record["cases"]
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(cases) + 1.2))
+    for y, case in enumerate(cases):
+        ax.scatter(case["rounds_ms"], [y] * len(case["rounds_ms"]), color=_round_shades(len(case["rounds_ms"])),
+                   edgecolor="black", linewidth=0.4, s=22, zorder=3)
+        ax.plot([case["step_ms"]], [y], "|", color=MEDIAN_COLOUR, ms=14, mew=2.5)
+    ax.set_yticks(range(len(cases)), [c["label"] for c in cases])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set(xlabel="ms per step (dots: the rounds, dark = first; bar: the median round)",
+           title="Every throughput configuration, round by round")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cores_rounds(record: dict) -> plt.Figure:
+    """The compute ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
+    rows = record["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.4))
+    for ax, row in zip(np.atleast_1d(axes), rows):
+        for x, values in enumerate(row["rounds_ms"].values()):
+            ax.scatter([x] * len(values), values, color=_round_shades(len(values)), edgecolor="black", linewidth=0.4,
+                       s=18, zorder=3)
+            ax.plot([x - 0.25, x + 0.25], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=2.5)
+        ax.set_xticks(range(len(row["rounds_ms"])), [k.replace("_", " ") for k in row["rounds_ms"]], rotation=20,
+                      ha="right", fontsize=8)
+        ax.set_title(f"batch {row['batch']}")
+    fig.supylabel("ms per compute-only step", fontsize=10)
+    fig.suptitle("The compute ceiling's slot rounds (dots: rounds, dark = first; bar: median)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_knob_rounds(record: dict) -> plt.Figure:
+    """Every DDP setting's step time, round by round: the default thick, the others by marker."""
+    rows = record["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for row, marker in zip(rows, "osD^vP"):
+        default = row["setting"].startswith("default")
+        ax.plot(range(1, len(row["rounds_ms"]) + 1), row["rounds_ms"], "-" + marker, color="black",
+                lw=2.5 if default else 0.8, mfc="black" if default else "white", ms=6, label=row["setting"])
+    ax.set(xlabel="round", ylabel="ms per step\n(mean of the timed steps)",
+           title="DDP's knobs, round by round (thick: the default)")
+    ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+    _legend_below(ax)
     fig.tight_layout()
     return fig
 
@@ -215,12 +273,12 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
     x = np.arange(len(runs))
     markers, lines = case_markers(ids), ["-", "--", ":", "-", "--", ":"]  # shape: the strategy; colour: none
-    for i, (case, line) in enumerate(zip(ids, lines)):  # (colours name links in notebook 06)
-        style, color = line + markers[case], ("black", "dimgrey")[i % 2]
+    for i, (case, line) in enumerate(zip(ids, lines)):  # (colours name links in notebook 06; grey: the reference)
+        style, color = line + markers[case], "black"
         ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
         shift = 0.04 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
         ax.plot(x + shift, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
-    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="black", lw=2.5, alpha=0.35,
+    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=5, zorder=0,
             label="1 process, 2 threads, no network (timed in the same rounds)")
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes (series shifted sideways, so that equal values stay visible)",

@@ -261,7 +261,7 @@ def run_hierarchical(quick: bool, log: Callable[[str], None]) -> list[dict]:
     """2 nodes x 2 ranks at each link rate: flat gloo against shared memory within the nodes."""
     out = []
     for link in (("no limit",) if quick else LINKS):
-        spec = {"kind": "hierarchical", "rounds": 1 if quick else 4, "repeats": 2 if quick else 10,
+        spec = {"kind": "hierarchical", "rounds": 1 if quick else 5, "repeats": 2 if quick else 10,
                 "warmup": 4 if quick else {"100 Mb/s": 24}.get(link, 80), "steps": 4 if quick else
                 {"100 Mb/s": 24}.get(link, 80), "train_subset": 4096 if quick else 0}
         with tempfile.TemporaryDirectory(prefix="ddpnet_") as tmp, NetLab(2, LINKS[link]) as lab:
