@@ -43,10 +43,11 @@ def allreduce_demo(values: list[list[float]], timeout_s: float = 120) -> dict[in
 FAILURES = {"raise": "raises", "exit": "exits hard", "hang": "hangs", "SIGSTOP": "is frozen", "SIGKILL": "is killed"}
 
 
-def stopped_at(report: str) -> str:
-    """The innermost frame of the silent rank's main thread in a failure report, as 'file:line function'
-    without the folders; '-' where the report has no stack (the rank's own error or exit said enough)."""
-    found = re.search(r'Current thread [^\n]*\n\s*File "(?:[^"]*/)?([^"/]+)", line (\d+) in (\S+)', report)
+def stopped_at(err: WorkerError) -> str:
+    """The innermost frame of the silent rank's main thread, from the stack the launcher put in the
+    error's details, as 'file:line function' without the folders; '-' where there is no stack (the
+    rank's own error or exit said enough)."""
+    found = re.search(r'Current thread [^\n]*\n\s*File "(?:[^"]*/)?([^"/]+)", line (\d+) in (\S+)', err.details)
     return f"{found.group(1)}:{found.group(2)} {found.group(3)}" if found else "-"
 
 
@@ -74,7 +75,7 @@ def fail_rank_1(how: str, timeout_s: float) -> dict:
         return {"rank 1 ...": FAILURES[how], "blamed": f"rank {err.rank}", "reported as": err.reason,
                 "reported after (s)": f"{err.detected_at - began['time']:.1f}",
                 "workers left": sum(os.path.exists(f"/proc/{p}") for p in err.pids),
-                "its stack, innermost frame": stopped_at(str(err))}
+                "its stack, innermost frame": stopped_at(err)}
     raise RuntimeError(f"rank 1 was to fail ({how}) but the run finished")
 
 

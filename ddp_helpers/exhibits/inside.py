@@ -332,6 +332,11 @@ def _uneven(rank: int, short: int, long: int, timeout_s: float) -> dict:
     return out
 
 
+SENT = "gradients all-reduced per step"  # the accumulation lesson's columns
+APART = "ranks' gradients differ by (max |difference|)"
+OFF = "differs from all-reducing every backward by (max |difference|)"
+
+
 def _accumulation(rank: int) -> dict:
     """Two micro-batches of 16 per step, in float64 (sums of gradients then compare to rounding). A hook
     counts what DDP all-reduces, in gradients' worth (the bucket count varies: DDP rebuilds its buckets
@@ -367,10 +372,6 @@ def _accumulation(rank: int) -> dict:
         case[OFF] = float((case.pop("grads") - reference).abs().max())
     return out
 
-
-SENT = "gradients all-reduced per step"
-APART = "ranks' gradients differ by (max |difference|)"
-OFF = "differs from all-reducing every backward by (max |difference|)"
 
 
 def _set_epoch(rank: int, samples: int = 12, epochs: int = 3) -> dict:

@@ -12,8 +12,7 @@ from ..config import TrainConfig
 from ..data import steps_per_epoch
 from ..engine import warmup_scale
 from .colours import RUN_COLOURS
-
-MiB = 2 ** 20
+from .inside import MIB
 
 
 def memory_shades(count: int) -> list:
@@ -24,7 +23,7 @@ def memory_shades(count: int) -> list:
 def plot_memory_parts(rank: dict) -> plt.Figure:
     """One rank's peak PSS split into the tensors counted from the rank and the rest; below, the parts
     under 5% of the peak (the model's tensors and the activations) enlarged."""
-    parts = {k: v / MiB for k, v in rank["bytes"].items()}
+    parts = {k: v / MIB for k, v in rank["bytes"].items()}
     parts["runtime and the rest"] = rank["peak_pss_mib"] - sum(parts.values())
     small = [k for k, v in parts.items() if v < 0.05 * rank["peak_pss_mib"]]
     shades = dict(zip(parts, memory_shades(len(parts) - 1) + ["lightgrey"]))
@@ -53,8 +52,8 @@ def plot_zero_state(zero: pd.DataFrame, full_state_bytes: int) -> plt.Figure:
         part = zero[zero["W"] == W].sort_values("rank")
         ax.bar(part["rank"].astype(str), part["state MiB"], color=memory_shades(4)[3],
                label="ZeroRedundancyOptimizer (whole tensors)")
-        ax.axhline(full_state_bytes / MiB / W, color="black", ls="--", label="flat split: 1/W of the state")
-        ax.axhline(full_state_bytes / MiB, color="grey", ls=":", label="plain Adam, every rank")
+        ax.axhline(full_state_bytes / MIB / W, color="black", ls="--", label="flat split: 1/W of the state")
+        ax.axhline(full_state_bytes / MIB, color="grey", ls=":", label="plain Adam, every rank")
         ax.set(title=f"W = {W}", xlabel="rank")
     axes[0][0].set_ylabel("optimizer state (MiB)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3,

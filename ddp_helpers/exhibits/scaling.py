@@ -128,18 +128,27 @@ def provenance(records: dict[str, dict]) -> str:
             f"{created[-1]} UTC, by code {', '.join(codes)}")
 
 
+def _error_groups(check: pd.DataFrame, other: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The cost model's checks in three groups: the fit's own batches, other batches, other runs."""
+    return check[check["batch measured"]], check[~check["batch measured"]], other
+
+
+def _mean_abs(df: pd.DataFrame) -> float:
+    return df["error %"].abs().mean()
+
+
 def model_errors(check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
     """The cost model's mean |error| on the fit's own rounds, at other batches and on other runs."""
     def signed(df: pd.DataFrame) -> str:
         return ", ".join(f"{v:+.0f}%" for v in df["error %"])
 
-    inside, outside = check[check["batch measured"]], check[~check["batch measured"]]
+    inside, outside, other = _error_groups(check, other)
     return [f"1. the fit's own rounds, batches 32 and 128 ({len(inside)} cases): mean |error| "
-            f"{inside['error %'].abs().mean():.0f}% ({signed(inside)})",
+            f"{_mean_abs(inside):.0f}% ({signed(inside)})",
             f"2. the same rounds, batches 64 and 256 ({len(outside)} cases): mean |error| "
-            f"{outside['error %'].abs().mean():.0f}% ({signed(outside)})",
+            f"{_mean_abs(outside):.0f}% ({signed(outside)})",
             f"3. other runs (the {len(other)} two-worker time-to-accuracy runs): mean |error| "
-            f"{other['error %'].abs().mean():.0f}% (from {other['error %'].min():+.0f}% to {other['error %'].max():+.0f}%)"]
+            f"{_mean_abs(other):.0f}% (from {other['error %'].min():+.0f}% to {other['error %'].max():+.0f}%)"]
 
 
 def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
@@ -148,7 +157,7 @@ def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataF
     ddp, per_round = cases["ddp_b32"], R["throughput"]["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     w2, nbytes = R["allreduce"]["world_sizes"]["2"], R["allreduce"]["gradient_bytes"]
     pooled = "; ".join(f"{n} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for n, s in pairs03["summary"].items())
-    inside, outside = check[check["batch measured"]], check[~check["batch measured"]]
+    fitted, carried, runs = (f"{_mean_abs(group):.0f}%" for group in _error_groups(check, other))
     bare, tcases = transport["bare_allreduce"]["2"]["median_ms"], {c["id"]: c for c in transport["cases"]}
     lines = [f"- DDP, 2 workers, the design's settings: {spread(per_round)}x the epoch time of one 2-thread process in "
              f"this study, over gloo (median of per-round ratios, range); over notebook 03's interleaved rounds "
@@ -157,9 +166,8 @@ def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataF
              f"synchronisation: {ddp['split_ms']['sync']:.1f} ms.",
              "- Compute-only ceiling of two processes against one 2-thread process: "
              + ", ".join(f"{r['ceiling_median']:.2f}x at b{r['batch']}" for r in R["cores"]["rows"]) + ".",
-             f"- Cost model: mean |error| {inside['error %'].abs().mean():.0f}% where its inputs were measured, "
-             f"{outside['error %'].abs().mean():.0f}% at other batches, {other['error %'].abs().mean():.0f}% on other "
-             f"runs; biased low.",
+             f"- Cost model: mean |error| {fitted} where its inputs were measured, {carried} at other batches, {runs} "
+             f"on other runs; biased low.",
              f"- The gradient's all-reduce, W=2: gloo {bare['gloo']:.2f} ms, shared memory {bare['shm']:.2f} ms; DDP over "
              f"shared memory {tcases['ddp_shm']['vs_ceiling']['median']:.2f} of the no-sync ceiling's samples per "
              f"second, the from-scratch module {tcases['bucketed_shm']['vs_ceiling']['median']:.2f}."]

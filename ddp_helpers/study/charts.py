@@ -169,9 +169,11 @@ def plot_knobs(record: dict) -> plt.Figure:
     return fig
 
 
-def _round_shades(count: int):
-    """Rounds in order, dark (first) to light (last): greys, the one ramp no other chart uses for data."""
-    return sns.color_palette("Greys_r", count + 2)[:count]
+def _round_dots(ax, x, values, size: float) -> None:
+    """One dot per round, shaded in the order the rounds ran: dark (first) to light (last), greys, the
+    one ramp no other chart uses for data."""
+    ax.scatter(x, values, color=sns.color_palette("Greys_r", len(values) + 2)[:len(values)], edgecolor="black",
+               linewidth=0.4, s=size, zorder=3)
 
 
 def plot_throughput_rounds(record: dict) -> plt.Figure:
@@ -179,8 +181,7 @@ def plot_throughput_rounds(record: dict) -> plt.Figure:
     cases = record["cases"]
     fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(cases) + 1.2))
     for y, case in enumerate(cases):
-        ax.scatter(case["rounds_ms"], [y] * len(case["rounds_ms"]), color=_round_shades(len(case["rounds_ms"])),
-                   edgecolor="black", linewidth=0.4, s=22, zorder=3)
+        _round_dots(ax, case["rounds_ms"], [y] * len(case["rounds_ms"]), 22)
         ax.plot([case["step_ms"]], [y], "|", color=MEDIAN_COLOUR, ms=14, mew=2.5)
     ax.set_yticks(range(len(cases)), [c["label"] for c in cases])
     ax.invert_yaxis()
@@ -198,8 +199,7 @@ def plot_cores_rounds(record: dict) -> plt.Figure:
     fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.4))
     for ax, row in zip(np.atleast_1d(axes), rows):
         for x, values in enumerate(row["rounds_ms"].values()):
-            ax.scatter([x] * len(values), values, color=_round_shades(len(values)), edgecolor="black", linewidth=0.4,
-                       s=18, zorder=3)
+            _round_dots(ax, [x] * len(values), values, 18)
             ax.plot([x - 0.25, x + 0.25], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=2.5)
         ax.set_xticks(range(len(row["rounds_ms"])), [k.replace("_", " ") for k in row["rounds_ms"]], rotation=20,
                       ha="right", fontsize=8)
