@@ -72,7 +72,7 @@ def test_ddp_built_in_the_open_equals_torchs_ddp_and_one_process(torch_ddp_on_gl
 def test_ddp_over_shared_memory_equals_ddp_over_gloo_bitwise(torch_ddp_on_gloo):
     shm = launch(TrainConfig(world_size=2, sync="ddp", comm="shm", **SMALL), live=False)
     assert shm.record["runtime"]["comm"].startswith("shm") and torch_ddp_on_gloo.record["runtime"]["comm"] == "gloo"
-    assert shm.record["runtime"]["buckets_bytes"] == [567_434 * 8]  # the real layout: one bucket at 25 MB
+    assert shm.record["runtime"]["buckets_bytes"] == [567_434 * 8]  # the real layout: one bucket at 25 MiB
     assert all(torch.equal(shm.state_dict[k], torch_ddp_on_gloo.state_dict[k]) for k in shm.state_dict)
 
 

@@ -1,7 +1,8 @@
 """The course's colours, one meaning each: runs, ranks and settings take seaborn "deep"'s first three
 (blue, orange, green); the phases of a step take others of it (sync red, the waiting within it pale red), so that
-no colour names a phase in one chart and a run in the next. Measurements without a run to tell apart are
-black (predictions beside them white); grey is kept for reference lines and annotations."""
+no colour names a phase in one chart and a run in the next. Links between nodes take shades of teal, a hue no
+other meaning uses, dark for slow and light for fast. Measurements without a run to tell apart are black
+(predictions beside them white); grey is kept for reference lines and annotations."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ RUN_COLOURS = _DEEP[:3]
 MEDIAN_COLOUR = _DEEP[9]  # a bar that stands for the median of rounds drawn as dots
 PHASE_COLOURS = {"data": _DEEP[5], "compute": _DEEP[4], "sync": _DEEP[3], "optimizer": _DEEP[8]}
 PHASE_COLOURS["wait"] = tuple(1 - 0.4 * (1 - c) for c in PHASE_COLOURS["sync"])  # part of sync: its red, paler
+LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")  # slowest first
+LINK_COLOURS = dict(zip(LINK_ORDER, ("#022c2b", "#127a74", "#40bca6", "#93d9ca")))
 
 
 def text_colour(background) -> str:

@@ -332,9 +332,9 @@ def _uneven(rank: int, short: int, long: int, timeout_s: float) -> dict:
     return out
 
 
-SENT = "gradients all-reduced per step"  # the accumulation lesson's columns
-APART = "ranks' gradients differ by (max |difference|)"
-OFF = "differs from all-reducing every backward by (max |difference|)"
+SENT = "gradients all-reduced per step"  # the accumulation lesson's columns (|d|: the largest absolute difference)
+APART = "ranks apart by |d|"
+OFF = "off syncing every backward by |d|"
 
 
 def _accumulation(rank: int) -> dict:

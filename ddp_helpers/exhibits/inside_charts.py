@@ -20,6 +20,9 @@ def memory_shades(count: int) -> list:
     return sns.color_palette("Purples", count + 2)[2:]
 
 
+ADAM_SHADE = memory_shades(6)[2]  # Adam's two moments, the third of plot_memory_parts' six measured parts
+
+
 def plot_memory_parts(rank: dict) -> plt.Figure:
     """One rank's peak PSS split into the tensors counted from the rank and the rest; below, the parts
     under 5% of the peak (the model's tensors and the activations) enlarged."""
@@ -50,7 +53,7 @@ def plot_zero_state(zero: pd.DataFrame, full_state_bytes: int) -> plt.Figure:
     fig, axes = plt.subplots(1, len(world_sizes), figsize=(9, 3), sharey=True, squeeze=False)
     for ax, W in zip(axes[0], world_sizes):
         part = zero[zero["W"] == W].sort_values("rank")
-        ax.bar(part["rank"].astype(str), part["state MiB"], color=memory_shades(4)[3],
+        ax.bar(part["rank"].astype(str), part["state MiB"], color=ADAM_SHADE,
                label="ZeroRedundancyOptimizer (whole tensors)")
         ax.axhline(full_state_bytes / MIB / W, color="black", ls="--", label="flat split: 1/W of the state")
         ax.axhline(full_state_bytes / MIB, color="grey", ls=":", label="plain Adam, every rank")
@@ -67,21 +70,21 @@ def plot_zero_state(zero: pd.DataFrame, full_state_bytes: int) -> plt.Figure:
 def plot_lr_schedules(pairs: dict[str, tuple[dict, dict]], train_samples: int = 60000) -> plt.Figure:
     """Learning rate against optimizer step for each pair of time-to-98% settings, both sides drawn:
     the single process solid, the two workers dashed (their steps cover twice the samples)."""
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     longest = 4 * steps_per_epoch(train_samples, 1, 512)
     for (name, sides), colour in zip(pairs.items(), RUN_COLOURS):
-        for side, style in zip(sides, ("-", "--")):
+        for side, (style, width, alpha) in zip(sides, (("-", 4, 0.35), ("--", 1.5, 1.0))):
             cfg = TrainConfig(**side)
             per_epoch = steps_per_epoch(train_samples, cfg.world_size, cfg.batch_size)
             scale = warmup_scale(cfg.warmup_steps) or (lambda step: 1.0)
             steps = range(longest)
             ax.plot(list(steps), [cfg.lr * scale(s) * cfg.lr_gamma ** ((s // per_epoch) // cfg.lr_step) for s in steps],
-                    style, color=colour, lw=1.5,
+                    style, color=colour, lw=width, alpha=alpha,  # solid wide and pale: the dashed stays seen on it
                     label=f"{name}, {'2 workers' if cfg.world_size == 2 else '1 process'}: global batch "
                           f"{cfg.batch_size * cfg.world_size}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps"
                           + (f", local SGD every {cfg.local_sgd_every}" if cfg.sync == "local_sgd" else ""))
     ax.set(xlabel="optimizer step", ylabel="learning rate",
            title="Learning rate against step, each setting's both sides (dashed: 2 workers)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below the axis label
     return fig

@@ -15,9 +15,9 @@ def made(rec: dict) -> str:
     return f"{rec['environment']['cpu_model']} {rec['created'][5:16].replace('T', ' ')}, {rec['environment'].get('code')}"
 
 
-def spread(values: list[float], digits: int = 2) -> str:
-    """'median (min-max)' of a list of per-round values."""
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+def spread(values: list[float], digits: int = 2, unit: str = "") -> str:
+    """'median (min-max)' of a list of per-round values; ``unit`` follows the median: '1.86x (1.41-1.89)'."""
+    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def epoch_ratio(throughput: dict, a: str, b: str) -> dict:
@@ -151,15 +151,16 @@ def model_errors(check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
             f"{_mean_abs(other):.0f}% (from {other['error %'].min():+.0f}% to {other['error %'].max():+.0f}%)"]
 
 
-def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
+def summary(R: dict, pairs03: dict, check: pd.DataFrame, other: pd.DataFrame) -> list[str]:
     """Notebook 04's findings, each a line computed from the records (R: the study's records by part)."""
+    transport, prec = R["transport"], R["precision"]
     cases = cases_by_id(R["throughput"])
     ddp, per_round = cases["ddp_b32"], R["throughput"]["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     w2, nbytes = R["allreduce"]["world_sizes"]["2"], R["allreduce"]["gradient_bytes"]
     pooled = "; ".join(f"{n} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for n, s in pairs03["summary"].items())
     fitted, carried, runs = (f"{_mean_abs(group):.0f}%" for group in _error_groups(check, other))
     bare, tcases = transport["bare_allreduce"]["2"]["median_ms"], {c["id"]: c for c in transport["cases"]}
-    lines = [f"- DDP, 2 workers, the design's settings: {spread(per_round)}x the epoch time of one 2-thread process in "
+    lines = [f"- DDP, 2 workers, the design's settings: {spread(per_round, unit='x')} the epoch time of one 2-thread process in "
              f"this study, over gloo (median of per-round ratios, range); over notebook 03's interleaved rounds "
              f"{pooled}. In the study, sync (all-reduce + waiting) is {100 * ddp['sync_fraction']:.0f}% of a DDP step.",
              f"- The all-reduce of the gradient alone: {1000 * w2['seconds'][str(nbytes)]:.1f} ms; a DDP step's "
@@ -174,9 +175,11 @@ def summary(R: dict, pairs03: dict, transport: dict, prec: dict, check: pd.DataF
     best = R["tta"]["best"]
     if "ratio" in best:
         values = best["ratio"]["values"]
+        verdict = ("the two workers first in every seed" if min(values) > 1 else
+                   "the single process first in every seed" if max(values) < 1 else "a tie")
         lines.append(f"- Time to 98%: best two-worker setting against best single process {best['ratio']['mean']:.2f}x "
-                     f"(per seed {min(values):.2f}-{max(values):.2f}): a tie at {len(values)} seeds.")
+                     f"(per seed {min(values):.2f}-{max(values):.2f}): {verdict} at {len(values)} seeds.")
     lines.append(f"- bf16-mixed on this CPU (native bf16: {prec['method']['native_bf16']}): "
-                 + ", ".join(f"{n} {spread(v['rounds'])}x float32's step time" for n, v in prec["bf16_over_float32"].items())
+                 + ", ".join(f"{n} {spread(v['rounds'], unit='x')} float32's step time" for n, v in prec["bf16_over_float32"].items())
                  + ".")
     return lines

@@ -127,9 +127,10 @@ def timeline_table(timelines: dict) -> pd.DataFrame:
         for rank, p in ranks.items():
             reduces = p["all-reduce"]
             rows.append({"transport": run[0]["comm"].split(" (")[0], "rank": rank,
-                         "starts at": p["compute"][0], "forward + backward ms": p["compute"][1] - p["compute"][0],
-                         "first all-reduce at": min(a for _, a, _ in reduces),
-                         "all-reduces busy ms": sum(b - a for _, a, b in reduces),
+                         "starts at": p["compute"][0], "fwd + bwd ms": p["compute"][1] - p["compute"][0],
+                         "1st all-reduce at": min(a for _, a, _ in reduces),
+                         "all-reduce busy ms": sum(b - a for _, a, b in reduces),
                          "waiting ms": p["wait"][1] - p["wait"][0],
-                         "optimizer ms": p["optimizer"][1] - p["optimizer"][0], "step ms": info["step_ms"]})
+                         "optimizer ms": p["optimizer"][1] - p["optimizer"][0],
+                         "whole step ms (both ranks)": info["step_ms"]})
     return pd.DataFrame(rows).set_index(["transport", "rank"]).round(2)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..exhibits.colours import MEDIAN_COLOUR, RUN_COLOURS as SETTING_COLOURS
+from ..exhibits.colours import LINK_COLOURS, LINK_ORDER, MEDIAN_COLOUR, RUN_COLOURS as SETTING_COLOURS
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -79,8 +79,8 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     """Projected throughput speedup against workers, per link; the point measured on one machine,
     and (``lab``: link, workers, speedup) points from all-reduces measured between lab nodes."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    def color(link: str):  # the lab's and Ethernet's rates take the colours of notebook 06's links
-        return LINK_COLORS.get(link.removeprefix("lab ").removesuffix(" Ethernet"), "darkgoldenrod")
+    def color(link: str):  # a rate takes its link's shade from notebook 06; 100 Gb/s, faster than any, the lightest
+        return LINK_COLOURS.get(link.removeprefix("lab ").removesuffix(" Ethernet"), LINK_COLOURS["no limit"])
 
     colors = {link: color(link) for link in projection.link.unique()}
     for link, df in projection.groupby("link", sort=False):
@@ -228,10 +228,6 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
 
 # --- across machines: the network part's record --------------------------------------------------
 
-LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
-# one colour per link in every chart, ordered dark (slow) to light (fast), apart from the strategies'
-# qualitative palette
-LINK_COLORS = dict(zip(LINK_ORDER, sns.color_palette("viridis", len(LINK_ORDER) + 1)))
 
 
 def case_markers(case_ids) -> dict[str, str]:
@@ -251,7 +247,7 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4.6))
     predicted = pd.DataFrame(network["predictions"]["allreduce"])
     for run in runs_of(network, nodes):
-        color = LINK_COLORS[run["link"]]
+        color = LINK_COLOURS[run["link"]]
         seconds = run["allreduce"]["seconds"]
         sizes = np.array([int(s) for s in seconds])
         ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=5, label=f"{run['link']}")
@@ -293,7 +289,7 @@ def plot_link_model(network: dict, band_pct: float = 15) -> plt.Figure:
     labels = {c["id"]: c["label"] for r in network["runs"] for c in r["cases"]}
     fig, ax = plt.subplots(figsize=(6.5, 5))
     markers = case_markers(steps.case.unique())
-    colors = LINK_COLORS
+    colors = LINK_COLOURS
     for (case, link, nodes), row in steps.groupby(["case", "link", "nodes"]):
         ax.plot(row.measured_ms, row.predicted_ms, markers[case], color=colors[link], ms=7 if nodes == 2 else 5,
                 mfc=colors[link] if nodes == 2 else "none")

@@ -3,6 +3,7 @@ and a training step that synchronises every step but sends almost nothing (``syn
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -45,42 +46,49 @@ def fit_alpha_beta(sizes, seconds) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def allreduce_medians(sizes: list[int], repeats: int) -> dict[int, float]:
-    """Median seconds of a float32 all-reduce of each size in the current process group
-    (5 untimed first, then ``repeats`` timed, each after a barrier so all ranks start together)."""
-    out = {}
+def allreduce_medians(sizes: list[int], repeats: int, rounds: int = 1) -> dict[int, float]:
+    """Median seconds of a float32 all-reduce of each size in the current process group: 5 untimed
+    first, then ``repeats`` timed, each after a barrier so all ranks start together. With ``rounds`` > 1
+    the timed calls are split into rounds that visit the sizes in a shuffled order (the same on every
+    rank: a seeded shuffle), so that a slow minute of the host lands on many sizes, not on one."""
+    tensors = {size: torch.ones(max(1, size // 4)) for size in sizes}
     for size in sizes:
-        tensor = torch.ones(max(1, size // 4))
         for _ in range(5):
-            dist.all_reduce(tensor)
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(tensor)
-            times.append(time.perf_counter() - start)
-        out[size] = statistics.median(times)
-    return out
+            dist.all_reduce(tensors[size])
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    order, shuffle = list(sizes), random.Random(0).shuffle
+    for r in range(rounds):
+        if rounds > 1:
+            shuffle(order)
+        for size in order:
+            for _ in range(repeats // rounds + (r < repeats % rounds)):
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(tensors[size])
+                times[size].append(time.perf_counter() - start)
+    return {size: statistics.median(t) for size, t in times.items()}
 
 
-def _allreduce_job(place: RankPlace, emit: Callable, sizes: list[int], repeats: int) -> None:
+def _allreduce_job(place: RankPlace, emit: Callable, sizes: list[int], repeats: int, rounds: int) -> None:
     with job_group(place, 60):
-        out = allreduce_medians(sizes, repeats)
+        out = allreduce_medians(sizes, repeats, rounds)
         if place.rank == 0:
             emit("result", out)
 
 
 def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
     sizes = sorted({*(2**k for k in range(10, 24, 3 if quick else 1)), GRAD_BYTES})
-    repeats, runs = (10 if quick else 40), {}
+    repeats, rounds, runs = (10 if quick else 40), (2 if quick else 5), {}
     for world_size in (2, 4):
-        medians = run_workers(_allreduce_job, world_size, (sizes, repeats), launch_timeout_s=600)[0]
+        medians = run_workers(_allreduce_job, world_size, (sizes, repeats, rounds), launch_timeout_s=600)[0]
         alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
         runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha,
                                  "beta_s_per_byte": beta, "oversubscribed": world_size > 2}
         log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the "
             f"{GRAD_BYTES / 1e6:.2f} MB gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
-    return record("study_allreduce", quick, {"repeats": repeats, "statistic": "median", "backend": "gloo",
+    return record("study_allreduce", quick, {"repeats": repeats, "rounds": rounds, "backend": "gloo",
+                                             "order": "each round visits the sizes shuffled (seeded: the same on "
+                                                      "every rank)", "statistic": "median of all repeats",
                                              "fit": "t = alpha + beta * bytes, least squares on relative error"},
                   gradient_bytes=GRAD_BYTES, sizes_bytes=sizes, world_sizes=runs)
 

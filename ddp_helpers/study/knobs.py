@@ -1,6 +1,6 @@
 """DDP's own knobs at the design's settings (W=2, batch 32 per worker), side by side.
 
-* ``bucket_cap_mb``: at the default 25 MB the whole 2.27 MB gradient is one bucket, sent
+* ``bucket_cap_mb``: at the default 25 MiB the whole 2.27 MB gradient is one bucket, sent
   after backward has produced the last gradient; smaller buckets let the last layers'
   all-reduce start while backward still runs through the first layer.
 * ``gradient_as_bucket_view``: gradients live in the buckets, one 2.27 MB copy a step fewer.
@@ -21,12 +21,12 @@ from ..launcher import launch
 from .records import record
 
 SETTINGS = {
-    "default (25 MB buckets)": {},
+    "default (25 MiB buckets)": {},
     "gradient_as_bucket_view": {"gradient_as_bucket_view": True},
     "bucket_cap_mb=1": {"bucket_cap_mb": 1.0},
     "bucket_cap_mb=0.25": {"bucket_cap_mb": 0.25},
     "static_graph": {"static_graph": True},
-    "all three (view, 1 MB, static)": {"gradient_as_bucket_view": True, "bucket_cap_mb": 1.0, "static_graph": True},
+    "all three (view, 1 MiB, static)": {"gradient_as_bucket_view": True, "bucket_cap_mb": 1.0, "static_graph": True},
 }
 
 

@@ -43,9 +43,9 @@ from .tta import TARGET, time_to_target
 LINKS = {"no limit": None, "10 Gb/s": 10_000, "1 Gb/s": 1_000, "100 Mb/s": 100}  # Mbit/s
 # id -> (label, config overrides); batch 32 per worker, the design's other settings
 CASES = {
-    "ddp": ("DDP (one 25 MB bucket cap)", dict(sync="ddp")),
-    "ddp_bucket1": ("DDP, 1 MB buckets", dict(sync="ddp", bucket_cap_mb=1.0)),
-    "ddp_bucket025": ("DDP, 0.25 MB buckets", dict(sync="ddp", bucket_cap_mb=0.25)),
+    "ddp": ("DDP (one 25 MiB bucket cap)", dict(sync="ddp")),
+    "ddp_bucket1": ("DDP, 1 MiB buckets", dict(sync="ddp", bucket_cap_mb=1.0)),
+    "ddp_bucket025": ("DDP, 0.25 MiB buckets", dict(sync="ddp", bucket_cap_mb=0.25)),
     "fp16": ("DDP fp16 compression", dict(sync="fp16")),
     "powersgd": ("DDP PowerSGD rank 4", dict(sync="powersgd")),
     "local_sgd": ("local SGD, average every 8 steps", dict(sync="local_sgd", local_sgd_every=8)),

@@ -45,7 +45,7 @@ STEP_CASES = [
     Case("bucketed_gloo", "from-scratch DDP, gloo", "train", TrainConfig(world_size=2, sync="bucketed", comm="gloo")),
     Case("bucketed_shm", "from-scratch DDP, shared memory", "train",
          TrainConfig(world_size=2, sync="bucketed", comm="shm")),
-    Case("bucketed_shm_2b", "from-scratch DDP, shared memory, 0.25 MB buckets (2)", "train",
+    Case("bucketed_shm_2b", "from-scratch DDP, shared memory, 0.25 MiB buckets (2)", "train",
          TrainConfig(world_size=2, sync="bucketed", comm="shm", bucket_cap_mb=0.25)),
     Case("localsgd8_shm", "local SGD k=8, shared memory", "train",
          TrainConfig(world_size=2, sync="local_sgd", comm="shm")),

@@ -80,7 +80,7 @@ def spread(values: list[float]) -> dict:
 
 
 def run_tta(quick: bool, log: Callable[[str], None]) -> dict:
-    configs, seeds = settings(quick), (0,) if quick else (0, 1, 2)
+    configs, seeds = settings(quick), (0,) if quick else (0, 1, 2, 3, 4)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     orders = {}
     for seed in seeds:

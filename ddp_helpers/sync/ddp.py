@@ -82,8 +82,8 @@ class DDPSync(LocalSync):
     """DistributedDataParallel: bucketed all-reduce launched from backward hooks.
 
     How many buckets the gradient makes depends on its size and ``bucket_cap_mb``: a bucket closes
-    after the gradient that takes it past the cap, so at 25 MB (this project's and torch's default)
-    and at 1 MB the MLP's 2.27 MB gradient is one bucket; the record holds the layout DDP really
+    after the gradient that takes it past the cap, so at 25 MiB (this project's and torch's default)
+    and at 1 MiB the MLP's 2.27 MB gradient is one bucket; the record holds the layout DDP really
     used (:meth:`bucket_sizes`). Each full bucket's all-reduce starts from a hook
     while backward goes on with earlier layers. ``hook``: the plain mean all-reduce (through the
     run's transport: gloo, or shared memory within a node), fp16 compression or PowerSGD low-rank
