@@ -225,16 +225,25 @@ def test_ctrl_c_on_the_cli_stops_every_worker(tmp_path):
     assert no_process_left(workers)
 
 
-def test_a_run_resumed_at_another_world_size_keeps_its_global_batch_and_its_arithmetic(tmp_path):
+# float64, dropout 0, the rate halved every epoch: resumed runs end where this uninterrupted one ends
+EXACT64 = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=500, epochs=3, dropout=0.0, seed=11,
+               lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted64():
+    """One uninterrupted W=2 run of EXACT64 (32 steps per epoch), shared by the tests that resume."""
+    return launch(TrainConfig(world_size=2, **EXACT64), live=False)
+
+
+def test_a_run_resumed_at_another_world_size_keeps_its_global_batch_and_its_arithmetic(tmp_path, uninterrupted64):
     """A W=2 checkpoint resumed at W=1: two micro-batches per step keep the global batch of 64. With
     dropout 0 each step averages the same 64 samples (rank r's W=2 batch is a micro-batch's worth of
     the same shuffle), so it ends where the uninterrupted W=2 run ends, to float64's rounding."""
     from processes import EXACT, max_difference
 
-    exact = dict(dataset="mnist", device="cpu", train_subset=2048, test_subset=500, epochs=3, dropout=0.0, seed=11,
-                 lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
-    whole = launch(TrainConfig(world_size=2, **exact), live=False)
-    first = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path), **{**exact, "epochs": 1})
+    whole = uninterrupted64
+    first = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path), **{**EXACT64, "epochs": 1})
     launch(first, live=False)
     smaller = launch(first.replace(world_size=1, epochs=3, resume=True), live=False)
     note = next(n for n in smaller.record["runtime"]["notes"] if n.startswith("resumed at world size"))
@@ -245,22 +254,20 @@ def test_a_run_resumed_at_another_world_size_keeps_its_global_batch_and_its_arit
     assert [a["lr"] for a in whole.history] == [b["lr"] for b in smaller.history]
 
 
-def test_a_stop_asked_for_within_an_epoch_is_kept_there_and_resumes_to_the_same_weights(tmp_path):
-    """The scheduler's warning, as the test hook raises it in rank 1 at global step 70 (epoch 2 of
-    64-step epochs): every rank stops at the step they agreed on, rank 0 checkpoints the epoch so far,
-    and the resumed run skips the batches done and ends bit for bit where the uninterrupted run ends."""
-    exact = dict(world_size=2, dataset="mnist", device="cpu", train_subset=4096, test_subset=500, epochs=2,
-                 dropout=0.0, seed=7, lr_step=1, timeout_s=60, launch_timeout_s=240, dtype="float64")
-    whole = launch(TrainConfig(**exact), live=False)
-    cfg = TrainConfig(checkpoint_dir=str(tmp_path), **exact)
-    with injected(rank=1, step=70, kind="preempt"):
+def test_a_stop_asked_for_within_an_epoch_is_kept_there_and_resumes_to_the_same_weights(tmp_path, uninterrupted64):
+    """The scheduler's warning, as the test hook raises it in rank 1 at global step 1: the ranks look
+    every 16 steps and agree on the check after next, global step 48, in epoch 2 (32 steps per epoch);
+    rank 0 checkpoints the epoch so far, and the resumed run skips the batches done and ends bit for
+    bit where the uninterrupted run ends."""
+    whole = uninterrupted64
+    cfg = TrainConfig(world_size=2, checkpoint_dir=str(tmp_path), **EXACT64)
+    with injected(rank=1, step=1, kind="preempt"):
         stopped = launch(cfg, live=False)
     stop = stopped.record["runtime"]["preempted"]
-    assert stopped.record["status"] == "preempted" and stop["epoch"] == 2 and 16 < stop["step"] < 64
-    assert stop["step"] % 16 == 0  # at a check, as agreed: the same step on both ranks
-    assert list_checkpoints(tmp_path)[0].name == f"ckpt_epoch0001_step{stop['step']:06d}.pt"
+    assert stopped.record["status"] == "preempted" and (stop["epoch"], stop["step"]) == (2, 16)
+    assert list_checkpoints(tmp_path)[0].name == "ckpt_epoch0001_step000016.pt"
     resumed = launch(cfg.replace(resume=True), live=False)
-    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
     assert resumed.history[1]["train_loss"] == whole.history[1]["train_loss"]  # the epoch's sums carried over
     assert all(torch.equal(whole.state_dict[k], resumed.state_dict[k]) for k in whole.state_dict)
 
