@@ -19,6 +19,11 @@ from .host import usable_cores
 from .shm import SPIN_S, NodeGroup
 
 
+def name_of(described: str) -> str:
+    """The transport's name ("gloo", "shm") from the description a record keeps (``describe()``)."""
+    return described.split(" (")[0]
+
+
 class Gloo:
     """All-reduces through the process group's backend."""
 

@@ -14,8 +14,7 @@ RUN_COLOURS = _DEEP[:3]
 MEDIAN_COLOUR = _DEEP[9]  # a bar that stands for the median of rounds drawn as dots
 PHASE_COLOURS = {"data": _DEEP[5], "compute": _DEEP[4], "sync": _DEEP[3], "optimizer": _DEEP[8]}
 PHASE_COLOURS["wait"] = tuple(1 - 0.4 * (1 - c) for c in PHASE_COLOURS["sync"])  # part of sync: its red, paler
-LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")  # slowest first
-LINK_COLOURS = dict(zip(LINK_ORDER, ("#022c2b", "#127a74", "#40bca6", "#93d9ca")))
+LINK_SHADES = ("#022c2b", "#127a74", "#40bca6", "#93d9ca")  # links, slowest first
 
 
 def text_colour(background) -> str:

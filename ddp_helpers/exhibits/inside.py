@@ -32,6 +32,8 @@ from ..place import RankPlace
 from ..workers import run_workers
 
 MIB = 2 ** 20
+MEMORY_PARTS = ("parameters", "gradients", "Adam's two moments", "DDP's gradient bucket",  # what a rank's
+                "activations kept for backward", "MNIST (both splits) as tensors")      # tensors take, counted
 
 
 def _digest(model: nn.Module) -> str:
@@ -207,11 +209,9 @@ def _memory_job(place: RankPlace, emit: Callable, data_dir: str, batch_size: int
                       for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
         activations = saved_activation_bytes(model.module, train.images[:batch_size], train.labels[:batch_size])
         dist.barrier()
+    data = sum(t.nbytes for split in (train, test) for t in (split.images, split.labels))
     emit("result", {"stages": stages, "peak_pss_mib": sampler.peak, "samples": sampler.samples,
-                    "bytes": {"parameters": parameters, "gradients": parameters, "Adam's two moments": moments,
-                              "DDP's gradient bucket": parameters, "activations kept for backward": activations,
-                              "MNIST (both splits) as tensors": sum(t.nbytes for split in (train, test)
-                                                                  for t in (split.images, split.labels))}})
+                    "bytes": dict(zip(MEMORY_PARTS, (parameters, parameters, moments, parameters, activations, data)))})
 
 
 def memory_per_rank(data_dir: str = "", world_size: int = 2, batch_size: int = 32, steps: int = 50,
@@ -371,7 +371,6 @@ def _accumulation(rank: int) -> dict:
     for case in out.values():
         case[OFF] = float((case.pop("grads") - reference).abs().max())
     return out
-
 
 
 def _set_epoch(rank: int, samples: int = 12, epochs: int = 3) -> dict:

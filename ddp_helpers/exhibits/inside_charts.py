@@ -12,7 +12,7 @@ from ..config import TrainConfig
 from ..data import steps_per_epoch
 from ..engine import warmup_scale
 from .colours import RUN_COLOURS
-from .inside import MIB
+from .inside import MEMORY_PARTS, MIB
 
 
 def memory_shades(count: int) -> list:
@@ -20,7 +20,7 @@ def memory_shades(count: int) -> list:
     return sns.color_palette("Purples", count + 2)[2:]
 
 
-ADAM_SHADE = memory_shades(6)[2]  # Adam's two moments, the third of plot_memory_parts' six measured parts
+PART_SHADES = dict(zip(MEMORY_PARTS, memory_shades(len(MEMORY_PARTS))))  # the rest of the peak: light grey
 
 
 def plot_memory_parts(rank: dict) -> plt.Figure:
@@ -29,7 +29,7 @@ def plot_memory_parts(rank: dict) -> plt.Figure:
     parts = {k: v / MIB for k, v in rank["bytes"].items()}
     parts["runtime and the rest"] = rank["peak_pss_mib"] - sum(parts.values())
     small = [k for k, v in parts.items() if v < 0.05 * rank["peak_pss_mib"]]
-    shades = dict(zip(parts, memory_shades(len(parts) - 1) + ["lightgrey"]))
+    shades = {**PART_SHADES, "runtime and the rest": "lightgrey"}
     fig, (whole, zoom) = plt.subplots(2, 1, figsize=(8.5, 3.4), gridspec_kw={"hspace": 1.2})
     for ax, names in ((whole, list(parts)), (zoom, small)):
         left = 0.0
@@ -53,7 +53,7 @@ def plot_zero_state(zero: pd.DataFrame, full_state_bytes: int) -> plt.Figure:
     fig, axes = plt.subplots(1, len(world_sizes), figsize=(9, 3), sharey=True, squeeze=False)
     for ax, W in zip(axes[0], world_sizes):
         part = zero[zero["W"] == W].sort_values("rank")
-        ax.bar(part["rank"].astype(str), part["state MiB"], color=ADAM_SHADE,
+        ax.bar(part["rank"].astype(str), part["state MiB"], color=PART_SHADES["Adam's two moments"],
                label="ZeroRedundancyOptimizer (whole tensors)")
         ax.axhline(full_state_bytes / MIB / W, color="black", ls="--", label="flat split: 1/W of the state")
         ax.axhline(full_state_bytes / MIB, color="grey", ls=":", label="plain Adam, every rank")

@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..study.costmodel import cases_by_id
 from ..study.throughput import ratio
+from ..transport import name_of
 
 
 def made(rec: dict) -> str:
@@ -32,7 +33,7 @@ def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughp
         return rec["summary"]["median_epoch_time_s"]
 
     def comm(rec: dict) -> str:
-        return rec["runtime"].get("comm", "gloo").split(" (")[0]
+        return name_of(rec["runtime"].get("comm", "gloo"))
 
     one_after = "median of 5 epochs, runs in sequence"
     rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", made(nb03)),

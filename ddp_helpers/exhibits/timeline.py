@@ -19,7 +19,7 @@ from ..engine import Tally, make_optimizer, step
 from ..model import MLP
 from ..place import RankPlace
 from ..sync import BucketedDataParallel
-from ..transport import open_transport
+from ..transport import name_of, open_transport
 from ..workers import run_workers
 from .colours import PHASE_COLOURS
 
@@ -126,7 +126,7 @@ def timeline_table(timelines: dict) -> pd.DataFrame:
         ranks, info = typical_step(run)
         for rank, p in ranks.items():
             reduces = p["all-reduce"]
-            rows.append({"transport": run[0]["comm"].split(" (")[0], "rank": rank,
+            rows.append({"transport": name_of(run[0]["comm"]), "rank": rank,
                          "starts at": p["compute"][0], "fwd + bwd ms": p["compute"][1] - p["compute"][0],
                          "1st all-reduce at": min(a for _, a, _ in reduces),
                          "all-reduce busy ms": sum(b - a for _, a, b in reduces),

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..exhibits.colours import LINK_COLOURS, LINK_ORDER, MEDIAN_COLOUR, RUN_COLOURS as SETTING_COLOURS
+from ..exhibits.colours import LINK_SHADES, MEDIAN_COLOUR, RUN_COLOURS as SETTING_COLOURS
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -228,7 +228,8 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
 
 # --- across machines: the network part's record --------------------------------------------------
 
-
+LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
+LINK_COLOURS = dict(zip(LINK_ORDER, LINK_SHADES))  # one shade per link in every chart, dark (slow) to light (fast)
 
 def case_markers(case_ids) -> dict[str, str]:
     """One marker shape per strategy, the same in every chart of the lab: by the case ids' sorted order."""
