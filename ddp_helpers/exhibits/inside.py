@@ -151,7 +151,7 @@ class Sampler:
     """The highest PSS of a process, sampled every ``interval_s`` in a thread (PSS has no high-water mark)."""
 
     def __init__(self, pid: int | str = "self", interval_s: float = 0.01):
-        self.pid, self.interval_s, self.peak, self.samples = pid, interval_s, 0.0, 0
+        self.pid, self.interval_s, self.peak, self.samples, self.span_s = pid, interval_s, 0.0, 0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -161,12 +161,14 @@ class Sampler:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "Sampler":
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.span_s = time.monotonic() - self._started
 
 
 def saved_activation_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -211,6 +213,7 @@ def _memory_job(place: RankPlace, emit: Callable, data_dir: str, batch_size: int
         dist.barrier()
     data = sum(t.nbytes for split in (train, test) for t in (split.images, split.labels))
     emit("result", {"stages": stages, "peak_pss_mib": sampler.peak, "samples": sampler.samples,
+                    "span_s": sampler.span_s,
                     "bytes": dict(zip(MEMORY_PARTS, (parameters, parameters, moments, parameters, activations, data)))})
 
 
@@ -221,7 +224,8 @@ def memory_per_rank(data_dir: str = "", world_size: int = 2, batch_size: int = 3
     with Sampler(os.getpid(), interval_s) as launcher:
         ranks = run_workers(_memory_job, world_size, (data_dir, batch_size, steps, interval_s),
                             launch_timeout_s=timeout_s)
-    return {"ranks": ranks, "launcher_peak_pss_mib": launcher.peak, "interval_s": interval_s}
+    return {"ranks": ranks, "launcher_peak_pss_mib": launcher.peak, "launcher_samples": launcher.samples,
+            "launcher_span_s": launcher.span_s, "interval_s": interval_s, "steps": steps, "batch_size": batch_size}
 
 
 # --- ZeRO-1 ---------------------------------------------------------------------------------------
@@ -333,8 +337,8 @@ def _uneven(rank: int, short: int, long: int, timeout_s: float) -> dict:
 
 
 SENT = "gradients all-reduced per step"  # the accumulation lesson's columns (|d|: the largest absolute difference)
-APART = "ranks apart by |d|"
-OFF = "off syncing every backward by |d|"
+APART = "|d| between the ranks"
+OFF = "|d| from all-reducing every micro-batch"
 
 
 def _accumulation(rank: int) -> dict:

@@ -30,7 +30,7 @@ def plot_memory_parts(rank: dict) -> plt.Figure:
     parts["runtime and the rest"] = rank["peak_pss_mib"] - sum(parts.values())
     small = [k for k, v in parts.items() if v < 0.05 * rank["peak_pss_mib"]]
     shades = {**PART_SHADES, "runtime and the rest": "lightgrey"}
-    fig, (whole, zoom) = plt.subplots(2, 1, figsize=(8.5, 3.4), gridspec_kw={"hspace": 1.2})
+    fig, (whole, zoom) = plt.subplots(2, 1, figsize=(8.5, 3.8), gridspec_kw={"hspace": 1.3})
     for ax, names in ((whole, list(parts)), (zoom, small)):
         left = 0.0
         for name in names:
@@ -40,10 +40,9 @@ def plot_memory_parts(rank: dict) -> plt.Figure:
         ax.set_yticks([])
     whole.set(xlabel="MiB, rank 0's peak PSS",
               title="One rank's memory: the model is small, the runtime and the data are not")
-    zoom.set(xlabel=f"MiB: the parts under 5% of the peak (the model's tensors and the activations), "
-                    f"{sum(parts[k] for k in small):.1f} MiB: the sliver at the left above, enlarged")
-    zoom.xaxis.label.set_fontsize(9)
-    whole.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -3.3), ncol=2, frameon=False)
+    zoom.set(xlabel=f"MiB: the sliver at the left above enlarged, the parts under 5% of the peak "
+                    f"({sum(parts[k] for k in small):.1f} MiB)")
+    whole.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -3.3), ncol=2, frameon=False)
     return fig
 
 
@@ -55,11 +54,11 @@ def plot_zero_state(zero: pd.DataFrame, full_state_bytes: int) -> plt.Figure:
         part = zero[zero["W"] == W].sort_values("rank")
         ax.bar(part["rank"].astype(str), part["state MiB"], color=PART_SHADES["Adam's two moments"],
                label="ZeroRedundancyOptimizer (whole tensors)")
-        ax.axhline(full_state_bytes / MIB / W, color="black", ls="--", label="flat split: 1/W of the state")
+        ax.axhline(full_state_bytes / MIB / W, color="black", ls="-.", label="flat split: 1/W of the state")
         ax.axhline(full_state_bytes / MIB, color="grey", ls=":", label="plain Adam, every rank")
         ax.set(title=f"W = {W}", xlabel="rank")
     axes[0][0].set_ylabel("optimizer state (MiB)")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3,
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=10, loc="lower center", ncol=3,
                bbox_to_anchor=(0.5, -0.12))
     owner = zero[zero["owns"].str.contains("net.0.weight")]["share of Adam's state"].max()
     fig.suptitle(f"ZeRO-1: the owner of the first layer's weight (net.0.weight) keeps {owner:.0%} of the state")
@@ -86,5 +85,5 @@ def plot_lr_schedules(pairs: dict[str, tuple[dict, dict]], train_samples: int = 
     ax.set(xlabel="optimizer step", ylabel="learning rate",
            title="Learning rate against step, each setting's both sides (dashed: 2 workers)")
     fig.tight_layout()
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below the axis label
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below the axis label
     return fig

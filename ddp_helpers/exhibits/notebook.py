@@ -37,7 +37,7 @@ def host_line(record: dict, label: str = "Measured on") -> str:
     """One line naming where and when a record was made, from the record itself."""
     env = record["environment"]
     gpus = ", ".join(env.get("gpus") or []) or "no GPU"
-    memory = f"{env['memory_gib']:.0f} GiB RAM" if env.get("memory_gib") else "RAM unknown"
+    memory = f"{env['memory_gib']:.1f} GiB RAM" if env.get("memory_gib") else "RAM unknown"
     code = env.get("code") or "unknown commit"
     return (f"{label}: {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, {memory}, {gpus};\n"
             f"  Python {env['python']}, torch {env['torch']}; {record['created'][:16].replace('T', ' ')} UTC; "

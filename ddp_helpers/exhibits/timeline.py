@@ -132,5 +132,5 @@ def timeline_table(timelines: dict) -> pd.DataFrame:
                          "all-reduce busy ms": sum(b - a for _, a, b in reduces),
                          "waiting ms": p["wait"][1] - p["wait"][0],
                          "optimizer ms": p["optimizer"][1] - p["optimizer"][0],
-                         "whole step ms (both ranks)": info["step_ms"]})
+                         "step ms (both ranks)": info["step_ms"]})
     return pd.DataFrame(rows).set_index(["transport", "rank"]).round(2)

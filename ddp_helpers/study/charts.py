@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
@@ -92,7 +94,7 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     workers = sorted(projection.workers.unique())
     ax.plot(workers, workers, ":", color="grey", lw=1, label="ideal (linear)")
     if measured is not None:
-        ax.plot([2], [measured], "s", color="black", ms=8, label="measured here (2 workers, 2 vCPUs)")
+        ax.plot([2], [measured], "s", color="black", ms=8, label="measured here: 2 workers against one 1-thread worker (2 vCPUs)")
     ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker (samples per second)",
            title="Data-parallel speedup at batch 32 per worker")
     ax.set_xticks(workers, [str(w) for w in workers])
@@ -196,13 +198,13 @@ def plot_throughput_rounds(record: dict) -> plt.Figure:
 def plot_cores_rounds(record: dict) -> plt.Figure:
     """The compute ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
     rows = record["rows"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.8))
     for ax, row in zip(np.atleast_1d(axes), rows):
         for x, values in enumerate(row["rounds_ms"].values()):
             _round_dots(ax, [x] * len(values), values, 18)
             ax.plot([x - 0.25, x + 0.25], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=2.5)
-        ax.set_xticks(range(len(row["rounds_ms"])), [k.replace("_", " ") for k in row["rounds_ms"]], rotation=20,
-                      ha="right", fontsize=8)
+        names = [textwrap.fill(k.replace("_", " "), 12) for k in row["rounds_ms"]]
+        ax.set_xticks(range(len(names)), names, fontsize=10)
         ax.set_title(f"batch {row['batch']}")
     fig.supylabel("ms per compute-only step", fontsize=10)
     fig.suptitle("The compute ceiling's slot rounds (dots: rounds, dark = first; bar: median)")
@@ -269,9 +271,9 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     ids = [c["id"] for c in runs[0]["cases"]]
     labels = {c["id"]: c["label"] for c in runs[0]["cases"]}
     x = np.arange(len(runs))
-    markers, lines = case_markers(ids), ["-", "--", ":", "-", "--", ":"]  # shape: the strategy; colour: none
-    for i, (case, line) in enumerate(zip(ids, lines)):  # (colours name links in notebook 06; grey: the reference)
-        style, color = line + markers[case], "black"
+    markers = case_markers(ids)  # shape: the strategy; solid lines (dashed means "predicted" in notebook 06)
+    for i, case in enumerate(ids):  # (colours name links in notebook 06; grey: the reference)
+        style, color = "-" + markers[case], "black"
         ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
         shift = 0.04 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
         ax.plot(x + shift, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
