@@ -41,8 +41,8 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
     def versus(mib: float) -> str:
         return "under" if mib < TWO_GB_MIB else "over"
 
-    steps = f" over {memory['steps']} training steps" if "steps" in memory else ""  # older records lack it
-    return (f"PSS, sampled every {1000 * memory['interval_s']:.0f} ms{steps} (notebook 08): the two ranks "
+    return (f"PSS, sampled every {1000 * memory['interval_s']:.0f} ms over {memory['steps']} training steps "
+            f"(notebook 08): the two ranks "
             f"{ranks:,.0f} MiB, "
             f"{versus(ranks)} 2 GB ({TWO_GB_MIB:,.0f} MiB); with the notebook kernel that launched them {both:,.0f} "
             f"MiB, {versus(both)}. {rss[0].upper()}{rss[1:]}")
