@@ -145,21 +145,21 @@ def plot_digits(images, titles: Sequence[str], columns: int = 8, title: str = ""
 
 def plot_pair_rounds(pairs: dict, colours: dict | None = None) -> plt.Figure:
     """Each interleaved round's epoch-time ratio to the reference (dots; runs side by side, split by
-    thin lines) and each configuration's pooled median (dashed)."""
+    thin grey lines) and each configuration's pooled median (a line of its colour)."""
     names, rows = list(pairs["summary"]), pairs["rows"]
     colours = colours or dict(zip(names, RUN_COLOURS[1:]))
     fig, ax = plt.subplots(figsize=(8.5, 3.6))
     x = np.arange(1, len(rows) + 1)
     for name in names:
         ax.plot(x, [row["ratios"][name] for row in rows], "o", color=colours[name], ms=6, label=name)
-        ax.axhline(pairs["summary"][name]["median"], color=colours[name], ls="--", lw=1.2)
+        ax.axhline(pairs["summary"][name]["median"], color=colours[name], ls="-", lw=1.2)
     for i in range(1, len(rows)):
         if rows[i]["run"] != rows[i - 1]["run"]:
             ax.axvline(i + 0.5, color="grey", lw=0.6)
-    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.axhline(1.0, color="black", ls=":", lw=2.5, alpha=0.35, zorder=0)  # wide and pale: a median on it stays seen
     ax.set_xticks(x, [str(row["round"]) for row in rows])
     ax.set(xlabel="round (runs separated by thin lines)", ylabel="epoch time ÷ 1 process's\n(below 1: DDP faster)",
-           title=f"Each round's ratio to {pairs['reference']} in the same round (dashed: median of all rounds)")
+           title=f"Each round's ratio to {pairs['reference']} in the same round (lines: median of all rounds)")
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(names), frameon=False)
     fig.tight_layout()
     return fig

@@ -80,7 +80,7 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
                  lab: pd.DataFrame | None = None) -> plt.Figure:
     """Projected throughput speedup against workers, per link; the point measured on one machine,
     and (``lab``: link, workers, speedup) points from all-reduces measured between lab nodes."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(7.5, 5.6))
     def color(link: str):  # a rate takes its link's shade from notebook 06; 100 Gb/s, faster than any, the lightest
         return LINK_COLOURS.get(link.removeprefix("lab ").removesuffix(" Ethernet"), LINK_COLOURS["no limit"])
 
@@ -95,7 +95,7 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     ax.plot(workers, workers, ":", color="grey", lw=1, label="ideal (linear)")
     if measured is not None:
         ax.plot([2], [measured], "s", color="black", ms=8, label="measured here: 2 workers against one 1-thread worker (2 vCPUs)")
-    ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker (samples per second)",
+    ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="speedup over 1 worker\n(samples per second)",
            title="Data-parallel speedup at batch 32 per worker")
     ax.set_xticks(workers, [str(w) for w in workers])
     low = min(projection.speedup.min(), lab.speedup.min() if lab is not None else 1.0)
@@ -232,6 +232,8 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
 
 LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
 LINK_COLOURS = dict(zip(LINK_ORDER, LINK_SHADES))  # one shade per link in every chart, dark (slow) to light (fast)
+LINK_MARKERS = dict(zip(LINK_ORDER, "os^D"))  # and a shape where points of every link share one axis
+
 
 def case_markers(case_ids) -> dict[str, str]:
     """One marker shape per strategy, the same in every chart of the lab: by the case ids' sorted order."""
@@ -253,7 +255,9 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
         color = LINK_COLOURS[run["link"]]
         seconds = run["allreduce"]["seconds"]
         sizes = np.array([int(s) for s in seconds])
-        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=5, label=f"{run['link']}")
+        marker = LINK_MARKERS.get(run["link"], "o")  # a shape too: the light teals are close
+        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], marker, color=color, ms=6, mec="black", mew=0.4,
+                  label=f"{run['link']}")
         mine = predicted[(predicted.nodes == nodes) & (predicted.link == run["link"])] if len(predicted) else []
         if len(mine):
             ax.loglog(mine["bytes"], 1000 * mine["predicted_s"], "--", color=color, lw=1)
