@@ -41,8 +41,10 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
     def versus(mib: float) -> str:
         return "under" if mib < TWO_GB_MIB else "over"
 
-    return (f"PSS, sampled every {1000 * memory['interval_s']:.0f} ms over {memory['steps']} training steps "
-            f"(notebook 08): the two ranks "
+    gaps = [1000 * r["span_s"] / r["samples"] for r in memory["ranks"].values() if r.get("samples")]
+    got = f", got one every {min(gaps):.0f}-{max(gaps):.0f} ms" if gaps else ""
+    return (f"PSS, a sample asked for every {1000 * memory['interval_s']:.0f} ms{got}, over {memory['steps']} "
+            f"training steps (notebook 08): the two ranks "
             f"{ranks:,.0f} MiB, "
             f"{versus(ranks)} 2 GB ({TWO_GB_MIB:,.0f} MiB); with the notebook kernel that launched them {both:,.0f} "
             f"MiB, {versus(both)}. {rss[0].upper()}{rss[1:]}")

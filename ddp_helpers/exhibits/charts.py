@@ -97,8 +97,9 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
     widest = phases[[f"{p}_ms" for p in names]].sum(axis=1).max()
     for phase in names:
         color, values = PHASE_COLOURS[phase], phases[f"{phase}_ms"].to_numpy(dtype=float)
-        if values.max() < 0.005 * widest:
-            continue  # nothing to show (a single process synchronises nothing)
+        if values.max() < 0.005 * widest:  # nothing to draw (a single process synchronises nothing)
+            ax.barh(labels[:1], [0], color=color, label=f"{PHASE_NAMES.get(phase, phase)} (≈ 0 here)")
+            continue
         ax.barh(labels, values, left=left, color=color, label=PHASE_NAMES.get(phase, phase))
         for y, (x0, v) in enumerate(zip(left, values)):
             if v > 0.11 * widest:  # narrower segments would run their labels together

@@ -45,10 +45,12 @@ FAILURES = {"raise": "raises", "exit": "exits hard", "hang": "hangs", "SIGSTOP":
 
 def stopped_at(err: WorkerError) -> str:
     """The innermost frame of the silent rank's main thread, from the stack the launcher put in the
-    error's details, as 'file:line function' without the folders; '-' where there is no stack (the
-    rank's own error or exit said enough)."""
+    error's details, as 'file:line function' without the folders; else whether a stack was asked for
+    (only a silent rank is asked: an error or an exit says enough)."""
     found = re.search(r'Current thread [^\n]*\n\s*File "(?:[^"]*/)?([^"/]+)", line (\d+) in (\S+)', err.details)
-    return f"{found.group(1)}:{found.group(2)} {found.group(3)}" if found else "-"
+    if found:
+        return f"{found.group(1)}:{found.group(2)} {found.group(3)}"
+    return "asked for, none came back" if "Python stack of rank" in err.details else "not asked for"
 
 
 def fail_rank_1(how: str, timeout_s: float) -> dict:

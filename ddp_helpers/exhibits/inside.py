@@ -247,6 +247,23 @@ def _zero_job(place: RankPlace, emit: Callable) -> None:
         emit("result", {"owned": owned, "state_bytes": state, "digest": _digest(model)})
 
 
+def compact_names(names: list[str]) -> str:
+    """Parameter names grouped by their ending, for a narrow table: ['net.3.weight', 'net.6.weight',
+    'net.0.bias'] -> 'net.{3,6}.weight, net.0.bias'."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        if name.count(".") < 2:  # nothing to group by
+            groups[(name, "")] = [""]
+            continue
+        head, middle, tail = name.rsplit(".", 2)
+        groups.setdefault((head, tail), []).append(middle)
+    out = []
+    for (head, tail), middles in groups.items():
+        middle = middles[0] if len(middles) == 1 else "{" + ",".join(middles) + "}"
+        out.append(".".join(x for x in (head, middle, tail) if x))
+    return ", ".join(out)
+
+
 def zero_state(world_size: int, timeout_s: float = 120) -> dict[int, dict]:
     """One step of DDP with ``ZeroRedundancyOptimizer`` (Adam) on gloo: per rank, the parameters whose
     optimizer state it keeps, that state's bytes (Adam's two moments), and a digest of the model after

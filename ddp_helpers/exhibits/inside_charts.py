@@ -33,9 +33,9 @@ def plot_memory_parts(rank: dict) -> plt.Figure:
     fig, (whole, zoom) = plt.subplots(2, 1, figsize=(8.5, 3.8), gridspec_kw={"hspace": 1.3})
     for ax, names in ((whole, list(parts)), (zoom, small)):
         left = 0.0
-        for name in names:
+        for name in names:  # neighbouring purples are close: every other part is hatched as well
             ax.barh([0], [parts[name]], left=left, color=shades[name], edgecolor="white",
-                    label=f"{name} ({parts[name]:.1f} MiB)")
+                    hatch="///" if list(parts).index(name) % 2 else None, label=f"{name} ({parts[name]:.1f} MiB)")
             left += parts[name]
         ax.set_yticks([])
     whole.set(xlabel="MiB, rank 0's peak PSS",

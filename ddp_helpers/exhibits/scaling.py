@@ -33,35 +33,44 @@ def epoch_ratio(throughput: dict, a: str, b: str) -> dict:
 
 def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughput: dict) -> pd.DataFrame:
     """DDP's epoch time over one process's, as each part of the project measured it: medians, of per-round
-    ratios where there are rounds (the study's steps projected to an epoch)."""
+    ratios where there are rounds (the study's steps projected to an epoch). Host and code get a column
+    only where the records differ in them (see ``common_origin``)."""
     def epoch_s(rec: dict) -> float:
         return rec["summary"]["median_epoch_time_s"]
 
     def comm(rec: dict) -> str:
         return name_of(rec["runtime"].get("comm", "gloo"))
 
-    one_after = "median of 5 epochs, runs in sequence"
-    rows = [("notebooks 02 and 03", comm(nb03), one_after, f"{epoch_s(nb03) / epoch_s(nb02):.2f}", "n = 1", made(nb03)),
-            ("main job (CLI)", comm(cli2), one_after, f"{epoch_s(cli2) / epoch_s(cli1):.2f}", "n = 1", made(cli2))]
+    def rounds(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    one_after = "5 epochs each, one run after the other"
+    rows = [(who, comm(two), one_after, f"{epoch_s(two) / epoch_s(one):.2f} (n = 1)", made(two))
+            for who, one, two in (("notebooks 02 and 03", nb02, nb03), ("main job (CLI)", cli1, cli2))]
     runs = pairs03["method"].get("runs", 1)
     rows += [(f"03's rounds: {name.split(', ', 1)[-1]}", name.split(", ")[-1].replace("shared memory", "shm"),
-              f"1 epoch each, {len(s['rounds'])} rounds ({runs} runs), rotated", f"{s['median']:.2f}",
-              f"{s['min']:.2f}-{s['max']:.2f}", made(pairs03)) for name, s in pairs03["summary"].items()]
-    study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
+              f"1 epoch, {len(s['rounds'])} rounds ({runs} runs), rotated", rounds(s["rounds"]), made(pairs03))
+             for name, s in pairs03["summary"].items()]
     case = cases_by_id(throughput)["ddp_b32"]
+    study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     rows.append(("study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']}, "
-                 f"{len(study)} rounds, rotated", f"{statistics.median(study):.2f}", f"{min(study):.2f}-{max(study):.2f}",
-                 made(throughput)))
-    table = pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ 1 process",
-                                        "range", "made (UTC)"]).set_index("measured by")
-    origins = {origin(rec) for rec in (nb02, nb03, cli1, cli2, pairs03, throughput)}
-    if len(origins) == 1:  # one host and code for all: said once, in the index's name
-        return table.rename_axis(f"measured by (all: {origins.pop()})")
+                 f"{len(study)} rounds, rotated", rounds(study), made(throughput)))
+    table = pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ 1 process (range)",
+                                        "made (UTC)"]).set_index("measured by")
+    if common_origin(nb02, nb03, cli1, cli2, pairs03, throughput):  # one host and code: the caller says it once
+        return table
+
     def both(a: dict, b: dict) -> str:
         return " / ".join(dict.fromkeys((origin(a), origin(b))))
 
     per_row = [both(nb02, nb03), both(cli1, cli2), *[origin(pairs03)] * len(pairs03["summary"]), origin(throughput)]
     return table.assign(**{"host, code": per_row})
+
+
+def common_origin(*records: dict) -> str | None:
+    """The host and code of all the records, if they share one; else None."""
+    origins = {origin(rec) for rec in records}
+    return origins.pop() if len(origins) == 1 else None
 
 
 def tta_settings(tta: dict) -> pd.DataFrame:

@@ -119,18 +119,19 @@ def plot_timelines(timelines: dict) -> plt.Figure:
 
 
 def timeline_table(timelines: dict) -> pd.DataFrame:
-    """Per transport and rank, the typical step's parts in ms; the two 'at' columns are times, in ms from
-    the start of the earlier rank's step, the others durations."""
+    """Per transport and rank, the typical step's parts in ms: 'start' and '1st AR at' are moments, in ms
+    from the earlier rank's start; the others durations. 'gap' runs from the last gradient to the start
+    of the wait (backward's end and the last bucket's launch); 'step' is the span over both ranks."""
     rows = []
     for comm, run in timelines.items():
         ranks, info = typical_step(run)
         for rank, p in ranks.items():
             reduces = p["all-reduce"]
             rows.append({"transport": name_of(run[0]["comm"]), "rank": rank,
-                         "starts at": p["compute"][0], "fwd + bwd ms": p["compute"][1] - p["compute"][0],
-                         "1st all-reduce at": min(a for _, a, _ in reduces),
-                         "all-reduce busy ms": sum(b - a for _, a, b in reduces),
-                         "waiting ms": p["wait"][1] - p["wait"][0],
-                         "optimizer ms": p["optimizer"][1] - p["optimizer"][0],
-                         "step ms (both ranks)": info["step_ms"]})
-    return pd.DataFrame(rows).set_index(["transport", "rank"]).round(2)
+                         "start": p["compute"][0], "fwd+bwd": p["compute"][1] - p["compute"][0],
+                         "1st AR at": min(a for _, a, _ in reduces), "AR busy": sum(b - a for _, a, b in reduces),
+                         "gap": p["wait"][0] - p["compute"][1], "wait": p["wait"][1] - p["wait"][0],
+                         "optimizer": p["optimizer"][1] - p["optimizer"][0], "step": info["step_ms"]})
+    table = pd.DataFrame(rows).set_index(["transport", "rank"]).round(2)
+    table.columns.name = "ms"
+    return table

@@ -124,7 +124,7 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     ax.annotate(f"target {target:g}%", (ax.get_xlim()[0], target), xytext=(4, 3), textcoords="offset points",
                 fontsize=9, color="grey")  # at the left, where every curve is still below it
     _plain_log_ticks(ax.xaxis)
-    ax.set(xlabel="training seconds (evaluation excluded; log scale)", ylabel="validation accuracy (%)",
+    ax.set(xlabel="training seconds (evaluation excluded; log scale)", ylabel="validation accuracy (%; the axis starts at 93)",
            title=f"Accuracy against training time (random seed {seed}; dashed: 2 workers)", ylim=(93, 99))
     _legend_below(ax)
     fig.tight_layout()
@@ -155,6 +155,11 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
     return fig
 
 
+def knob_label(setting: str) -> str:
+    """A knob's name as torch spells it, with the unit torch's ``bucket_cap_mb`` really takes (MiB)."""
+    return f"{setting} MiB" if setting.startswith("bucket_cap_mb=") else setting
+
+
 def plot_knobs(record: dict) -> plt.Figure:
     """Each DDP setting's step time relative to the default, per round (dots) and median (bar, from 1)."""
     rows = record["rows"]
@@ -163,7 +168,7 @@ def plot_knobs(record: dict) -> plt.Figure:
         ax.barh(y, row["vs_default_median"] - 1, left=1, color=MEDIAN_COLOUR)
         ax.plot(row["vs_default_rounds"], [y] * len(row["vs_default_rounds"]), "o", color="black", ms=3)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
-    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows])
+    ax.set_yticks(range(len(rows)), [knob_label(r["setting"]) for r in rows])
     ax.invert_yaxis()
     ax.set(xlabel="step time / default's in the same round (below 1 = faster; dots: rounds; bar: their median)",
            title="DDP's knobs at the design's settings", xlim=(0.7, 1.3))
@@ -196,7 +201,7 @@ def plot_throughput_rounds(record: dict) -> plt.Figure:
 
 
 def plot_cores_rounds(record: dict) -> plt.Figure:
-    """The compute ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
+    """The compute-only ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
     rows = record["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.8))
     for ax, row in zip(np.atleast_1d(axes), rows):
@@ -207,7 +212,7 @@ def plot_cores_rounds(record: dict) -> plt.Figure:
         ax.set_xticks(range(len(names)), names, fontsize=10)
         ax.set_title(f"batch {row['batch']}")
     fig.supylabel("ms per compute-only step", fontsize=10)
-    fig.suptitle("The compute ceiling's slot rounds (dots: rounds, dark = first; bar: median)")
+    fig.suptitle("The compute-only ceiling's slot rounds (dots: rounds, dark = first; bar: median)")
     fig.tight_layout()
     return fig
 
@@ -219,7 +224,8 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
     for row, marker in zip(rows, "osD^vP"):
         default = row["setting"].startswith("default")
         ax.plot(range(1, len(row["rounds_ms"]) + 1), row["rounds_ms"], "-" + marker, color="black",
-                lw=2.5 if default else 0.8, mfc="black" if default else "white", ms=6, label=row["setting"])
+                lw=2.5 if default else 0.8, mfc="black" if default else "white", ms=6,
+                label=knob_label(row["setting"]))
     ax.set(xlabel="round", ylabel="ms per step\n(mean of the timed steps)",
            title="DDP's knobs, round by round (thick: the default)")
     ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))

@@ -222,8 +222,9 @@ def run_tta(runs: list[dict], log: Callable[[str], None]) -> dict:
     common = dict(stop_at_accuracy=TARGET, epochs=6, evals_per_epoch=4)
     names = {None: "1 process, 2 threads", **{case: f"2 nodes at 1 Gb/s: {case}" for case in chosen}}
     out = {"strategies": chosen, "chosen_by": "step time at 1 Gb/s in this run", "seeds": list(TTA_SEEDS),
-           "runs": {name: [] for name in names.values()}}
+           "runs": {name: [] for name in names.values()}, "orders": {}}
     for i, seed in enumerate(TTA_SEEDS):
+        out["orders"][str(seed)] = [names[case] for case in rotated(list(names), i)]
         for case in rotated(list(names), i):
             if case is None:
                 got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False)
