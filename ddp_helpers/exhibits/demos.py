@@ -57,9 +57,11 @@ def fail_rank_1(how: str, timeout_s: float) -> dict:
     """A short two-rank run in which rank 1 fails in the way ``how`` names (a key of FAILURES):
     the three injected faults, or a signal sent from outside once rank 1 has taken 10 steps.
     Returns what the user is told: who was blamed, why, how soon, and what was left running."""
-    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=8192, test_subset=256, epochs=1,
-                      timeout_s=timeout_s, launch_timeout_s=300)
     from_outside = how in ("SIGSTOP", "SIGKILL")
+    # a signal is sent at rank 1's first progress report (every 0.5 s): on a fast host one epoch can end
+    # before it, so the run asks for more epochs than it will live to finish
+    cfg = TrainConfig(world_size=2, dataset="synthetic", train_subset=8192, test_subset=256,
+                      epochs=50 if from_outside else 1, timeout_s=timeout_s, launch_timeout_s=300)
     began: dict = {}
 
     def watch(event) -> None:
