@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ddp_helpers.results import RESULTS_DIR
 from ddp_helpers.study.comm import GRAD_BYTES, fit_alpha_beta
@@ -102,3 +103,15 @@ def test_the_committed_records_are_read_by_the_current_analysis_and_charts():
                          (charts.plot_accuracy_vs_time, r["tta"]), (charts.plot_tta_factors, r["tta"]["pairs"]),
                          (charts.plot_knobs, r["knobs"])):
         matplotlib.pyplot.close(draw(record))  # each chart is drawn from the committed record without an error
+
+
+def test_the_compute_floor_flushes_denormals_while_it_runs_and_only_then():
+    from ddp_helpers.study.floors import denormals_flushed
+    if not torch.set_flush_denormal(True):  # a CPU without flush-to-zero: nothing to check
+        torch.set_flush_denormal(False)
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a denormal float32
+    with denormals_flushed():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0

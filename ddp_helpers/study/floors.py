@@ -3,6 +3,7 @@ and how much a second process adds on this machine (the ``cores`` part)."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,6 +20,20 @@ from ..workers import run_workers
 from .records import record
 
 SLOT_GAP_S = 0.3  # pause between two slots, so that one slot's steps end before the next begins
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Floor steps with denormal floats flushed to zero. The floor trains one model on one fixed
+    batch for thousands of steps; as it memorises the batch, Adam's moments sink below float32's
+    normal range, and arithmetic on such denormal numbers is several times slower on some CPUs (the
+    cores part of 2026-12-07 slowed this way). Training on real data does not get there. Torch has no
+    getter for the flag and the project sets it nowhere else, so it is switched off again after."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def floor_state(batch: int) -> tuple:
@@ -41,13 +56,14 @@ def compute_floor(batch: int, threads: int, steps: int, warmup: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        state = floor_state(batch)
-        for _ in range(warmup):
-            floor_step(*state)
-        start = time.perf_counter()
-        for _ in range(steps):
-            floor_step(*state)
-        return 1000 * (time.perf_counter() - start) / steps
+        with denormals_flushed():
+            state = floor_state(batch)
+            for _ in range(warmup):
+                floor_step(*state)
+            start = time.perf_counter()
+            for _ in range(steps):
+                floor_step(*state)
+            return 1000 * (time.perf_counter() - start) / steps
     finally:
         torch.set_num_threads(previous)
 
@@ -68,7 +84,7 @@ def _slots_job(place: RankPlace, emit: Callable, setups: list[FloorSetup], round
     ``seconds`` while the other rank sleeps. The set-ups rotate from round to round, so that a
     drift of the host hits all of them alike."""
     rank = place.rank
-    with job_group(place, 120):
+    with job_group(place, 120), denormals_flushed():
         states = {}
         for s in setups:  # every model, optimizer and batch built and warmed up before the first slot
             if (rank == 0 or s.both) and (s.batch, s.threads) not in states:
