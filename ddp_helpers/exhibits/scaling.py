@@ -41,20 +41,17 @@ def ways(nb02: dict, nb03: dict, cli1: dict, cli2: dict, pairs03: dict, throughp
     def comm(rec: dict) -> str:
         return name_of(rec["runtime"].get("comm", "gloo"))
 
-    def rounds(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
     one_after = "5 epochs each, one run after the other"
     rows = [(who, comm(two), one_after, f"{epoch_s(two) / epoch_s(one):.2f} (n = 1)", made(two))
             for who, one, two in (("notebooks 02 and 03", nb02, nb03), ("main job (CLI)", cli1, cli2))]
     runs = pairs03["method"].get("runs", 1)
     rows += [(f"03's rounds: {name.split(', ', 1)[-1]}", name.split(", ")[-1].replace("shared memory", "shm"),
-              f"1 epoch, {len(s['rounds'])} rounds ({runs} runs), rotated", rounds(s["rounds"]), made(pairs03))
+              f"1 epoch, {len(s['rounds'])} rounds ({runs} runs), rotated", spread(s["rounds"]), made(pairs03))
              for name, s in pairs03["summary"].items()]
     case = cases_by_id(throughput)["ddp_b32"]
     study = throughput["comparisons"]["ddp_w2_vs_w1_2t_epoch"]["rounds"]
     rows.append(("study (throughput)", "gloo", f"{case['timed_steps']} steps after {case['warmup_steps']}, "
-                 f"{len(study)} rounds, rotated", rounds(study), made(throughput)))
+                 f"{len(study)} rounds, rotated", spread(study), made(throughput)))
     table = pd.DataFrame(rows, columns=["measured by", "all-reduce", "what was timed", "DDP ÷ 1 process (range)",
                                         "made (UTC)"]).set_index("measured by")
     if common_origin(nb02, nb03, cli1, cli2, pairs03, throughput):  # one host and code: the caller says it once

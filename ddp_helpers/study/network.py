@@ -224,8 +224,9 @@ def run_tta(runs: list[dict], log: Callable[[str], None]) -> dict:
     out = {"strategies": chosen, "chosen_by": "step time at 1 Gb/s in this run", "seeds": list(TTA_SEEDS),
            "runs": {name: [] for name in names.values()}, "orders": {}}
     for i, seed in enumerate(TTA_SEEDS):
-        out["orders"][str(seed)] = [names[case] for case in rotated(list(names), i)]
-        for case in rotated(list(names), i):
+        order = rotated(list(names), i)
+        out["orders"][str(seed)] = [names[case] for case in order]
+        for case in order:
             if case is None:
                 got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False)
                 config, history = got.record["config"], got.history
