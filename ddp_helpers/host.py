@@ -94,6 +94,11 @@ def code_version() -> str | None:
     return (sha + ("+changes" if dirty else "")) if sha else None
 
 
+def code_label(code: str | None) -> str:
+    """A record's code version in words: "+changes" (the package differed from the commit) spelt out."""
+    return (code or "unknown commit").replace("+changes", ", with uncommitted changes")
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, so that a record can be understood on its own."""
     import numpy

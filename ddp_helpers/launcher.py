@@ -33,7 +33,7 @@ def train_job(place: RankPlace, emit: Emit, cfg_dict: dict) -> None:
 
 def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | str = "auto",
            journal: str | Path | None = None, quiet_workers: bool = True,
-           data: tuple[Split, Split] | None = None) -> RunResult:
+           data: tuple[Split, Split] | None = None, fresh_process: bool = False) -> RunResult:
     """Train and return rank 0's result: in this process (world size 1), else in ``cfg.world_size``
     spawned workers.
 
@@ -42,13 +42,15 @@ def launch(cfg: TrainConfig, on_event: Handler | None = None, *, live: bool | st
     elsewhere); False shows nothing. ``journal``: a file that receives each epoch's row as it
     arrives. Worker output goes to per-rank log files; ``quiet_workers=False`` also copies it to
     this process's stderr. ``data``: (train, test) splits already in memory (world size 1 only).
+    ``fresh_process``: world size 1 in one spawned worker too, started like DDP's (for timing
+    one process against DDP's ranks like with like).
     """
-    if data is not None and cfg.world_size != 1:
+    if data is not None and (cfg.world_size != 1 or fresh_process):
         raise ConfigError("data= is for a run in this process (world_size=1); spawned ranks load MNIST themselves")
     prepare(cfg, cfg.world_size, fetch_data=data is None)
     start = time.perf_counter()
     with reporting(on_event, live, journal) as heard:
-        if cfg.world_size == 1:
+        if cfg.world_size == 1 and not fresh_process:
             history, runtime, state = run_rank(cfg, single_place(), None, heard.emit_as(0), data)
         else:
             results = run_workers(train_job, cfg.world_size, (cfg.to_dict(),), master_addr=cfg.master_addr,

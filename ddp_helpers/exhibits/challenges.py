@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..data import IMAGE_PIXELS, RAW_FILES
 from ..failures import BLAME_GRACE_S
+from ..host import code_label
 from ..results import load_json
 from ..study import costmodel
 
@@ -42,7 +43,8 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
         return "under" if mib < TWO_GB_MIB else "over"
 
     gaps = [1000 * r["span_s"] / r["samples"] for r in memory["ranks"].values() if r.get("samples")]
-    got = f", got one every {min(gaps):.0f}-{max(gaps):.0f} ms" if gaps else ""
+    lo, hi = (f"{min(gaps):.0f}", f"{max(gaps):.0f}") if gaps else ("", "")
+    got = "" if not gaps else f", got one every {lo} ms" if lo == hi else f", got one every {lo}-{hi} ms"
     return (f"PSS, a sample asked for every {1000 * memory['interval_s']:.0f} ms{got}, over {memory['steps']} "
             f"training steps (notebook 08): the two ranks "
             f"{ranks:,.0f} MiB, "
@@ -67,7 +69,7 @@ def scaling_answer(throughput: dict, allreduce: dict, network: dict) -> str:
 
 def gpu_provenance(gpu: dict) -> str:
     """Which code and date made the GPU record: it is older than the CPU records (no device since)."""
-    return f"code {gpu['environment']['code']}, {gpu['created'][:10]}"
+    return f"code {code_label(gpu['environment']['code'])}, {gpu['created'][:10]}"
 
 
 def platforms_answer(gpu: dict) -> str:

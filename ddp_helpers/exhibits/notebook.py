@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 from ..config import TrainConfig
-from ..host import code_version
+from ..host import code_label, code_version
 from ..results import RESULTS_DIR
 
 
@@ -30,6 +30,7 @@ def setup() -> Setup:
     pd.set_option("display.max_colwidth", None)
     pd.set_option("display.width", 180)
     smoke = os.environ.get("DDP_NOTEBOOK_SMOKE") == "1"
+    print(f"Rendered from commit {code_version() or 'unknown'}; every record below names the commit that made it.")
     return Setup(smoke, Path(tempfile.mkdtemp(prefix="nb_smoke_")) if smoke else RESULTS_DIR)
 
 
@@ -38,10 +39,10 @@ def host_line(record: dict, label: str = "Measured on") -> str:
     env = record["environment"]
     gpus = ", ".join(env.get("gpus") or []) or "no GPU"
     memory = f"{env['memory_gib']:.1f} GiB RAM" if env.get("memory_gib") else "RAM unknown"
-    code = env.get("code") or "unknown commit"
+    code = code_label(env.get("code"))
     return (f"{label}: {env['cpu_model']}, {env['cpu_cores_usable']} usable cores, {memory}, {gpus};\n"
             f"  Python {env['python']}, torch {env['torch']}; {record['created'][:16].replace('T', ' ')} UTC; "
-            f"code {code}. Rendered from commit {code_version() or 'unknown'}.")
+            f"code {code}.")
 
 
 def say(*parts, sep: str = " ", width: int = 100) -> None:
@@ -56,7 +57,11 @@ def say(*parts, sep: str = " ", width: int = 100) -> None:
 
 def environment_table(record: dict) -> pd.DataFrame:
     env, rt = record["environment"], record.get("runtime", {})
+    import matplotlib
     rows = {"Python": env["python"], "torch / torchvision": f"{env['torch']} / {env['torchvision']}",
+            "numpy": env.get("numpy", "not recorded"),
+            "pandas / matplotlib / seaborn (this kernel)":
+                f"{pd.__version__} / {matplotlib.__version__} / {sns.__version__}",
             "CPU": env["cpu_model"], "usable cores": env["cpu_cores_usable"], "RAM (GiB)": env["memory_gib"],
             "GPU": ", ".join(env["gpus"]) or "none", "CUDA / driver": f"{env['cuda']} / {env.get('gpu_driver')}"
             if env["gpus"] else "-", "platform": env["platform"]}

@@ -30,7 +30,8 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
             order = rotated(names, r)
             times = {}
             for name in order:
-                epoch = launch(configs[name].replace(epochs=1), live=False).history[0]
+                # every configuration in fresh spawned workers, one process too: alike start-up and state
+                epoch = launch(configs[name].replace(epochs=1), live=False, fresh_process=True).history[0]
                 times[name] = {"epoch_s": epoch["epoch_time_s"], "step_ms": epoch["step_ms"]["total"],
                                "sync_fraction": epoch["sync_fraction"]}
             rows.append({"run": run + 1, "round": r + 1, "order": order, "times": times,
@@ -45,6 +46,7 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
             summary[name] = {**per_round(ratios), "run_medians": per_run}
     method = {"runs": runs, "rounds": rounds,
               "timed": "one epoch each, training time only (evaluation and start-up excluded)",
+              "processes": "every run in freshly spawned workers, the one-process configuration too",
               "order": "rotated by one configuration each round",
               "ratio": f"epoch time / {reference}'s, per round",
               "statistic": "declared before the runs: the median of all per-round ratios pooled over the runs, "

@@ -155,6 +155,55 @@ def plot_tta_factors(pairs: dict) -> plt.Figure:
     return fig
 
 
+def plot_tta_runs(tta: dict) -> plt.Figure:
+    """Every time-to-98% run: seconds (top) and epochs (bottom) to the target, one dot per seed, the two
+    sides of a pair joined seed by seed, with each side's median as a bar."""
+    fig, axes = plt.subplots(2, len(tta["pairs"]), figsize=(9, 5.6), sharey="row")
+    for column, (pair, p) in enumerate(tta["pairs"].items()):
+        sides = {"1 process": tta["runs"][p["single"]], "2 workers": tta["runs"][p["two_workers"]]}
+        for ax, key, label in ((axes[0, column], "seconds_to_target", "seconds to 98%"),
+                               (axes[1, column], "epochs_to_target", "epochs to 98%")):
+            by_seed = {side: {r["seed"]: r[key] for r in runs} for side, runs in sides.items()}
+            for seed in by_seed["1 process"]:
+                ax.plot([0, 1], [by_seed[side].get(seed) for side in sides], "-o", color="black", ms=3.5, lw=0.6,
+                        alpha=0.7)
+            for x, side in enumerate(sides):
+                values = [v for v in by_seed[side].values() if v is not None]
+                ax.plot([x - 0.18, x + 0.18], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=3)
+            ax.set_xticks([0, 1], list(sides))
+            ax.set_xlim(-0.5, 1.5)
+            ax.set_ylabel(label if column == 0 else "")
+            if key == "seconds_to_target":
+                ax.set_title(pair)
+    fig.suptitle("Every time-to-98% run (dots: seeds, a line joins one seed's two runs; bar: median)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_model_on_runs(checked: pd.DataFrame) -> plt.Figure:
+    """The cost model on runs it was not fitted to: its one prediction per setting (white bar) against each
+    seed's measured mean step (dots)."""
+    runs = list(dict.fromkeys(checked["run"]))
+    top = float(checked[["predicted ms", "measured ms"]].max().max())
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(runs)))
+    for y, run in enumerate(runs):
+        rows = checked[checked["run"] == run]
+        ax.barh(y, rows["predicted ms"].iloc[0], height=0.5, color="white", edgecolor="black",
+                label="predicted" if y == 0 else None)
+        ax.plot(rows["measured ms"], [y] * len(rows), "o", color="black", ms=5,
+                label="measured, one dot per seed" if y == 0 else None)
+        errors = rows["error %"]
+        ax.text(top * 1.04, y,
+                f"error {errors.median():+.0f}% ({errors.min():+.0f} to {errors.max():+.0f})", va="center", fontsize=9)
+    ax.set_yticks(range(len(runs)), runs)
+    ax.invert_yaxis()
+    ax.set(xlabel="milliseconds per step (mean over each run's epochs)", xlim=(0, top * 1.5),
+           title="The cost model on the time-to-98% runs\n(error: median over the seeds, and their range)")
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
 def knob_label(setting: str) -> str:
     """A knob's name as torch spells it, with the unit torch's ``bucket_cap_mb`` really takes (MiB)."""
     return f"{setting} MiB" if setting.startswith("bucket_cap_mb=") else setting
@@ -284,15 +333,20 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
     markers = case_markers(ids)  # shape: the strategy; solid lines (dashed means "predicted" in notebook 06)
     for i, case in enumerate(ids):  # (colours name links in notebook 06; grey: the reference)
         style, color = "-" + markers[case], "black"
-        ms = [next(c["step_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
-        shift = 0.04 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
-        ax.plot(x + shift, [nodes * 32 * 1000 / t for t in ms], style, color=color, label=labels[case], mfc="none")
+        rounds = [next(c["rounds_ms"] for c in r["cases"] if c["id"] == case) for r in runs]
+        rate = np.array([nodes * 32 * 1000 / np.median(ms) for ms in rounds])
+        low = rate - [nodes * 32 * 1000 / max(ms) for ms in rounds]   # the slowest round
+        high = [nodes * 32 * 1000 / min(ms) for ms in rounds] - rate  # the fastest round
+        shift = 0.06 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
+        ax.errorbar(x + shift, rate, yerr=[low, high], fmt=style, color=color, label=labels[case], mfc="none",
+                    capsize=2, elinewidth=0.8)
     ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=5, zorder=0,
             label="1 process, 2 threads, no network (timed in the same rounds)")
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes (series shifted sideways, so that equal values stay visible)",
            ylabel="samples per second (all ranks)",
-           title=f"{nodes} nodes sharing this machine's 2 vCPUs: throughput per link")
+           title=f"{nodes} nodes sharing this machine's 2 vCPUs: throughput per link\n"
+                 "(median of the rounds; bars: slowest to fastest round)")
     return _finish_link_chart(fig, ax, ",.0f", ncol=2)
 
 
