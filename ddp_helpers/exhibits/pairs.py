@@ -21,9 +21,11 @@ from ..results import header
 from ..study.records import per_round, rotated
 
 
-def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, runs: int = 1) -> dict:
+def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, runs: int = 1,
+                fresh_process: bool = True) -> dict:
     """A self-describing record: ``runs`` x ``rounds`` x one epoch of every configuration, the order
-    rotated, and per round each configuration's epoch time over the reference's."""
+    rotated, and per round each configuration's epoch time over the reference's. ``fresh_process``:
+    one process in a spawned worker too, like DDP's ranks (False only where the timing does not matter)."""
     names, rows = list(configs), []
     for run in range(runs):
         for r in range(rounds):
@@ -31,7 +33,7 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
             times = {}
             for name in order:
                 # every configuration in fresh spawned workers, one process too: alike start-up and state
-                epoch = launch(configs[name].replace(epochs=1), live=False, fresh_process=True).history[0]
+                epoch = launch(configs[name].replace(epochs=1), live=False, fresh_process=fresh_process).history[0]
                 times[name] = {"epoch_s": epoch["epoch_time_s"], "step_ms": epoch["step_ms"]["total"],
                                "sync_fraction": epoch["sync_fraction"]}
             rows.append({"run": run + 1, "round": r + 1, "order": order, "times": times,
@@ -46,7 +48,8 @@ def interleaved(configs: dict[str, TrainConfig], rounds: int, reference: str, ru
             summary[name] = {**per_round(ratios), "run_medians": per_run}
     method = {"runs": runs, "rounds": rounds,
               "timed": "one epoch each, training time only (evaluation and start-up excluded)",
-              "processes": "every run in freshly spawned workers, the one-process configuration too",
+              "processes": "every run in freshly spawned workers, the one-process configuration too" if fresh_process
+                           else "one process in the calling process, DDP in spawned workers",
               "order": "rotated by one configuration each round",
               "ratio": f"epoch time / {reference}'s, per round",
               "statistic": "declared before the runs: the median of all per-round ratios pooled over the runs, "

@@ -153,5 +153,6 @@ def run_cores(quick: bool, log: Callable[[str], None]) -> dict:
         "what": "forward + backward + fused Adam on a fixed batch (no data, no sync) in two long-lived processes "
                 "taking turns in slots: one 1-thread process alone, two at once (the slower counts), one 2-thread "
                 "process at twice the batch; set-ups rotated from round to round",
-        "ceiling": "per round, 2-thread step at 2B / pair step at B (the same samples); median and range of rounds"},
+        "ceiling": "per round, 2-thread step at 2B / pair step at B (the same samples); median and range of rounds",
+        "denormals": "flushed to zero while the floor steps run (denormals_flushed)"},
         rows=rows)

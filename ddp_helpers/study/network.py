@@ -234,7 +234,8 @@ def run_tta(runs: list[dict], log: Callable[[str], None]) -> dict:
         out["orders"][str(seed)] = [names[case] for case in order]
         for case in order:
             if case is None:
-                got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False)
+                got = launch(TrainConfig(world_size=1, threads_per_rank=2, seed=seed, **common), live=False,
+                             fresh_process=True)
                 config, history = got.record["config"], got.history
             else:
                 config, history = _tta_on_link(case, seed, common)

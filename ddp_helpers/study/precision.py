@@ -38,7 +38,7 @@ def run_precision(quick: bool, log: Callable[[str], None]) -> dict:
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
-            result = launch(base.replace(**CASES[name]), live=False)
+            result = launch(base.replace(**CASES[name]), live=False, fresh_process=True)
             ms[name].append(result.history[-1]["step_ms"]["total"])
             val[name].append(result.history[-1]["val_accuracy"])
             log(f"round {r + 1}/{rounds}  {name:<24} {ms[name][-1]:.3f} ms/step")
@@ -51,4 +51,5 @@ def run_precision(quick: bool, log: Callable[[str], None]) -> dict:
         "rounds": rounds, "warmup_steps": steps, "timed_steps": steps,
         "what": "batch 32 per rank, the design's model; step time = mean over the timed steps; ratio = "
                 "bf16-mixed over float32 of the same world size, per round (below 1 = bf16-mixed faster)",
-        "native_bf16": native_bf16()}, rows=rows, bf16_over_float32=ratios)
+        "native_bf16": native_bf16(), "processes": "every run in freshly spawned workers, one process too"},
+        rows=rows, bf16_over_float32=ratios)

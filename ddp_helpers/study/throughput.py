@@ -80,11 +80,16 @@ def _pair_job(place, emit: Callable, batch: int, steps: int, start_at: float) ->
     emit("result", compute_floor(batch, 1, steps, steps))
 
 
+def _floor_job(place, emit: Callable, batch: int, threads: int, steps: int) -> None:
+    """The compute floor in one spawned process, started like the pair's and like DDP's ranks."""
+    emit("result", compute_floor(batch, threads, steps, steps))
+
+
 def measure(case: Case, steps: int, data_root: str) -> dict:
     """One round of one case: step milliseconds (and the split, for our loop)."""
     counts = {"warmup_steps": steps, "timed_steps": steps}
     if case.kind == "floor":
-        return {"ms": compute_floor(case.batch, case.threads, steps, steps), **counts}
+        return {"ms": run_workers(_floor_job, 1, (case.batch, case.threads, steps))[0], **counts}
     if case.kind == "pair":
         both = run_workers(_pair_job, 2, (case.batch, steps, time.time() + 8.0))
         return {"ms": max(both.values()), **counts}  # the slower of the two sets the pace
@@ -92,7 +97,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
         out = run_workers(design_style_job, 2, (data_root, steps, steps), launch_timeout_s=900)[0]
         return {"ms": out["step_ms"], "threads": out["threads"], **counts}
     cfg = case.cfg.replace(epochs=2, max_steps_per_epoch=steps, test_subset=500, lr_step=10)  # epoch 1 warms up
-    result = launch(cfg, live=False)
+    result = launch(cfg, live=False, fresh_process=True)  # one process too: spawned, like DDP's ranks
     warmup, row = result.history
     return {"ms": row["step_ms"]["total"], "split_ms": row["step_ms"], "sync_fraction": row["sync_fraction"],
             "threads": result.record["runtime"]["threads_per_rank"], "comm": result.record["runtime"].get("comm"),
@@ -112,7 +117,7 @@ def summarise(case: Case, rounds: list[dict]) -> dict:
     out["epoch_s"] = out["step_ms"] * steps_per_epoch(TRAIN_SAMPLES, case.world_size, case.batch_per_rank) / 1000
     if case.kind == "train":
         out["split_ms"], out["sync_fraction"] = median["split_ms"], median["sync_fraction"]
-        out["peak_rss_mib_per_rank"] = median["peak_rss_mib_per_rank"]  # a run in the study's process: its peak
+        out["peak_rss_mib_per_rank"] = median["peak_rss_mib_per_rank"]  # the spawned ranks' own peaks
         out["comm"] = median["comm"]  # how the all-reduces travelled, as the run's record says
     return out
 
@@ -152,5 +157,7 @@ def run_throughput(quick: bool, log: Callable[[str], None]) -> dict:
                  "and b256 it has 118 on 60,000 samples); every case records its warmup_steps and timed_steps",
         "statistic": "per round: mean step time over the timed steps after the warm-up; the median round "
                      "(its phases add up to its step time); a comparison: the median of per-round ratios",
-        "epoch_time": "step time x steps per epoch of 60,000 samples"}, cases=list(rows.values()),
+        "epoch_time": "step time x steps per epoch of 60,000 samples",
+        "processes": "every case in freshly spawned workers (one process and the floors too), none in the study's",
+        "denormals": "flushed to zero while the floor steps run (floors.denormals_flushed); training as it is"}, cases=list(rows.values()),
         comparisons=comparisons)

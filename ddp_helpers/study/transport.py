@@ -156,7 +156,8 @@ def run_transport(quick: bool, log: Callable[[str], None]) -> dict:
         "statistic": "per round: median of the repeats (bare) or mean step time of the timed steps (our loop); "
                      "ratios taken round by round against the same round's reference, then their median",
         "memcopy_floor": "one process, one thread: dst.copy_(src) three times on a 2.27 MB buffer, timed alone",
-        "tta": f"declared before the run: {list(TTA_PAIR)}; {TARGET:.0%} target, 8 validation passes per epoch"},
+        "tta": f"declared before the run: {list(TTA_PAIR)}; {TARGET:.0%} target, 8 validation passes per epoch",
+        "processes": "every case and race run in freshly spawned workers, the single process too"},
         memcopy_floor_ms=floor, bare_allreduce=bare, orders=orders, cases=list(rows.values()), tta=tta)
 
 
@@ -169,7 +170,7 @@ def run_tta_pair(quick: bool, log: Callable[[str], None]) -> dict:
     for seed in seeds:
         names = list(TTA_PAIR) if seed % 2 == 0 else list(TTA_PAIR)[::-1]
         for name in names:
-            result = launch(TTA_PAIR[name].replace(seed=seed, **common), live=False)
+            result = launch(TTA_PAIR[name].replace(seed=seed, **common), live=False, fresh_process=True)
             got = {"seed": seed, **time_to_target(result.history),
                    "peak_rss_mib_per_rank": result.record["runtime"]["peak_rss_mib_per_rank"]}
             runs[name].append(got)

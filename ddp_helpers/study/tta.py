@@ -86,7 +86,7 @@ def run_tta(quick: bool, log: Callable[[str], None]) -> dict:
         order = rotated(list(configs), turn)
         orders[str(seed)] = order
         for name in order:
-            result = launch(configs[name].replace(seed=seed), live=False)
+            result = launch(configs[name].replace(seed=seed), live=False, fresh_process=True)
             hist = result.history
             got = {"seed": seed, **time_to_target(hist), "wall_time_s": result.record["runtime"]["wall_time_s"],
                    "epoch_time_s": [r["epoch_time_s"] for r in hist], "steps_per_epoch": hist[0]["steps_per_worker"],
@@ -120,5 +120,6 @@ def run_tta(quick: bool, log: Callable[[str], None]) -> dict:
                    "loading and evaluation excluded on both sides)",
         "settings": "3 single-process and 3 two-worker settings declared before the run; "
                     "order rotated by one per seed",
-        "transport": "gloo between the two workers (pinned; the transport part races shared memory)"},
+        "transport": "gloo between the two workers (pinned; the transport part races shared memory)",
+        "processes": "every run in freshly spawned workers, the single process too"},
         runs=runs, summary=summary, pairs=pairs, best=best)
