@@ -164,10 +164,8 @@ def plot_tta_runs(tta: dict) -> plt.Figure:
         for ax, key, label in ((axes[0, column], "seconds_to_target", "seconds to 98%"),
                                (axes[1, column], "epochs_to_target", "epochs to 98%")):
             by_seed = {side: {r["seed"]: r[key] for r in runs} for side, runs in sides.items()}
-            seeds = list(by_seed["1 process"])
-            for k, seed in enumerate(seeds):  # each seed shifted sideways: equal values stay countable
-                dx = 0.07 * (k - (len(seeds) - 1) / 2)
-                ax.plot([dx, 1 + dx], [by_seed[side].get(seed) for side in sides], "-o", color="black", ms=3.5, lw=0.6,
+            for seed in by_seed["1 process"]:
+                ax.plot([0, 1], [by_seed[side].get(seed) for side in sides], "-o", color="black", ms=3.5, lw=0.6,
                         alpha=0.7)
             for x, side in enumerate(sides):
                 values = [v for v in by_seed[side].values() if v is not None]
@@ -177,8 +175,7 @@ def plot_tta_runs(tta: dict) -> plt.Figure:
             ax.set_ylabel(label if column == 0 else "")
             if key == "seconds_to_target":
                 ax.set_title(pair)
-    fig.suptitle("Every time-to-98% run (dots: seeds, shifted sideways; a line joins one seed's two runs; "
-                 "bar: median)")
+    fig.suptitle("Every time-to-98% run (dots: seeds, a line joins one seed's two runs; bar: median)")
     fig.tight_layout()
     return fig
 
@@ -202,7 +199,7 @@ def plot_model_on_runs(checked: pd.DataFrame) -> plt.Figure:
     ax.invert_yaxis()
     ax.set(xlabel="milliseconds per step (mean over each run's epochs)", xlim=(0, top * 1.5),
            title="The cost model on the time-to-98% runs\n(error: median over the seeds, and their range)")
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
+    _legend_below(ax)
     fig.tight_layout()
     return fig
 
@@ -255,16 +252,8 @@ def plot_throughput_rounds(record: dict) -> plt.Figure:
 def plot_cores_rounds(record: dict) -> plt.Figure:
     """The compute-only ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
     rows = record["rows"]
-    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(12.5, 3.8),
-                             gridspec_kw={"width_ratios": [1] * len(rows) + [0.8]})
-    ceiling_ax = axes[-1]
-    for x, row in enumerate(rows):  # the ratio the section is about, taken within each round
-        _round_dots(ceiling_ax, [x] * len(row["ceiling_rounds"]), row["ceiling_rounds"], 18)
-        ceiling_ax.plot([x - 0.25, x + 0.25], [row["ceiling_median"]] * 2, color=MEDIAN_COLOUR, lw=2.5)
-    ceiling_ax.axhline(1.0, color="grey", ls=":", lw=1)
-    ceiling_ax.set_xticks(range(len(rows)), [f"b{row['batch']}" for row in rows], fontsize=10)
-    ceiling_ax.set_title("the ceiling, per round\n(2-thread step at 2B ÷ pair's)", fontsize=10)
-    for ax, row in zip(axes[:-1], rows):
+    fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.8))
+    for ax, row in zip(np.atleast_1d(axes), rows):
         for x, values in enumerate(row["rounds_ms"].values()):
             _round_dots(ax, [x] * len(values), values, 18)
             ax.plot([x - 0.25, x + 0.25], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=2.5)
@@ -298,6 +287,7 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
 
 LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
 LINK_COLOURS = dict(zip(LINK_ORDER, LINK_SHADES))  # one shade per link in every chart, dark (slow) to light (fast)
+LINK_MARKERS = dict(zip(LINK_ORDER, "os^D"))  # and a shape where points of every link share one axis
 
 
 def case_markers(case_ids) -> dict[str, str]:
@@ -320,8 +310,8 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
         color = LINK_COLOURS[run["link"]]
         seconds = run["allreduce"]["seconds"]
         sizes = np.array([int(s) for s in seconds])
-        # circles only: in the lab's other charts a marker's shape names a strategy; the colour is the link
-        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=6, mec="black", mew=0.4,
+        marker = LINK_MARKERS.get(run["link"], "o")  # a shape too: the light teals are close
+        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], marker, color=color, ms=6, mec="black", mew=0.4,
                   label=f"{run['link']}")
         mine = predicted[(predicted.nodes == nodes) & (predicted.link == run["link"])] if len(predicted) else []
         if len(mine):
@@ -348,13 +338,10 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
         low = rate - [nodes * 32 * 1000 / max(ms) for ms in rounds]   # the slowest round
         high = [nodes * 32 * 1000 / min(ms) for ms in rounds] - rate  # the fastest round
         shift = 0.06 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
-        ax.errorbar(x + shift, rate, yerr=[low, high], fmt=style, color=color, label=labels[case], mfc="white",
-                    ms=7, capsize=2, elinewidth=0.8)
-    reference = [[32 * 1000 / ms for ms in r["single_process"]["rounds_ms"]] for r in runs]
-    ax.fill_between(x, [min(v) for v in reference], [max(v) for v in reference], color="silver", alpha=0.35, lw=0,
-                    zorder=0)
-    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=4, zorder=0,
-            label="1 process, 2 threads, no network (timed in the same rounds; band: its rounds)")
+        ax.errorbar(x + shift, rate, yerr=[low, high], fmt=style, color=color, label=labels[case], mfc="none",
+                    capsize=2, elinewidth=0.8)
+    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=5, zorder=0,
+            label="1 process, 2 threads, no network (timed in the same rounds)")
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes (series shifted sideways, so that equal values stay visible)",
            ylabel="samples per second (all ranks)",
