@@ -43,8 +43,8 @@ def memory_answer(ddp_run: dict, single_run: dict, inside: dict | None = None) -
         return "under" if mib < TWO_GB_MIB else "over"
 
     gaps = [1000 * r["span_s"] / r["samples"] for r in memory["ranks"].values() if r.get("samples")]
-    lo, hi = (f"{min(gaps):.0f}", f"{max(gaps):.0f}") if gaps else ("", "")
-    got = "" if not gaps else f", got one every {lo} ms" if lo == hi else f", got one every {lo}-{hi} ms"
+    span = "-".join(dict.fromkeys(f"{g:.0f}" for g in (min(gaps), max(gaps)))) if gaps else ""  # "20", not "20-20"
+    got = f", got one every {span} ms" if gaps else ""
     return (f"PSS, a sample asked for every {1000 * memory['interval_s']:.0f} ms{got}, over {memory['steps']} "
             f"training steps (notebook 08): the two ranks "
             f"{ranks:,.0f} MiB, "

@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 import seaborn as sns
 
@@ -57,7 +58,6 @@ def say(*parts, sep: str = " ", width: int = 100) -> None:
 
 def environment_table(record: dict) -> pd.DataFrame:
     env, rt = record["environment"], record.get("runtime", {})
-    import matplotlib
     rows = {"Python": env["python"], "torch / torchvision": f"{env['torch']} / {env['torchvision']}",
             "numpy": env.get("numpy", "not recorded"),
             "pandas / matplotlib / seaborn (this kernel)":

@@ -73,15 +73,10 @@ def cases(quick: bool) -> list[Case]:
     return [case for case in every if case.id in QUICK] if quick else every
 
 
-def _pair_job(place, emit: Callable, batch: int, steps: int, start_at: float) -> None:
-    """The compute floor in two spawned processes at once, started at an agreed time."""
+def _floor_job(place, emit: Callable, batch: int, threads: int, steps: int, start_at: float = 0.0) -> None:
+    """The compute floor in a spawned process, like DDP's ranks; a pair starts at an agreed time."""
     while time.time() < start_at:
         time.sleep(0.001)
-    emit("result", compute_floor(batch, 1, steps, steps))
-
-
-def _floor_job(place, emit: Callable, batch: int, threads: int, steps: int) -> None:
-    """The compute floor in one spawned process, started like the pair's and like DDP's ranks."""
     emit("result", compute_floor(batch, threads, steps, steps))
 
 
@@ -91,7 +86,7 @@ def measure(case: Case, steps: int, data_root: str) -> dict:
     if case.kind == "floor":
         return {"ms": run_workers(_floor_job, 1, (case.batch, case.threads, steps))[0], **counts}
     if case.kind == "pair":
-        both = run_workers(_pair_job, 2, (case.batch, steps, time.time() + 8.0))
+        both = run_workers(_floor_job, 2, (case.batch, 1, steps, time.time() + 8.0))
         return {"ms": max(both.values()), **counts}  # the slower of the two sets the pace
     if case.kind == "design":
         out = run_workers(design_style_job, 2, (data_root, steps, steps), launch_timeout_s=900)[0]
