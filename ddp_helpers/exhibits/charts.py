@@ -88,13 +88,17 @@ def plot_step_breakdown(runs: Runs) -> plt.Figure:
 
 
 def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
-                    title: str = "Where a training step's time goes", totals: pd.Series | None = None) -> plt.Figure:
+                    title: str = "Where a training step's time goes", totals: pd.Series | None = None,
+                    ranges: dict[str, tuple[float, float]] | None = None) -> plt.Figure:
     """Stacked horizontal bars: one row per label, columns '<phase>_ms'; ``totals`` labels each
-    bar with the step time its phases add up to. Empty phases are left out."""
+    bar with the step time its phases add up to; ``ranges`` (label: slowest and fastest round's step
+    ms) draws a whisker at each bar's end. Empty phases are left out."""
     labels, names = list(phases.index), [c[:-len("_ms")] for c in phases.columns if c.endswith("_ms")]
     fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.5 * len(labels)))
     left = np.zeros(len(labels))
     widest = phases[[f"{p}_ms" for p in names]].sum(axis=1).max()
+    if ranges:
+        widest = max(widest, *(hi for _, hi in ranges.values()))
     for phase in names:
         color, values = PHASE_COLOURS[phase], phases[f"{phase}_ms"].to_numpy(dtype=float)
         if values.max() < 0.005 * widest:  # nothing to draw (a single process synchronises nothing)
@@ -106,9 +110,13 @@ def plot_phase_bars(phases: pd.DataFrame, xlabel: str = "milliseconds per step",
                 ax.text(x0 + v / 2, y, f"{v:.2f}", ha="center", va="center", color=text_colour(color), fontsize=8)
         left += values
     for y, (label, end) in enumerate(zip(labels, left)):
-        total = end if totals is None else totals[label]
-        ax.text(end + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=9)
-    ax.set(xlabel=xlabel, xlim=(0, widest * 1.25))
+        total, text_at = (end if totals is None else totals[label]), end
+        if ranges and label in ranges:
+            lo, hi = ranges[label]
+            ax.errorbar(total, y, xerr=[[max(total - lo, 0)], [max(hi - total, 0)]], color="black", capsize=3, lw=1)
+            text_at = max(end, hi)
+        ax.text(text_at + 0.01 * widest, y, f"{total:.2f} ms", va="center", fontsize=9)
+    ax.set(xlabel=xlabel + ("; whiskers: the slowest and fastest round" if ranges else ""), xlim=(0, widest * 1.25))
     ax.set_title(title, pad=22)
     ax.invert_yaxis()
     ax.legend(ncol=4, fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)

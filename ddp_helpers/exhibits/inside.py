@@ -86,14 +86,20 @@ def _collectives_job(place: RankPlace, emit: Callable, length: int) -> None:
         dist.all_reduce(reference)
         gathered = [torch.empty(length // world, dtype=torch.float64) for _ in range(world)]
         dist.all_gather(gathered, mine.chunk(world)[rank].contiguous())
+        summed = torch.empty(length // world, dtype=torch.float64)  # torch's own two halves, in a row
+        dist.reduce_scatter(summed, [c.contiguous() for c in mine.chunk(world)])
+        both = [torch.empty_like(summed) for _ in range(world)]
+        dist.all_gather(both, summed)
         emit("result", {"mine": mine.tolist(), "ring": ring.tolist(), "all_reduce": reference.tolist(),
                         "ring_equals_all_reduce": bool(torch.equal(ring, reference)), "bytes_sent": sent,
-                        "all_gather": torch.cat(gathered).tolist()})
+                        "all_gather": torch.cat(gathered).tolist(), "reduce_scatter": summed.tolist(),
+                        "reduce_scatter_all_gather_equals_all_reduce": bool(torch.equal(torch.cat(both), reference))})
 
 
 def collectives(world_size: int, length: int = 8, timeout_s: float = 120) -> dict[int, dict]:
     """Each rank holds ``100 * rank + [0, 1, ..., length-1]``: summed by our ring and by gloo's
-    all-reduce (compared exactly), and each rank's own chunk all-gathered. Per rank: the tensors and
+    all-reduce (compared exactly), each rank's own chunk all-gathered, and torch's reduce-scatter
+    (rank i gets chunk i summed) followed by an all-gather of those chunks, compared with the all-reduce. Per rank: the tensors and
     the bytes the ring made it send (``2 (W-1)/W`` of the tensor's)."""
     if length % world_size:
         raise ValueError(f"length {length} must be a multiple of world_size {world_size}")

@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..study.costmodel import cases_by_id
 from ..study.throughput import ratio
+from ..study.tta import pair_verdict
 from ..transport import name_of
 
 
@@ -68,6 +69,12 @@ def common_origin(*records: dict) -> str | None:
     """The host and code of all the records, if they share one; else None."""
     origins = {origin(rec) for rec in records}
     return origins.pop() if len(origins) == 1 else None
+
+
+def _round_range(sweep: dict, nbytes: int) -> str:
+    """' (rounds a-b ms)' from a sweep's per-round medians, where the record has them."""
+    rounds = sweep.get("round_medians_s", {}).get(str(nbytes))
+    return f" (rounds {1000 * min(rounds):.1f}-{1000 * max(rounds):.1f} ms)" if rounds else ""
 
 
 def tta_settings(tta: dict) -> pd.DataFrame:
@@ -193,7 +200,8 @@ def summary(R: dict, pairs03: dict, check: pd.DataFrame, other: pd.DataFrame) ->
     lines = [f"- DDP, 2 workers, the design's settings: {spread(per_round, unit='x')} the epoch time of one 2-thread process in "
              f"this study, over gloo (median of per-round ratios, range); over notebook 03's interleaved rounds "
              f"{pooled}. In the study, sync (all-reduce + waiting) is {100 * ddp['sync_fraction']:.0f}% of a DDP step.",
-             f"- The all-reduce of the gradient alone: {1000 * w2['seconds'][str(nbytes)]:.1f} ms; a DDP step's "
+             f"- The all-reduce of the gradient alone: {1000 * w2['seconds'][str(nbytes)]:.1f} ms{_round_range(w2, nbytes)}; "
+             f"a DDP step's "
              f"synchronisation: {ddp['split_ms']['sync']:.1f} ms.",
              "- Compute-only ceiling of two processes against one 2-thread process: "
              + ", ".join(f"{r['ceiling_median']:.2f}x at b{r['batch']}" for r in R["cores"]["rows"]) + ".",
@@ -205,10 +213,12 @@ def summary(R: dict, pairs03: dict, check: pd.DataFrame, other: pd.DataFrame) ->
     best = R["tta"]["best"]
     if "ratio" in best:
         values = best["ratio"]["values"]
-        verdict = ("the two workers first in every seed" if min(values) > 1 else
-                   "the single process first in every seed" if max(values) < 1 else "a tie")
+        runs = R["tta"]["runs"]
+        verdict = {"two_workers": "the two workers win", "single": "the single process wins",
+                   "tie": "a tie"}[pair_verdict(runs[best["single"]], runs[best["two_workers"]])]
         lines.append(f"- Time to 98%: best two-worker setting against best single process {best['ratio']['mean']:.2f}x "
-                     f"(per seed {min(values):.2f}-{max(values):.2f}): {verdict} at {len(values)} seeds.")
+                     f"(per seed {min(values):.2f}-{max(values):.2f}): {verdict} at {len(values)} seeds "
+                     f"(a win needs every seed ahead by more than one validation interval).")
     lines.append(f"- bf16-mixed on this CPU (native bf16: {prec['method']['native_bf16']}): "
                  + ", ".join(f"{n} {spread(v['rounds'], unit='x')} float32's step time" for n, v in prec["bf16_over_float32"].items())
                  + ".")

@@ -39,8 +39,12 @@ def plot_allreduce(record: dict) -> plt.Figure:
     for i, (w, data) in enumerate(record["world_sizes"].items()):
         sizes = np.array([int(k) for k in data["seconds"]])
         label = f"{w} ranks" + (" (oversubscribed: more ranks than cores)" if data["oversubscribed"] else "")
-        ax.loglog(sizes, 1000 * np.array(list(data["seconds"].values())), "o", color="black",
-                  mfc="black" if i == 0 else "white", label=label)
+        ms = 1000 * np.array(list(data["seconds"].values()))
+        rounds = data.get("round_medians_s")  # each round's median: the bar spans the slowest and fastest
+        yerr = None if rounds is None else np.clip([ms - 1000 * np.array([min(rounds[k]) for k in data["seconds"]]),
+                                                    1000 * np.array([max(rounds[k]) for k in data["seconds"]]) - ms], 0, None)
+        ax.errorbar(sizes, ms, yerr=yerr, fmt="o", color="black", mfc="black" if i == 0 else "white",
+                    ecolor="grey", elinewidth=1, capsize=2, label=label + ("" if rounds is None else ", rounds' range"))
         grid = np.geomspace(sizes.min(), sizes.max(), 50)
         ax.loglog(grid, 1000 * (data["alpha_s"] + data["beta_s_per_byte"] * grid), styles[i % 4], color="black", lw=1,
                   label=f"fit: {1e6 * data['alpha_s']:.0f} µs + "
@@ -107,6 +111,15 @@ def plot_speedup(projection: pd.DataFrame, measured: float | None = None,
     return fig
 
 
+def _strategy(config: dict) -> str:
+    """' (DDP)' or ' (local SGD, averaging every k steps)' for a two-worker setting; '' for one process."""
+    if config["world_size"] == 1:
+        return ""
+    if config.get("sync") == "local_sgd":
+        return f" (local SGD, averaging every {config['local_sgd_every']} steps)"
+    return " (DDP)"
+
+
 def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
     """Validation accuracy against training seconds for the six settings of one seed."""
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
@@ -116,7 +129,7 @@ def plot_accuracy_vs_time(tta: dict, seed: int = 0) -> plt.Figure:
         first.append(min(p["train_s"] for p in points if p["val_accuracy"] >= 0.93))  # the first point in view
         two = name.startswith("2 workers")
         ax.plot([p["train_s"] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", ms=3,
-                ls="--" if two else "-", color=palette[i // 2], label=name)
+                ls="--" if two else "-", color=palette[i // 2], label=name + _strategy(tta["summary"][name]["config"]))
     target = 100 * tta["method"]["target"]
     ax.axhline(target, color="grey", ls=":", lw=1)
     ax.set_xscale("log")  # the fast settings crowd the first seconds on a linear axis
@@ -164,8 +177,10 @@ def plot_tta_runs(tta: dict) -> plt.Figure:
         for ax, key, label in ((axes[0, column], "seconds_to_target", "seconds to 98%"),
                                (axes[1, column], "epochs_to_target", "epochs to 98%")):
             by_seed = {side: {r["seed"]: r[key] for r in runs} for side, runs in sides.items()}
-            for seed in by_seed["1 process"]:
-                ax.plot([0, 1], [by_seed[side].get(seed) for side in sides], "-o", color="black", ms=3.5, lw=0.6,
+            seeds = list(by_seed["1 process"])
+            for k, seed in enumerate(seeds):  # each seed shifted sideways: equal values stay countable
+                dx = 0.07 * (k - (len(seeds) - 1) / 2)
+                ax.plot([dx, 1 + dx], [by_seed[side].get(seed) for side in sides], "-o", color="black", ms=3.5, lw=0.6,
                         alpha=0.7)
             for x, side in enumerate(sides):
                 values = [v for v in by_seed[side].values() if v is not None]
@@ -175,7 +190,8 @@ def plot_tta_runs(tta: dict) -> plt.Figure:
             ax.set_ylabel(label if column == 0 else "")
             if key == "seconds_to_target":
                 ax.set_title(pair)
-    fig.suptitle("Every time-to-98% run (dots: seeds, a line joins one seed's two runs; bar: median)")
+    fig.suptitle("Every time-to-98% run (dots: seeds, shifted sideways; a line joins one seed's two runs; "
+                 "bar: median)")
     fig.tight_layout()
     return fig
 
@@ -199,7 +215,7 @@ def plot_model_on_runs(checked: pd.DataFrame) -> plt.Figure:
     ax.invert_yaxis()
     ax.set(xlabel="milliseconds per step (mean over each run's epochs)", xlim=(0, top * 1.5),
            title="The cost model on the time-to-98% runs\n(error: median over the seeds, and their range)")
-    _legend_below(ax)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -252,8 +268,16 @@ def plot_throughput_rounds(record: dict) -> plt.Figure:
 def plot_cores_rounds(record: dict) -> plt.Figure:
     """The compute-only ceiling's slots per batch: each slot's rounds (dots) and median (bar)."""
     rows = record["rows"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(10, 3.8))
-    for ax, row in zip(np.atleast_1d(axes), rows):
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(12.5, 3.8),
+                             gridspec_kw={"width_ratios": [1] * len(rows) + [0.8]})
+    ceiling_ax = axes[-1]
+    for x, row in enumerate(rows):  # the ratio the section is about, taken within each round
+        _round_dots(ceiling_ax, [x] * len(row["ceiling_rounds"]), row["ceiling_rounds"], 18)
+        ceiling_ax.plot([x - 0.25, x + 0.25], [row["ceiling_median"]] * 2, color=MEDIAN_COLOUR, lw=2.5)
+    ceiling_ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ceiling_ax.set_xticks(range(len(rows)), [f"b{row['batch']}" for row in rows], fontsize=10)
+    ceiling_ax.set_title("the ceiling, per round\n(2-thread step at 2B ÷ pair's)", fontsize=10)
+    for ax, row in zip(axes[:-1], rows):
         for x, values in enumerate(row["rounds_ms"].values()):
             _round_dots(ax, [x] * len(values), values, 18)
             ax.plot([x - 0.25, x + 0.25], [np.median(values)] * 2, color=MEDIAN_COLOUR, lw=2.5)
@@ -287,7 +311,6 @@ def plot_knob_rounds(record: dict) -> plt.Figure:
 
 LINK_ORDER = ("100 Mb/s", "1 Gb/s", "10 Gb/s", "no limit")
 LINK_COLOURS = dict(zip(LINK_ORDER, LINK_SHADES))  # one shade per link in every chart, dark (slow) to light (fast)
-LINK_MARKERS = dict(zip(LINK_ORDER, "os^D"))  # and a shape where points of every link share one axis
 
 
 def case_markers(case_ids) -> dict[str, str]:
@@ -310,8 +333,8 @@ def plot_link_allreduce(network: dict, nodes: int = 2) -> plt.Figure:
         color = LINK_COLOURS[run["link"]]
         seconds = run["allreduce"]["seconds"]
         sizes = np.array([int(s) for s in seconds])
-        marker = LINK_MARKERS.get(run["link"], "o")  # a shape too: the light teals are close
-        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], marker, color=color, ms=6, mec="black", mew=0.4,
+        # circles only: in the lab's other charts a marker's shape names a strategy; the colour is the link
+        ax.loglog(sizes, [1000 * seconds[str(s)] for s in sizes], "o", color=color, ms=6, mec="black", mew=0.4,
                   label=f"{run['link']}")
         mine = predicted[(predicted.nodes == nodes) & (predicted.link == run["link"])] if len(predicted) else []
         if len(mine):
@@ -338,10 +361,13 @@ def plot_link_throughput(network: dict, nodes: int = 2) -> plt.Figure:
         low = rate - [nodes * 32 * 1000 / max(ms) for ms in rounds]   # the slowest round
         high = [nodes * 32 * 1000 / min(ms) for ms in rounds] - rate  # the fastest round
         shift = 0.06 * (i - (len(ids) - 1) / 2)  # the three DDP bucket settings coincide: side by side, all visible
-        ax.errorbar(x + shift, rate, yerr=[low, high], fmt=style, color=color, label=labels[case], mfc="none",
-                    capsize=2, elinewidth=0.8)
-    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=5, zorder=0,
-            label="1 process, 2 threads, no network (timed in the same rounds)")
+        ax.errorbar(x + shift, rate, yerr=[low, high], fmt=style, color=color, label=labels[case], mfc="white",
+                    ms=7, capsize=2, elinewidth=0.8)
+    reference = [[32 * 1000 / ms for ms in r["single_process"]["rounds_ms"]] for r in runs]
+    ax.fill_between(x, [min(v) for v in reference], [max(v) for v in reference], color="silver", alpha=0.35, lw=0,
+                    zorder=0)
+    ax.plot(x, [32 * 1000 / r["single_process"]["step_ms"] for r in runs], "-", color="silver", lw=4, zorder=0,
+            label="1 process, 2 threads, no network (timed in the same rounds; band: its rounds)")
     ax.set_xticks(x, [r["link"] for r in runs])
     ax.set(yscale="log", xlabel="link between the nodes (series shifted sideways, so that equal values stay visible)",
            ylabel="samples per second (all ranks)",

@@ -46,16 +46,17 @@ def fit_alpha_beta(sizes, seconds) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def allreduce_medians(sizes: list[int], repeats: int, rounds: int = 1) -> dict[int, float]:
-    """Median seconds of a float32 all-reduce of each size in the current process group: 5 untimed
-    first, then ``repeats`` timed, each after a barrier so all ranks start together. With ``rounds`` > 1
-    the timed calls are split into rounds that visit the sizes in a shuffled order (the same on every
-    rank: a seeded shuffle), so that a slow minute of the host lands on many sizes, not on one."""
+def allreduce_rounds(sizes: list[int], repeats: int, rounds: int = 1) -> dict[int, list[list[float]]]:
+    """Seconds of each timed float32 all-reduce of each size in the current process group, grouped by
+    round: 5 untimed first, then ``repeats`` timed, each after a barrier so all ranks start together.
+    With ``rounds`` > 1 the timed calls are split into rounds that visit the sizes in a shuffled order
+    (the same on every rank: a seeded shuffle), so that a slow minute of the host lands on many sizes,
+    not on one."""
     tensors = {size: torch.ones(max(1, size // 4)) for size in sizes}
     for size in sizes:
         for _ in range(5):
             dist.all_reduce(tensors[size])
-    times: dict[int, list[float]] = {size: [] for size in sizes}
+    times: dict[int, list[list[float]]] = {size: [[] for _ in range(rounds)] for size in sizes}
     order, shuffle = list(sizes), random.Random(0).shuffle
     for r in range(rounds):
         if rounds > 1:
@@ -65,30 +66,41 @@ def allreduce_medians(sizes: list[int], repeats: int, rounds: int = 1) -> dict[i
                 dist.barrier()
                 start = time.perf_counter()
                 dist.all_reduce(tensors[size])
-                times[size].append(time.perf_counter() - start)
-    return {size: statistics.median(t) for size, t in times.items()}
+                times[size][r].append(time.perf_counter() - start)
+    return times
+
+
+def allreduce_medians(sizes: list[int], repeats: int, rounds: int = 1) -> dict[int, float]:
+    """Median seconds over all timed repeats of each size (see ``allreduce_rounds``)."""
+    return {size: statistics.median(t for rnd in per_round for t in rnd)
+            for size, per_round in allreduce_rounds(sizes, repeats, rounds).items()}
 
 
 def _allreduce_job(place: RankPlace, emit: Callable, sizes: list[int], repeats: int, rounds: int) -> None:
     with job_group(place, 60):
-        out = allreduce_medians(sizes, repeats, rounds)
+        times = allreduce_rounds(sizes, repeats, rounds)
         if place.rank == 0:
-            emit("result", out)
+            emit("result", {size: {"median": statistics.median(t for rnd in per_round for t in rnd),
+                                   "round_medians": [statistics.median(rnd) for rnd in per_round]}
+                            for size, per_round in times.items()})
 
 
 def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
     sizes = sorted({*(2**k for k in range(10, 24, 3 if quick else 1)), GRAD_BYTES})
     repeats, rounds, runs = (10 if quick else 40), (2 if quick else 5), {}
     for world_size in (2, 4):
-        medians = run_workers(_allreduce_job, world_size, (sizes, repeats, rounds), launch_timeout_s=600)[0]
+        out = run_workers(_allreduce_job, world_size, (sizes, repeats, rounds), launch_timeout_s=600)[0]
+        medians = {size: out[size]["median"] for size in sizes}
         alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
-        runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes}, "alpha_s": alpha,
+        runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes},
+                                 "round_medians_s": {str(s): out[s]["round_medians"] for s in sizes}, "alpha_s": alpha,
                                  "beta_s_per_byte": beta, "oversubscribed": world_size > 2}
         log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the "
             f"{GRAD_BYTES / 1e6:.2f} MB gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
     return record("study_allreduce", quick, {"repeats": repeats, "rounds": rounds, "backend": "gloo",
                                              "order": "each round visits the sizes shuffled (seeded: the same on "
-                                                      "every rank)", "statistic": "median of all repeats",
+                                                      "every rank)", "statistic": "median of all repeats; "
+                                                          "each round's median as its spread",
                                              "fit": "t = alpha + beta * bytes, least squares on relative error"},
                   gradient_bytes=GRAD_BYTES, sizes_bytes=sizes, world_sizes=runs)
 

@@ -73,6 +73,29 @@ def decompose(single: dict, two: dict, single_cfg: dict, two_cfg: dict) -> dict:
             "sync_share": sync}
 
 
+def interval_at_target(run: dict) -> float:
+    """Training seconds between the validation pass that reached the target and the one before it."""
+    hit = next(i for i, p in enumerate(run["points"]) if p["train_s"] == run["seconds_to_target"])
+    return run["points"][hit]["train_s"] - (run["points"][hit - 1]["train_s"] if hit else 0.0)
+
+
+def seed_winner(single: dict, two: dict) -> str:
+    """'single', 'two_workers' or 'tie' for one seed: a side wins only when it reached the target
+    more than one validation interval (the wider of the two runs') before the other."""
+    if not (single["reached"] and two["reached"]):
+        return "two_workers" if two["reached"] else "single" if single["reached"] else "tie"
+    gap = single["seconds_to_target"] - two["seconds_to_target"]
+    if abs(gap) <= max(interval_at_target(single), interval_at_target(two)):
+        return "tie"
+    return "two_workers" if gap > 0 else "single"
+
+
+def pair_verdict(singles: list[dict], twos: list[dict]) -> str:
+    """The declared rule over the seeds: a side wins the pair only when it wins every seed; else a tie."""
+    winners = {seed_winner(a, b) for a, b in zip(singles, twos)}
+    return winners.pop() if len(winners) == 1 and "tie" not in winners else "tie"
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
             "min": min(values), "max": max(values), "values": values}
