@@ -133,8 +133,11 @@ def test_a_node_cut_off_mid_run_is_named_both_sides_and_the_job_goes_on_without_
              "1", "--output-dir", str(tmp_path / "out"), "--run-name", "cut", "--checkpoint-dir", str(tmp_path / "ckpt")]
     elastic = ("--nnodes", "1:2", "--max-restarts", "1")  # overrides the lab's --nnodes 2
     with NetLab(2, None) as lab:
+        # last_call_timeout: once one node has joined, wait up to 10 s for the other, so that a node whose
+        # agent starts late on a loaded host still joins the first round at world size 2 (with 1 s, node 0
+        # can start alone, spend its one restart admitting node 1, and the check below finds no rank)
         agents = lab.start(train, tmp_path, env={"MNIST_DATA_DIR": data}, torchrun_args=elastic,
-                           rdzv_conf="last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2")
+                           rdzv_conf="last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=2")
         deadline = time.monotonic() + 120
         while not (tmp_path / "ckpt" / "ckpt_epoch0001.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
