@@ -70,30 +70,32 @@ def allreduce_rounds(sizes: list[int], repeats: int, rounds: int = 1) -> dict[in
     return times
 
 
+def pooled_median(per_round: list[list[float]]) -> float:
+    """The median of every timed repeat, whichever round it fell in."""
+    return statistics.median(t for rnd in per_round for t in rnd)
+
+
 def allreduce_medians(sizes: list[int], repeats: int, rounds: int = 1) -> dict[int, float]:
     """Median seconds over all timed repeats of each size (see ``allreduce_rounds``)."""
-    return {size: statistics.median(t for rnd in per_round for t in rnd)
-            for size, per_round in allreduce_rounds(sizes, repeats, rounds).items()}
+    return {size: pooled_median(per_round) for size, per_round in allreduce_rounds(sizes, repeats, rounds).items()}
 
 
 def _allreduce_job(place: RankPlace, emit: Callable, sizes: list[int], repeats: int, rounds: int) -> None:
     with job_group(place, 60):
         times = allreduce_rounds(sizes, repeats, rounds)
         if place.rank == 0:
-            emit("result", {size: {"median": statistics.median(t for rnd in per_round for t in rnd),
-                                   "round_medians": [statistics.median(rnd) for rnd in per_round]}
-                            for size, per_round in times.items()})
+            emit("result", times)  # the parent takes the medians
 
 
 def run_allreduce(quick: bool, log: Callable[[str], None]) -> dict:
     sizes = sorted({*(2**k for k in range(10, 24, 3 if quick else 1)), GRAD_BYTES})
     repeats, rounds, runs = (10 if quick else 40), (2 if quick else 5), {}
     for world_size in (2, 4):
-        out = run_workers(_allreduce_job, world_size, (sizes, repeats, rounds), launch_timeout_s=600)[0]
-        medians = {size: out[size]["median"] for size in sizes}
+        times = run_workers(_allreduce_job, world_size, (sizes, repeats, rounds), launch_timeout_s=600)[0]
+        medians = {size: pooled_median(times[size]) for size in sizes}
         alpha, beta = fit_alpha_beta(sizes, [medians[s] for s in sizes])
         runs[str(world_size)] = {"seconds": {str(s): medians[s] for s in sizes},
-                                 "round_medians_s": {str(s): out[s]["round_medians"] for s in sizes}, "alpha_s": alpha,
+                                 "round_medians_s": {str(s): [statistics.median(rnd) for rnd in times[s]] for s in sizes}, "alpha_s": alpha,
                                  "beta_s_per_byte": beta, "oversubscribed": world_size > 2}
         log(f"W={world_size}: alpha {1e6 * alpha:.0f} µs, beta {1e9 * beta:.3f} ns/byte; the "
             f"{GRAD_BYTES / 1e6:.2f} MB gradient takes {1000 * medians[GRAD_BYTES]:.2f} ms")
